@@ -1,0 +1,188 @@
+"""Route handlers: each parses the request, calls one thing, and answers.
+
+Errors are raised, never answered here: :mod:`backend.middleware` turns them into JSON
+with the status :mod:`backend.errors` gives them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from aiohttp import web
+
+from backend.errors import (
+    BadRequestError,
+    ForbiddenError,
+    NotReadyError,
+    TooLargeError,
+    UnauthorizedError,
+)
+from backend.jobs import Job
+from backend.keys import (
+    CODES_KEY,
+    CONFIG_KEY,
+    PAIRING_LIMITER_KEY,
+    SETTINGS_KEY,
+    TOKENS_KEY,
+    WORKER_KEY,
+)
+from backend.pairing import EXTENSION_ORIGIN
+from backend.protection import inspect_image
+from backend.settings import normalize_site
+from cloak_core import __version__
+from cloak_core.presets import PRESETS
+
+
+async def health(request: web.Request) -> web.Response:
+    """``GET /v1/health``: status (starting/ready/failed/stopping), device, models, queue."""
+    worker = request.app[WORKER_KEY]
+    protector = worker.protector
+    body: dict[str, Any] = {
+        "status": worker.status,
+        "version": __version__,
+        "device": str(protector.device) if protector else request.app[CONFIG_KEY].device,
+        "models": list(protector.model_names) if protector else [],
+        "queue": worker.queue_info(),
+    }
+    return web.json_response(body)
+
+
+async def pair(request: web.Request) -> web.Response:
+    """``POST /v1/pair {"code", "origin"}``: a valid code, once, for ``{"token"}``.
+
+    ``origin`` is the extension's origin (``chrome-extension://ID``), which then gets CORS;
+    it defaults to the request's ``Origin`` and must match it when both are given. Wrong
+    codes count against a per-minute limit (429 past it).
+    """
+    limiter = request.app[PAIRING_LIMITER_KEY]
+    limiter.check()
+    body = await _json_object(request, allowed={"code", "origin"})
+    code, origin = body.get("code"), body.get("origin", request.headers.get("Origin"))
+    if not isinstance(code, str):
+        raise BadRequestError("'code' must be the code that `facecloak pair` printed")
+    if origin is not None and (not isinstance(origin, str) or not EXTENSION_ORIGIN.match(origin)):
+        raise BadRequestError("'origin' must be an extension origin, chrome-extension://<id>")
+    if request.headers.get("Origin", origin) != origin:
+        raise ForbiddenError("'origin' differs from the request's Origin")
+    if not request.app[CODES_KEY].redeem(code):
+        limiter.record_failure()
+        raise UnauthorizedError("the pairing code is wrong, expired or already used")
+    return web.json_response({"token": request.app[TOKENS_KEY].issue(origin)})
+
+
+async def protect(request: web.Request) -> web.Response:
+    """``POST /v1/protect?site=HOST&preset=P``: image bytes in, protected bytes out.
+
+    Answers with the same format and MIME type, and ``X-FaceCloak-Faces`` and
+    ``X-FaceCloak-Seconds`` headers. If the client disconnects, the job is cancelled.
+    """
+    data, preset = await _image_request(request)
+    worker = request.app[WORKER_KEY]
+    job = worker.submit(data, preset, register=False)
+    del data
+    try:
+        await job.wait()
+    except asyncio.CancelledError:  # the client went away (handler cancellation)
+        worker.abandon(job)
+        raise
+    return _result_response(job)
+
+
+async def create_job(request: web.Request) -> web.Response:
+    """``POST /v1/jobs?site=HOST&preset=P``: queue the image, answer 202 ``{"id"}`` at once."""
+    data, preset = await _image_request(request)
+    job = request.app[WORKER_KEY].submit(data, preset, register=True)
+    return web.json_response({"id": job.id}, status=202, headers={"Location": f"/v1/jobs/{job.id}"})
+
+
+async def job_status(request: web.Request) -> web.Response:
+    """``GET /v1/jobs/{id}``: ``{"id", "state", "progress", "faces", "error"}``."""
+    job = request.app[WORKER_KEY].get(request.match_info["id"])
+    return web.json_response(job.to_json())
+
+
+async def job_result(request: web.Request) -> web.Response:
+    """``GET /v1/jobs/{id}/result``: the protected bytes once done (409 before; its error)."""
+    job = request.app[WORKER_KEY].get(request.match_info["id"])
+    if not job.finished:
+        raise NotReadyError(f"the job is {job.state.value}; ask again when it is done")
+    return _result_response(job)
+
+
+async def get_settings(request: web.Request) -> web.Response:
+    """``GET /v1/settings``: ``{"enabled", "preset", "privacy", "sites": {host: bool}}``."""
+    return web.json_response(request.app[SETTINGS_KEY].load().to_json())
+
+
+async def put_settings(request: web.Request) -> web.Response:
+    """``PUT /v1/settings``: any subset of the settings' keys; answers the saved settings."""
+    body = await _json_object(request)
+    return web.json_response(request.app[SETTINGS_KEY].update(body).to_json())
+
+
+async def preflight(request: web.Request) -> web.Response:
+    """``OPTIONS``: a CORS preflight (the gate has already checked Host and Origin).
+
+    Answers Private Network Access (``Access-Control-Allow-Private-Network``) when asked.
+    """
+    if "Origin" not in request.headers:
+        raise BadRequestError("a preflight request needs an Origin")
+    methods = sorted({route.method for route in request.match_info.route.resource})
+    headers = {
+        "Access-Control-Allow-Methods": ", ".join(methods),
+        "Access-Control-Allow-Headers": "Authorization, Content-Type",
+        "Access-Control-Max-Age": "600",
+    }
+    if request.headers.get("Access-Control-Request-Private-Network", "").lower() == "true":
+        headers["Access-Control-Allow-Private-Network"] = "true"
+    return web.Response(status=204, headers=headers)
+
+
+# -- parsing and answering ------------------------------------------------------------
+
+
+async def _image_request(request: web.Request) -> tuple[bytes, str]:
+    """The body's image bytes (checked up to the header) and the preset to use."""
+    unknown = set(request.query) - {"site", "preset"}
+    if unknown:
+        raise BadRequestError(f"unknown query parameter(s): {', '.join(sorted(unknown))}")
+    if "site" in request.query:
+        normalize_site(request.query["site"])  # validated only; never logged or stored
+    preset = request.query.get("preset") or request.app[SETTINGS_KEY].load().preset
+    if preset not in PRESETS:
+        raise BadRequestError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    config = request.app[CONFIG_KEY]
+    if request.content_length is not None and request.content_length > config.max_bytes:
+        raise TooLargeError(f"the body is over the limit of {config.max_bytes // 2**20} MB")
+    data = await request.read()  # client_max_size enforces the limit without Content-Length
+    inspect_image(data, max_pixels=config.max_pixels)
+    return data, preset
+
+
+def _result_response(job: Job) -> web.Response:
+    if job.error is not None:
+        raise job.error
+    result = job.result
+    return web.Response(
+        body=result.data,
+        content_type=result.mime,
+        headers={
+            "X-FaceCloak-Faces": str(result.faces),
+            "X-FaceCloak-Seconds": f"{result.seconds:.3f}",
+            "Cache-Control": "no-store",
+        },
+    )
+
+
+async def _json_object(request: web.Request, allowed: set[str] | None = None) -> dict[str, Any]:
+    try:
+        body = json.loads(await request.read() or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BadRequestError("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequestError("the body must be a JSON object")
+    if allowed is not None and set(body) - allowed:
+        raise BadRequestError(f"unknown key(s): {', '.join(sorted(set(body) - allowed))}")
+    return body

@@ -1,0 +1,333 @@
+"""Jobs and the one worker that runs them.
+
+One worker owns the device: a single thread (a one-thread executor) in which the
+protector is built at start-up and every batch runs. In front of it, a bounded queue
+(a full queue answers 429). When several jobs wait, the worker takes up to
+``batch_size`` of them with the same preset and hands them to
+``protector.protect_many`` in one call.
+
+A running batch stops early (``cancel`` is set) when every client that waits for it
+has gone, when it runs past the per-job time limit, or when a shutdown's deadline
+passes. Progress comes from the protector's callback: steps done over steps planned.
+Finished jobs are kept for ``result_ttl`` seconds, then forgotten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from backend.config import DaemonConfig
+from backend.errors import (
+    DaemonError,
+    InternalError,
+    JobTimeoutError,
+    NotFoundError,
+    QueueFullError,
+    ShuttingDownError,
+    UnavailableError,
+    error_body,
+    log_unexpected,
+)
+from backend.protection import ProtectorFactory, ProtectorLike
+from cloak_core.errors import CancelledError, FaceCloakError
+from cloak_core.presets import get_preset
+
+log = logging.getLogger(__name__)
+
+
+class JobState(str, enum.Enum):
+    """Where a job is: waiting in the queue, running, or finished one way or the other."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(eq=False)
+class Job:
+    """One image to protect. ``data`` (the input bytes) is dropped once the job has run."""
+
+    id: str
+    data: bytes | None
+    preset: str
+    state: JobState = JobState.QUEUED
+    progress: float = 0.0  # 0..1, written by the worker thread
+    result: Any = None  # the protector's result (``data``, ``mime``, ``faces``, ``seconds``)
+    error: BaseException | None = None
+    finished_at: float | None = None
+    abandoned: bool = False  # its client went away
+    _done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in (JobState.DONE, JobState.FAILED)
+
+    async def wait(self) -> None:
+        """Return once the job is done or failed."""
+        await self._done.wait()
+
+    def to_json(self) -> dict[str, Any]:
+        """``{"id", "state", "progress", "faces", "error"}`` as ``GET /v1/jobs/{id}`` answers."""
+        return {
+            "id": self.id,
+            "state": self.state.value,
+            "progress": round(self.progress, 4),
+            "faces": self.result.faces if self.result is not None else None,
+            "error": error_body(self.error) if self.error is not None else None,
+        }
+
+    def _finish(self, result: Any = None, error: BaseException | None = None) -> None:
+        self.data = None
+        self.result, self.error = result, error
+        self.state = JobState.FAILED if error is not None else JobState.DONE
+        if error is None:
+            self.progress = 1.0
+        self.finished_at = time.monotonic()
+        self._done.set()
+
+
+@dataclass(eq=False)
+class _Batch:
+    jobs: list[Job]
+    cancel: threading.Event = field(default_factory=threading.Event)
+    stop_reason: BaseException | None = None  # why cancel was set, for jobs still wanted
+
+    def stop(self, reason: BaseException) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.cancel.set()
+
+
+class Worker:
+    """The bounded queue, the registry of ``/v1/jobs`` jobs, and the thread that runs them."""
+
+    def __init__(self, config: DaemonConfig, protector_factory: ProtectorFactory) -> None:
+        self.config = config
+        self.protector_factory = protector_factory
+        self.status = "starting"  # starting -> ready | failed; stopping at shutdown
+        self.protector: ProtectorLike | None = None
+        self.load_error: BaseException | None = None
+        self._queue: deque[Job] = deque()
+        self._jobs: dict[str, Job] = {}
+        self._batch: _Batch | None = None
+        self._batch_done: asyncio.Event = asyncio.Event()
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._executor = None
+        self._task: asyncio.Task | None = None
+
+    # -- life cycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the worker thread; models load in it while the daemon already answers."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="facecloak-worker")
+        self._task = asyncio.create_task(self._run(), name="facecloak-worker")
+
+    async def shutdown(self) -> None:
+        """Take no more jobs, answer queued ones with 503, let the running batch finish.
+
+        The running batch gets ``shutdown_deadline`` seconds; past that it is cancelled.
+        """
+        self._closing = True
+        self.status = "stopping"
+        while self._queue:
+            self._queue.popleft()._finish(error=ShuttingDownError("the daemon is shutting down"))
+        batch = self._batch
+        if batch is None:
+            return
+        try:
+            await asyncio.wait_for(self._batch_done.wait(), self.config.shutdown_deadline)
+        except asyncio.TimeoutError:
+            batch.stop(ShuttingDownError("the daemon shut down before the image was done"))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._batch_done.wait(), self.config.shutdown_deadline)
+
+    async def close(self) -> None:
+        """Stop the worker task and release the protector (after :meth:`shutdown`)."""
+        if not self._closing:
+            await self.shutdown()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._executor is not None:
+            loop = asyncio.get_running_loop()
+            if self.protector is not None:
+                await loop.run_in_executor(self._executor, self.protector.close)
+                self.protector = None
+            self._executor.shutdown(wait=False)
+
+    # -- the queue --------------------------------------------------------------------
+
+    def submit(self, data: bytes, preset: str, *, register: bool) -> Job:
+        """Queue ``data`` for protection with ``preset``; ``register`` makes it a ``/v1/jobs`` job.
+
+        Raises :class:`ShuttingDownError`, :class:`UnavailableError` (models failed to
+        load) or :class:`QueueFullError`.
+        """
+        if self._closing:
+            raise ShuttingDownError("the daemon is shutting down")
+        if self.status == "failed":
+            raise UnavailableError(_load_failure_message(self.load_error))
+        if len(self._queue) >= self.config.queue_size:
+            raise QueueFullError(
+                f"{len(self._queue)} images are already waiting; try again in a moment"
+            )
+        job = Job(id=secrets.token_urlsafe(16), data=data, preset=preset)
+        if register:
+            self.expire()
+            self._jobs[job.id] = job
+        self._queue.append(job)
+        self._wakeup.set()
+        return job
+
+    def get(self, job_id: str) -> Job:
+        """A registered job; :class:`NotFoundError` when unknown or expired."""
+        self.expire()
+        job = self._jobs.get(job_id)
+        if job is None:
+            raise NotFoundError("no such job (it may have expired)")
+        return job
+
+    def abandon(self, job: Job) -> None:
+        """The client waiting for ``job`` went away: drop it, or stop its batch if no one waits."""
+        job.abandoned = True
+        if job.state is JobState.QUEUED:
+            with contextlib.suppress(ValueError):
+                self._queue.remove(job)
+            job._finish(error=CancelledError("the client disconnected"))
+        elif self._batch is not None and job in self._batch.jobs:
+            if all(j.abandoned for j in self._batch.jobs):
+                self._batch.stop(CancelledError("the client disconnected"))
+
+    def expire(self) -> None:
+        """Forget finished jobs older than ``result_ttl``, and the oldest beyond ``max_results``."""
+        now = time.monotonic()
+        finished = [j for j in self._jobs.values() if j.finished]
+        for job in finished:
+            if now - job.finished_at >= self.config.result_ttl:
+                del self._jobs[job.id]
+        finished = [j for j in self._jobs.values() if j.finished]
+        finished.sort(key=lambda j: j.finished_at)
+        for job in finished[: max(0, len(finished) - self.config.max_results)]:
+            del self._jobs[job.id]
+
+    def queue_info(self) -> dict[str, int]:
+        """``{"waiting", "running", "limit"}`` for ``/v1/health``."""
+        running = len(self._batch.jobs) if self._batch is not None else 0
+        return {"waiting": len(self._queue), "running": running, "limit": self.config.queue_size}
+
+    # -- the worker -------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            self.protector = await loop.run_in_executor(
+                self._executor, self.protector_factory, self.config
+            )
+        except Exception as exc:
+            self.load_error = exc
+            self.status = "failed"
+            log.error("the protection models failed to load: %s", _load_failure_message(exc))
+            while self._queue:
+                self._queue.popleft()._finish(error=UnavailableError(_load_failure_message(exc)))
+            return
+        if not self._closing:
+            self.status = "ready"
+        log.info("ready: device %s, models %s", self.protector.device, self.protector.model_names)
+        while not self._closing:
+            if not self._queue:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            await self._run_batch(self._take_batch())
+
+    def _take_batch(self) -> list[Job]:
+        """The first waiting job and up to ``batch_size - 1`` later ones with its preset."""
+        first = self._queue.popleft()
+        batch = [first]
+        for job in list(self._queue):
+            if len(batch) >= self.config.batch_size:
+                break
+            if job.preset == first.preset:
+                self._queue.remove(job)
+                batch.append(job)
+        return batch
+
+    async def _run_batch(self, jobs: list[Job]) -> None:
+        loop = asyncio.get_running_loop()
+        batch = _Batch(jobs)
+        self._batch = batch
+        self._batch_done.clear()
+        for job in jobs:
+            job.state = JobState.RUNNING
+
+        def progress(fraction: float) -> None:  # called in the worker thread
+            for job in jobs:
+                job.progress = min(1.0, max(job.progress, float(fraction)))
+
+        timer = loop.call_later(
+            self.config.job_timeout,
+            batch.stop,
+            JobTimeoutError(f"the image took longer than {self.config.job_timeout:g} s"),
+        )
+        started = time.monotonic()
+        try:
+            call = functools.partial(
+                self.protector.protect_many,
+                [job.data for job in jobs],
+                progress=progress,
+                cancel=batch.cancel,
+                config=get_preset(jobs[0].preset),
+                max_pixels=self.config.max_pixels,
+            )
+            outcomes = list(await loop.run_in_executor(self._executor, call))
+            if len(outcomes) != len(jobs):
+                raise RuntimeError(f"protect_many answered {len(outcomes)} of {len(jobs)} items")
+        except Exception as exc:  # nothing a batch does may stop the worker
+            outcomes = [exc] * len(jobs)
+        finally:
+            timer.cancel()
+        for job, outcome in zip(jobs, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                if isinstance(outcome, CancelledError) and batch.stop_reason is not None:
+                    outcome = batch.stop_reason
+                job._finish(error=_reported(outcome))
+            else:
+                job._finish(result=outcome)
+        log.info(
+            "batch of %d (%s) in %.2f s", len(jobs), jobs[0].preset, time.monotonic() - started
+        )
+        self._batch = None
+        self._batch_done.set()
+
+
+def _load_failure_message(exc: BaseException | None) -> str:
+    if isinstance(exc, FaceCloakError):
+        return f"the protection models could not be loaded: {exc}"
+    return "the protection models could not be loaded; see the daemon's log"
+
+
+def _reported(exc: BaseException) -> BaseException:
+    """The error a failed job reports: expected ones as they are, a bug as InternalError.
+
+    A bug is logged here with its stack but not its message, which could quote an image.
+    """
+    if isinstance(exc, (FaceCloakError, DaemonError)):
+        log.info("job failed: %s", type(exc).__name__)
+        return exc
+    log_unexpected(exc)
+    return InternalError()

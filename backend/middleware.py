@@ -1,0 +1,102 @@
+"""The two middlewares: errors to JSON, and the security gate (Host, Origin, token, CORS).
+
+Order in the app: ``error_middleware`` outside, ``security_middleware`` inside, so a
+refusal by the gate is answered as JSON like any other error. CORS headers are added
+to every response (errors included) by :func:`add_cors_headers`, an
+``on_response_prepare`` hook, for the origins the gate let through.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from backend.errors import (
+    DaemonError,
+    ForbiddenError,
+    UnauthorizedError,
+    describe,
+    log_unexpected,
+)
+from backend.keys import CONFIG_KEY, TOKENS_KEY
+from backend.pairing import EXTENSION_ORIGIN
+from cloak_core.errors import FaceCloakError
+
+# Routes (by name) that need no token; and the one an unpaired extension may call.
+PUBLIC_ROUTES = frozenset({"health", "pair"})
+PAIRING_ROUTE = "pair"
+# Where the gate records an origin that gets CORS headers.
+CORS_ORIGIN = web.RequestKey("cors_origin", str)
+
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+def _json_error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer every error as JSON ``{"error", "message"}`` with its status (see backend.errors)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:  # aiohttp's own: unknown route, method, body too large
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, exc.reason.lower().replace(" ", "_"))
+        return _json_error(exc.status, code, exc.reason)
+    except Exception as exc:
+        if not isinstance(exc, (DaemonError, FaceCloakError)):
+            log_unexpected(exc)
+        return _json_error(*describe(exc))
+
+
+def _allowed_hosts(request: web.Request) -> set[str]:
+    config = request.app[CONFIG_KEY]
+    port = config.port
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    if sockname:
+        port = sockname[1]  # the port really listened on (0 in the config picks a free one)
+    names = {"127.0.0.1", "localhost", "[::1]"}
+    names.add(f"[{config.host}]" if ":" in config.host else config.host.lower())
+    return {f"{name}:{port}" for name in names}
+
+
+@web.middleware
+async def security_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse foreign ``Host`` (403, DNS rebinding) and ``Origin`` (403), require the token (401).
+
+    Requests without ``Origin`` (command line, curl) are allowed; with one, it must be an
+    extension origin that holds a token, or any extension origin on the pairing route.
+    """
+    if request.headers.get("Host", "").lower() not in _allowed_hosts(request):
+        raise ForbiddenError("the Host header is not this daemon's loopback address")
+
+    tokens = request.app[TOKENS_KEY]
+    route = request.match_info.route.name
+    origin = request.headers.get("Origin")
+    if origin is not None:
+        pairing = route == PAIRING_ROUTE and EXTENSION_ORIGIN.match(origin)
+        if not pairing and origin not in tokens.origins():
+            raise ForbiddenError("this origin is not paired with the daemon")
+        request[CORS_ORIGIN] = origin
+
+    # Preflights carry no credentials; the gate checks their Host and Origin only.
+    if route not in PUBLIC_ROUTES and request.method != "OPTIONS":
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        record = tokens.lookup(token.strip()) if scheme.lower() == "bearer" else None
+        if record is None:
+            raise UnauthorizedError("missing or invalid token; pair with `facecloak pair`")
+        if origin is not None and record.origin != origin:
+            raise ForbiddenError("this token was issued to another origin")
+    return await handler(request)
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: CORS headers for an origin the gate let through, else none."""
+    origin = request.get(CORS_ORIGIN)
+    if origin is None:
+        return
+    response.headers["Access-Control-Allow-Origin"] = origin
+    response.headers["Access-Control-Expose-Headers"] = "X-FaceCloak-Faces, X-FaceCloak-Seconds"
+    response.headers["Vary"] = "Origin"

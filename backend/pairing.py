@@ -1,0 +1,162 @@
+"""Pairing: one-time codes shown by ``facecloak pair``, exchanged once for a bearer token.
+
+``facecloak pair`` and the daemon are separate processes, so both talk through two
+owner-only files in the config folder, each holding only SHA-256 digests:
+
+- ``pairing.json``: pending codes (digest and expiry time); a code is removed when used.
+- ``tokens.json``: issued tokens (digest, the extension origin it was issued to, time).
+
+The daemon re-reads ``tokens.json`` whenever the file changes, so ``facecloak pair
+--revoke-all`` takes effect on the running daemon at its next request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from backend.errors import RateLimitedError
+from backend.storage import file_signature, locked, read_json, write_json_atomic
+
+PAIRING_FILE = "pairing.json"
+TOKENS_FILE = "tokens.json"
+
+# No 0/O, 1/I/L: a code is read off a terminal and typed into the extension.
+CODE_ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"
+CODE_LENGTH = 8
+CODE_TTL = 300.0
+
+# A Chromium extension's origin: its ID is 32 letters a..p.
+EXTENSION_ORIGIN = re.compile(r"^chrome-extension://[a-p]{32}$")
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+def normalize_code(code: str) -> str:
+    """A typed code in canonical form: upper case, without spaces or dashes."""
+    return re.sub(r"[\s-]", "", code).upper()
+
+
+class PairingCodes:
+    """Pending one-time codes in ``pairing.json`` (digests and expiry times only)."""
+
+    def __init__(self, folder: Path, *, clock: Callable[[], float] = time.time) -> None:
+        self.folder = folder
+        self.path = folder / PAIRING_FILE
+        self.clock = clock
+
+    def issue(self, ttl: float = CODE_TTL) -> str:
+        """Create a code valid for ``ttl`` seconds, record its digest, return the code."""
+        code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
+        now = self.clock()
+        with locked(self.folder):
+            pending = self._pending(now)
+            pending.append({"sha256": _digest(code), "expires": now + ttl})
+            write_json_atomic(self.path, {"codes": pending})
+        return code
+
+    def redeem(self, code: str) -> bool:
+        """True, once, for a pending unexpired code (which is then removed); False otherwise."""
+        wanted = _digest(normalize_code(code))
+        now = self.clock()
+        with locked(self.folder):
+            pending = self._pending(now)
+            match = next(
+                (c for c in pending if hmac.compare_digest(c["sha256"], wanted)),
+                None,
+            )
+            if match is not None:
+                pending.remove(match)
+                write_json_atomic(self.path, {"codes": pending})
+        return match is not None
+
+    def _pending(self, now: float) -> list[dict]:
+        codes = read_json(self.path, {}).get("codes", [])
+        return [c for c in codes if float(c.get("expires", 0)) > now]
+
+
+@dataclass(frozen=True)
+class TokenRecord:
+    """What is known of an issued token: its origin (``None`` for a command-line client)."""
+
+    origin: str | None
+    created: float
+
+
+class TokenStore:
+    """Issued tokens as digests in ``tokens.json``, re-read whenever the file changes."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.path = folder / TOKENS_FILE
+        self._signature: tuple[int, int, int] | None = None
+        self._records: dict[str, TokenRecord] = {}
+
+    def issue(self, origin: str | None) -> str:
+        """A new random token for ``origin``; only its digest is stored."""
+        token = secrets.token_urlsafe(32)
+        with locked(self.folder):
+            tokens = read_json(self.path, {}).get("tokens", [])
+            tokens.append({"sha256": _digest(token), "origin": origin, "created": time.time()})
+            write_json_atomic(self.path, {"tokens": tokens})
+        return token
+
+    def revoke_all(self) -> int:
+        """Forget every token; returns how many there were."""
+        with locked(self.folder):
+            count = len(read_json(self.path, {}).get("tokens", []))
+            write_json_atomic(self.path, {"tokens": []})
+        return count
+
+    def lookup(self, token: str) -> TokenRecord | None:
+        """The record of a valid ``token``, or ``None``."""
+        return self._current().get(_digest(token))
+
+    def origins(self) -> frozenset[str]:
+        """Extension origins that hold a valid token (the CORS-allowed origins)."""
+        return frozenset(r.origin for r in self._current().values() if r.origin)
+
+    def _current(self) -> dict[str, TokenRecord]:
+        signature = file_signature(self.path)
+        if signature != self._signature:
+            tokens = read_json(self.path, {}).get("tokens", [])
+            self._records = {
+                t["sha256"]: TokenRecord(origin=t.get("origin"), created=t.get("created", 0.0))
+                for t in tokens
+            }
+            self._signature = signature
+        return self._records
+
+
+class FailureLimiter:
+    """At most ``limit`` failures in any ``window`` seconds; past that, attempts are refused."""
+
+    def __init__(
+        self, limit: int, window: float = 60.0, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.limit = limit
+        self.window = window
+        self.clock = clock
+        self._failures: deque[float] = deque()
+
+    def check(self) -> None:
+        """Raise :class:`RateLimitedError` while the window holds ``limit`` failures."""
+        now = self.clock()
+        while self._failures and self._failures[0] <= now - self.window:
+            self._failures.popleft()
+        if len(self._failures) >= self.limit:
+            wait = self._failures[0] + self.window - now
+            raise RateLimitedError(f"too many wrong pairing codes; try again in {wait:.0f} s")
+
+    def record_failure(self) -> None:
+        """Count one wrong attempt."""
+        self._failures.append(self.clock())

@@ -1,0 +1,190 @@
+"""The LowKey attack: signed gradient ascent on face regions against an ensemble.
+
+For a batch of face regions ``x`` (each a padded crop of a photo around one face, at a
+working resolution), the attack looks for ``x'`` maximising
+
+    sum over models f of  D_f(A_f(x), A_f(x')) + D_f(A_f(x), A_f(G(x')))  -  c * LPIPS(x, x')
+
+where ``A_f`` aligns a face to model ``f``'s template (:mod:`cloak_core.align`), ``G`` is a
+Gaussian blur, embeddings are averaged with those of the horizontally flipped crops, and
+``D_f`` is either the paper's normalised squared distance ``||f(a) - f(b)||^2 / ||f(a)||^2``
+(``paper`` preset) or a capped, per-model term that follows the model's own verification
+rule: ``min(1, (1 - cos) / (1 - target))`` for cosine models and
+``min(1, distance / (ratio * threshold))`` for Euclidean ones. The paper's plain sum is
+dominated by the model whose distance grows fastest (SFace saturates near 4 while dlib's
+term stays small); capping each term at "decisively a different person" lets a model that
+is already fooled stop pulling, so the remaining steps go to the models that are not.
+
+All faces of a call are optimised together, one batched forward and backward per model
+per step, so a GPU runs a whole step in a few large calls.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from cloak_core.align import warp_affine
+from cloak_core.errors import CancelledError
+from cloak_core.lpips import LPIPS
+from cloak_core.models.base import FaceModel
+from cloak_core.presets import AttackConfig
+
+
+@dataclass(frozen=True)
+class FaceBatch:
+    """Face regions ready for the attack, all on one device.
+
+    ``pixels``: ``(B, 3, H, W)`` RGB in 0..1, regions zero-padded to a common size.
+    ``masks``: ``(B, 1, H, W)`` feathered masks in 0..1 (0 on padding and region borders).
+    ``matrices``: per model name, ``(B, 2, 3)`` maps from region pixels to the model input.
+    ``area``: ``(B,)`` fraction of the padded area each region really covers.
+    """
+
+    pixels: torch.Tensor
+    masks: torch.Tensor
+    matrices: Mapping[str, torch.Tensor]
+    area: torch.Tensor
+
+
+def gaussian_blur(images: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(B, C, H, W)`` images, reflect padding, same shape."""
+    half = kernel // 2
+    x = torch.arange(kernel, dtype=images.dtype, device=images.device) - half
+    k = torch.exp(-(x * x) / (2 * sigma * sigma))
+    k = k / k.sum()
+    c = images.shape[1]
+    out = F.pad(images, (half, half, half, half), mode="reflect")
+    out = F.conv2d(out, k.view(1, 1, 1, kernel).expand(c, 1, 1, kernel), groups=c)
+    return F.conv2d(out, k.view(1, 1, kernel, 1).expand(c, 1, kernel, 1), groups=c)
+
+
+def embed(
+    model: FaceModel, regions: torch.Tensor, matrices: torch.Tensor, flips: bool
+) -> torch.Tensor:
+    """Embeddings ``(B, D)`` of faces aligned from ``regions`` ``(B, 3, H, W)`` (0..1).
+
+    With ``flips``, the embedding is the mean of the crop's and its mirror image's.
+    """
+    crops = warp_affine(regions, matrices, model.spec.input_size)
+    if not flips:
+        return model(crops).float()
+    both = model(torch.cat([crops, crops.flip(-1)], 0)).float()
+    return 0.5 * (both[: crops.shape[0]] + both[crops.shape[0] :])
+
+
+def model_term(
+    model: FaceModel, original: torch.Tensor, protected: torch.Tensor, config: AttackConfig
+) -> torch.Tensor:
+    """Per-face objective ``(B,)`` of one model: how far ``protected`` moved from ``original``.
+
+    Both are ``(B, D)`` embeddings. See the module docstring for the two forms.
+    """
+    rule = model.spec.verification
+    if rule.metric == "cosine" and config.cosine_target is not None:
+        cos = F.cosine_similarity(protected, original, dim=-1)
+        return ((1 - cos) / (1 - config.cosine_target)).clamp(max=1.0)
+    if rule.metric == "euclidean" and config.euclidean_target_ratio is not None:
+        dist = ((protected - original).pow(2).sum(-1) + 1e-12).sqrt()
+        return (dist / (config.euclidean_target_ratio * rule.threshold)).clamp(max=1.0)
+    return (protected - original).pow(2).sum(-1) / original.pow(2).sum(-1)
+
+
+class StageTimes:
+    """Accumulates wall-clock seconds per named stage (synchronising CUDA for honest numbers)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time the ``with`` body under ``name``."""
+        self._sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._sync()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def lowkey(
+    batch: FaceBatch,
+    models: Mapping[str, FaceModel],
+    lpips: LPIPS,
+    config: AttackConfig,
+    *,
+    generator: torch.Generator | None = None,
+    progress: Callable[[float], None] | None = None,
+    cancel: threading.Event | None = None,
+    times: StageTimes | None = None,
+) -> torch.Tensor:
+    """Run the attack; returns the perturbation ``(B, 3, H, W)`` (masked, within [0, 1] bounds).
+
+    ``batch.pixels + perturbation`` is the protected region, in 0..1. ``progress`` is called
+    with steps done / steps planned after every step; setting ``cancel`` stops the attack
+    with :class:`CancelledError`. ``times``, when given, collects seconds per stage:
+    alignment, each model's forward and backward, LPIPS.
+    """
+    x = batch.pixels
+    mask = batch.masks
+    times = times or StageTimes(x.device)
+    use_amp = x.device.type == "cuda"
+    autocast = torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=use_amp)
+    with torch.no_grad(), autocast:
+        originals = {
+            name: embed(m, x, batch.matrices[name], config.flips) for name, m in models.items()
+        }
+    noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+    delta = ((noise * 2 - 1) * config.noise).requires_grad_(True)
+    n_views = 2 if config.blur else 1
+    for step in range(config.steps):
+        if cancel is not None and cancel.is_set():
+            raise CancelledError("protection was cancelled")
+        delta.grad = None
+        with times.stage("blur"):
+            adv = (x + mask * delta).clamp(0.0, 1.0)
+            views = [adv, gaussian_blur(adv, config.blur_kernel, config.blur_sigma)]
+            stacked = torch.cat(views[:n_views], 0)
+        # One backward per model (gradients accumulate in delta.grad): the graph of one
+        # model is freed before the next one runs, and each stage can be timed.
+        for name, model in models.items():
+            with times.stage("align"):
+                crops = warp_affine(
+                    stacked, batch.matrices[name].repeat(n_views, 1, 1), model.spec.input_size
+                )
+                if config.flips:
+                    crops = torch.cat([crops, crops.flip(-1)], 0)
+            with times.stage(f"{name} forward"), autocast:
+                emb = model(crops).float()
+                if config.flips:
+                    half = emb.shape[0] // 2
+                    emb = 0.5 * (emb[:half] + emb[half:])
+                orig = originals[name].repeat(n_views, 1)
+                term = model_term(model, orig, emb, config).sum() / n_views
+            with times.stage(f"{name} backward"):
+                term.backward(retain_graph=True)
+        with times.stage("lpips forward"), autocast:
+            # LPIPS averages over the padded area: scale back to each region's own area.
+            perceptual = (lpips(x, adv).float() / batch.area).sum()
+        with times.stage("lpips backward"):
+            (-config.lpips_weight * perceptual).backward()
+        with torch.no_grad():
+            delta += config.step_size * delta.grad.sign()
+            # Keep x + delta inside [0, 1] so the clamp never hides a step.
+            delta.copy_((x + delta).clamp(0.0, 1.0) - x)
+        if progress is not None:
+            progress((step + 1) / config.steps)
+    with torch.no_grad():
+        return (x + mask * delta).clamp(0.0, 1.0) - x

@@ -1,0 +1,49 @@
+"""Flags and helpers shared by the commands that run the attack (protect, bench, eval)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tqdm import tqdm
+
+from cloak_core.presets import DEFAULT_PRESET, PRESETS, AttackConfig, get_preset
+
+
+def add_attack_flags(parser: argparse.ArgumentParser) -> None:
+    """``--preset``, ``--steps``, ``--models``, ``--device``."""
+    parser.add_argument(
+        "--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help="attack preset"
+    )
+    parser.add_argument("--steps", type=int, help="override the preset's number of steps")
+    parser.add_argument(
+        "--models", type=model_list, help="comma-separated attack ensemble (default: the store's)"
+    )
+    parser.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to compute"
+    )
+
+
+def model_list(text: str) -> tuple[str, ...]:
+    """Parse ``a,b,c`` into a tuple of model names."""
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of model names")
+    return names
+
+
+def attack_config(args: argparse.Namespace) -> AttackConfig:
+    """The preset named by the flags, with ``--steps`` and ``--models`` applied."""
+    return get_preset(args.preset).with_overrides(steps=args.steps, models=args.models)
+
+
+def progress_bar(total: float, desc: str) -> tqdm:
+    """A progress bar on a terminal's stderr; silent when stderr is not a terminal."""
+    return tqdm(
+        total=total,
+        desc=desc,
+        unit="img",
+        disable=not sys.stderr.isatty(),
+        leave=False,
+        bar_format="{l_bar}{bar}| {n:.2f}/{total_fmt} [{elapsed}<{remaining}]",
+    )

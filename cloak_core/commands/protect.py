@@ -1,0 +1,126 @@
+"""``facecloak protect``: protect the faces in image files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+from cloak_core.commands.common import add_attack_flags, attack_config, progress_bar
+from cloak_core.errors import FaceCloakError, UsageError
+from cloak_core.pipeline import Protector, ProtectResult
+from cloak_core.store import ModelStore
+
+_SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "protect",
+        help="protect the faces in image files",
+        description="Add a LowKey perturbation to every face of each image. Without -o or "
+        "--out-dir, IMAGE.jpg is written beside the input as IMAGE.cloaked.jpg.",
+    )
+    p.add_argument("inputs", nargs="+", metavar="IN", help="image files")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("-o", "--output", metavar="OUT", help="output file (one input only)")
+    out.add_argument("--out-dir", metavar="DIR", help="folder for the outputs")
+    add_attack_flags(p)
+    p.add_argument(
+        "--format", default="same", choices=["same", "png", "jpeg", "webp"], help="output format"
+    )
+    p.add_argument("--quality", type=int, help="JPEG/WebP quality 1..100 (default: the input's)")
+    p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    return p
+
+
+def output_path(args: argparse.Namespace, source: Path, result: ProtectResult) -> Path:
+    """Where the protected copy of ``source`` goes."""
+    if args.output:
+        return Path(args.output)
+    suffix = source.suffix if args.format == "same" and source.suffix else _SUFFIX[result.format]
+    name = f"{source.stem}.cloaked{suffix}"
+    return Path(args.out_dir) / name if args.out_dir else source.with_name(name)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def json_line(source: Path, target: Path, result: ProtectResult) -> str:
+    """The ``--json`` record of DESIGN.md for one image."""
+    return json.dumps(
+        {
+            "input": str(source),
+            "output": str(target),
+            "faces": result.faces,
+            "seconds": round(result.seconds, 3),
+            "lpips": result.lpips,
+            "lpips_faces": result.lpips_faces,
+            "width": result.width,
+            "height": result.height,
+            "format": result.format,
+            "models": {
+                name: [asdict(r) for r in reports] for name, reports in result.models.items()
+            },
+        }
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.output and len(args.inputs) > 1:
+        raise UsageError("-o/--output takes one input; use --out-dir for several")
+    if args.quality is not None and not 1 <= args.quality <= 100:
+        raise UsageError(f"--quality must be within 1..100, got {args.quality}")
+    config = attack_config(args)
+    protector = Protector(config, store=ModelStore.from_env(), device=args.device)
+    failed = 0
+    bar = progress_bar(len(args.inputs), "protecting")
+    with protector, bar:
+        for i, name in enumerate(args.inputs):
+            source = Path(name)
+            try:
+                data = source.read_bytes()
+            except OSError as exc:
+                failed += 1
+                print(f"facecloak: {source}: cannot read: {exc.strerror}", file=sys.stderr)
+                continue
+            try:
+                result = protector.protect_bytes(
+                    data,
+                    out_format=args.format,
+                    quality=args.quality,
+                    measure=args.json,
+                    progress=lambda f, i=i: bar.update(i + f - bar.n),
+                )
+                target = output_path(args, source, result)
+                write_atomic(target, result.data)
+            except FaceCloakError as exc:
+                failed += 1
+                print(f"facecloak: {source}: {exc}", file=sys.stderr)
+                continue
+            except OSError as exc:
+                failed += 1
+                print(f"facecloak: {source}: cannot write output: {exc}", file=sys.stderr)
+                continue
+            bar.update(i + 1 - bar.n)
+            if args.json:
+                print(json_line(source, target, result), flush=True)
+            elif not bar.disable:
+                bar.write(f"{source} -> {target}: {result.faces} face(s), {result.seconds:.1f} s")
+            else:
+                print(f"{source} -> {target}: {result.faces} face(s), {result.seconds:.1f} s")
+    return 1 if failed else 0

@@ -1,0 +1,564 @@
+"""``facecloak eval`` end to end: load a dataset, protect galleries, identify probes, report.
+
+The steps, in order:
+
+1. Split every identity into gallery and probes (:mod:`~cloak_core.evaluation.protocol`).
+   The first ``identities`` identities (in name order; all by default) are the protected
+   users, whose probes are scored; the other identities' galleries stay in, clean, as
+   distractors.
+2. Find each image's face: aligned 112x112 crops use the ArcFace template's landmarks,
+   other images the detector (the largest face is the one evaluated; the attack protects
+   every face it finds).
+3. Choose the attack ensembles. Leave-one-out (default): each evaluator is scored on
+   images protected by the ensemble minus every model sharing a weight file with it, so
+   every protected figure is black-box; evaluators that need the same ensemble share one
+   attack run. ``attack_models`` fixes one ensemble for all; evaluators that share
+   weights with it are then marked white-box.
+4. Protect the protected users' gallery images with :class:`cloak_core.pipeline.Protector`
+   (many images per call), and measure LPIPS, PSNR and SSIM of each.
+5. For each condition (PNG, JPEG, downscaling), re-encode clean and protected galleries,
+   embed them with every evaluator, and compute rank-1 / rank-5 accuracy, clean and
+   protected.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from cloak_core import __version__
+from cloak_core.errors import FaceCloakError, ImageError, UsageError
+from cloak_core.evaluation import protocol
+from cloak_core.evaluation.conditions import DEFAULT_CONDITIONS, Condition, parse_condition
+from cloak_core.evaluation.evaluators import (
+    DlibPipelineEvaluator,
+    Evaluator,
+    OpenCVPipelineEvaluator,
+    RegistryEvaluator,
+    black_box_ensemble,
+    shares_weights,
+)
+from cloak_core.evaluation.quality import QualityStats, lpips_distances, psnr, ssim
+
+if TYPE_CHECKING:
+    from cloak_core.detect import Face
+    from cloak_core.store import ModelStore
+
+PIPELINES = ("dlib-bin", "opencv-sface")
+ALIGNED_SIZE = (112, 112)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Everything one evaluation run depends on (the command line builds it from flags).
+
+    ``identities``: protect and score the first N identities (None: all); the rest are
+    clean distractors. ``gallery_per_identity`` / ``probes_per_identity`` cap the splits.
+    ``attack_models`` fixes the ensemble (None: leave-one-out from the preset's ensemble).
+    ``eval_models``: evaluator names (None: every registry model whose weights are on this
+    machine, plus both pipelines). ``landmarks``: ``"auto"`` (template when every image is
+    112x112), ``"template"`` or ``"detect"``. ``joint``: protect all protected identities'
+    galleries at once instead of one identity at a time. ``attack``: False for clean
+    accuracy only.
+    """
+
+    dataset: Path
+    out: Path
+    identities: int | None = None
+    gallery_per_identity: int | None = None
+    probes_per_identity: int | None = None
+    preset: str = "balanced"
+    steps: int | None = None
+    attack_models: tuple[str, ...] | None = None
+    eval_models: tuple[str, ...] | None = None
+    conditions: tuple[Condition, ...] = field(
+        default_factory=lambda: tuple(parse_condition(c) for c in DEFAULT_CONDITIONS)
+    )
+    seed: int = 0
+    device: str = "auto"
+    attack: bool = True
+    joint: bool = False
+    landmarks: str = "auto"
+    batch_size: int | None = None
+    grid_identities: int = 6
+
+    def as_dict(self) -> dict:
+        """JSON-ready form."""
+        d = asdict(self)
+        d["dataset"], d["out"] = str(self.dataset), str(self.out)
+        d["conditions"] = [c.name for c in self.conditions]
+        return d
+
+
+@dataclass
+class _Image:
+    """One dataset image and its face(s): ``pixels`` RGB uint8 ``(H, W, 3)``."""
+
+    identity: str
+    path: Path
+    pixels: np.ndarray
+    faces: list[Face]
+
+    @property
+    def face(self) -> Face:
+        """The evaluated face: the largest one."""
+        return max(self.faces, key=lambda f: f.size)
+
+
+@dataclass(frozen=True)
+class GridRow:
+    """One row of the comparison grid: an original gallery image and its protected versions.
+
+    ``protected`` maps an ensemble label (e.g. ``"dlib,sface"``) to RGB uint8 ``(H, W, 3)``.
+    """
+
+    identity: str
+    original: np.ndarray
+    protected: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """The report (JSON-ready dict) and the images of the comparison grid."""
+
+    report: dict
+    grid: list[GridRow]
+
+
+@dataclass
+class _Group:
+    """One attack run: an ensemble and the evaluators scored on its images."""
+
+    ensemble: tuple[str, ...]
+    evaluators: list[str]
+    protected: list[np.ndarray] = field(default_factory=list)
+    seconds: float = 0.0
+    quality: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _versions() -> dict[str, str | None]:
+    """Versions of the software the figures depend on."""
+    out: dict[str, str | None] = {
+        "facecloak": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+    for module, attr in (
+        ("torch", "__version__"),
+        ("numpy", "__version__"),
+        ("mediapipe", "__version__"),
+        ("dlib", "__version__"),
+        ("cv2", "__version__"),
+        ("PIL", "__version__"),
+    ):
+        try:
+            out[module] = str(getattr(__import__(module), attr))
+        except Exception:  # noqa: BLE001 - a missing optional library is reported as None
+            out[module] = None
+    return out
+
+
+def _load_rgb(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.array(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"{path}: cannot read the image ({exc})") from exc
+
+
+class Evaluation:
+    """One evaluation run; :meth:`run` returns the report as a JSON-ready dict.
+
+    ``progress``: show tqdm progress bars (on stderr). ``log`` receives one-line notes.
+    """
+
+    def __init__(
+        self,
+        settings: EvalSettings,
+        store: ModelStore,
+        *,
+        progress: bool = False,
+        log=None,
+    ) -> None:
+        from cloak_core.pipeline import resolve_device
+        from cloak_core.presets import get_preset
+
+        self.settings = settings
+        self.store = store
+        self.progress = progress
+        self.log = log or (lambda message: print(message, file=sys.stderr))
+        self.device = resolve_device(settings.device)
+        config = get_preset(settings.preset)
+        if settings.steps is not None:
+            config = config.with_overrides(steps=settings.steps)
+        self.config = config
+        self.timings: dict[str, float] = {}
+        self.notes: list[str] = []
+
+    # -- data ----------------------------------------------------------------------------
+
+    def _splits(self) -> tuple[list[protocol.IdentitySplit], list[str]]:
+        s = self.settings
+        found = protocol.list_identities(s.dataset)
+        names = list(found)
+        if s.identities is not None:
+            if s.identities < 1:
+                raise UsageError("--identities must be at least 1")
+            if s.identities > len(names):
+                raise UsageError(
+                    f"--identities {s.identities}: the dataset has {len(names)} identities"
+                )
+        protected = names[: s.identities] if s.identities is not None else names
+        splits = []
+        for name in names:
+            if len(found[name]) < 2:
+                self.notes.append(f"identity {name} left out: fewer than 2 images")
+                if name in protected:
+                    protected.remove(name)
+                continue
+            splits.append(
+                protocol.split_identity(
+                    name,
+                    found[name],
+                    gallery_per_identity=s.gallery_per_identity,
+                    probes_per_identity=s.probes_per_identity,
+                )
+            )
+        if not protected:
+            raise UsageError(f"--dataset {s.dataset}: no identity with at least 2 images")
+        return splits, protected
+
+    def _load(
+        self, splits: Sequence[protocol.IdentitySplit]
+    ) -> tuple[list[_Image], list[_Image], str]:
+        from cloak_core.detect import Face, FaceDetector
+        from cloak_core.models.base import ARCFACE_TEMPLATE_112
+
+        gallery = [(sp.identity, p) for sp in splits for p in sp.gallery]
+        probes = [(sp.identity, p) for sp in splits for p in sp.probes]
+        pixels = {p: _load_rgb(p) for _, p in gallery + probes}
+        mode = self.settings.landmarks
+        if mode == "auto":
+            aligned = all(px.shape[:2] == ALIGNED_SIZE for px in pixels.values())
+            mode = "template" if aligned else "detect"
+        if mode not in ("template", "detect"):
+            raise UsageError(f"--landmarks {mode!r}: use auto, template or detect")
+        faces: dict[Path, list[Face]] = {}
+        if mode == "template":
+            template_face = Face.from_template(ARCFACE_TEMPLATE_112)
+            faces = {p: [template_face] for p in pixels}
+        else:
+            with FaceDetector(self.store) as detector:
+                for p, px in pixels.items():
+                    faces[p] = detector.detect(px)
+        missing = [p for p, fs in faces.items() if not fs]
+        for p in missing:
+            self.notes.append(f"{p}: no face found; left out")
+
+        def build(items: list[tuple[str, Path]]) -> list[_Image]:
+            return [_Image(i, p, pixels[p], faces[p]) for i, p in items if faces[p]]
+
+        return build(gallery), build(probes), mode
+
+    # -- evaluators and ensembles --------------------------------------------------------
+
+    def _evaluators(self) -> list[Evaluator]:
+        from cloak_core.models import REGISTRY, available, load_model
+
+        requested = self.settings.eval_models
+        names = list(requested) if requested else [*available(self.store), *PIPELINES]
+        unknown = [n for n in names if n not in REGISTRY and n not in PIPELINES]
+        if unknown:
+            raise UsageError(
+                f"--eval-models: unknown {', '.join(unknown)}; known: "
+                f"{', '.join([*REGISTRY, *PIPELINES])}"
+            )
+        out: list[Evaluator] = []
+        for name in names:
+            try:
+                if name == "dlib-bin":
+                    out.append(DlibPipelineEvaluator(self.store))
+                elif name == "opencv-sface":
+                    out.append(OpenCVPipelineEvaluator(self.store))
+                else:
+                    model = load_model(name, self.store, self.device)
+                    out.append(RegistryEvaluator(model, device=self.device))
+            except (ImportError, FaceCloakError) as exc:
+                if requested:
+                    if isinstance(exc, ImportError):
+                        raise UsageError(f"evaluator {name} needs {exc.name}: {exc}") from exc
+                    raise
+                self.notes.append(f"evaluator {name} left out: {exc}")
+                self.log(f"facecloak eval: evaluator {name} left out: {exc}")
+        if not out:
+            raise UsageError("no evaluator could be loaded")
+        return out
+
+    def _base_ensemble(self) -> tuple[str, ...]:
+        from cloak_core.models import default_ensemble, get_spec
+
+        names = self.settings.attack_models or self.config.models or default_ensemble(self.store)
+        for n in names:
+            get_spec(n)  # UsageError for unknown names
+        return tuple(names)
+
+    def _groups(self, evaluators: Sequence[Evaluator]) -> tuple[list[_Group], dict[str, dict]]:
+        """Attack runs, and per evaluator its ensemble and whether it is black-box."""
+        base = self._base_ensemble()
+        fixed = self.settings.attack_models is not None
+        groups: dict[tuple[str, ...], _Group] = {}
+        info: dict[str, dict] = {}
+        for ev in evaluators:
+            ensemble = base if fixed else tuple(black_box_ensemble(base, ev))
+            white = fixed and shares_weights(base, ev)
+            info[ev.name] = {
+                "independent": ev.independent,
+                "weights": sorted(ev.weights),
+                "ensemble": list(ensemble),
+                "white_box": bool(white),
+            }
+            if not ensemble:
+                info[ev.name]["note"] = "every ensemble member shares its weights: not scored"
+                continue
+            groups.setdefault(ensemble, _Group(ensemble, [])).evaluators.append(ev.name)
+        return list(groups.values()), info
+
+    # -- attack --------------------------------------------------------------------------
+
+    def _protect(self, group: _Group, gallery: Sequence[_Image], scored: set[str]) -> None:
+        from tqdm import tqdm
+
+        from cloak_core.pipeline import Protector
+
+        targets = [im for im in gallery if im.identity in scored]
+        batch = self.settings.batch_size or (64 if self.device.type == "cuda" else 32)
+        protected: list[np.ndarray] = []
+        label = "attack -" + ",".join(group.ensemble)
+        with (
+            Protector(
+                self.config, store=self.store, device=str(self.device), models=group.ensemble
+            ) as protector,
+            tqdm(total=len(targets), desc=label, disable=not self.progress, unit="img") as bar,
+        ):
+            start = time.perf_counter()
+            for b, i in enumerate(range(0, len(targets), batch)):
+                chunk = targets[i : i + batch]
+                done = bar.n
+
+                def step(f: float, done: float = done, n: int = len(chunk)) -> None:
+                    bar.n = round(done + f * n, 2)
+                    bar.refresh()
+
+                protected += protector.protect_pixels(
+                    [im.pixels for im in chunk],
+                    [im.faces for im in chunk],
+                    seed=self.settings.seed + b,
+                    progress=step,
+                )
+                bar.n = done + len(chunk)
+                bar.refresh()
+            group.seconds = time.perf_counter() - start
+        by_path = {im.path: px for im, px in zip(targets, protected, strict=True)}
+        # Unprotected identities keep their clean pixels (they are never used protected).
+        group.protected = [by_path.get(im.path, im.pixels) for im in gallery]
+        group.quality = self._quality(targets, protected)
+
+    def _quality(self, originals: Sequence[_Image], protected: Sequence[np.ndarray]) -> dict:
+        from cloak_core.lpips import load_lpips
+
+        lpips = load_lpips(self.config.lpips_net, store=self.store, device=self.device)
+        return {
+            "lpips": lpips_distances(
+                lpips, [im.pixels for im in originals], protected, device=self.device
+            ),
+            "psnr": [psnr(im.pixels, px) for im, px in zip(originals, protected, strict=True)],
+            "ssim": [ssim(im.pixels, px) for im, px in zip(originals, protected, strict=True)],
+        }
+
+    # -- identification ------------------------------------------------------------------
+
+    def run(self) -> EvalResult:
+        """Run the evaluation; returns the report (what ``report.json`` holds) and the grid."""
+        s = self.settings
+        t0 = time.perf_counter()
+        splits, protected_ids = self._splits()
+        gallery, probes, mode = self._load(splits)
+        scored = set(protected_ids)
+        probes_scored = [p for p in probes if p.identity in scored]
+        if not probes_scored:
+            raise UsageError("no probe image of a protected identity has a face")
+        self.timings["load_seconds"] = time.perf_counter() - t0
+
+        t = time.perf_counter()
+        evaluators = self._evaluators()
+        groups, info = self._groups(evaluators)
+        self.timings["evaluators_load_seconds"] = time.perf_counter() - t
+
+        if s.attack:
+            for group in groups:
+                self._protect(group, gallery, scored)
+            attacked = sum(1 for im in gallery if im.identity in scored) * len(groups)
+            self.timings["attack_seconds"] = sum(g.seconds for g in groups)
+            self.timings["attack_images"] = attacked
+            if attacked:
+                self.timings["attack_seconds_per_image"] = self.timings["attack_seconds"] / attacked
+        group_of = {name: g for g in groups for name in g.evaluators}
+
+        t = time.perf_counter()
+        results = self._identify(evaluators, gallery, probes_scored, group_of, scored)
+        self.timings["identify_seconds"] = time.perf_counter() - t
+        self.timings["total_seconds"] = time.perf_counter() - t0
+        for ev in evaluators:
+            info[ev.name]["fallbacks"] = ev.fallbacks
+            ev.close()
+        report = self._report(splits, protected_ids, gallery, probes, mode, groups, info, results)
+        return EvalResult(report, self._grid(gallery, groups, protected_ids))
+
+    def _grid(
+        self, gallery: Sequence[_Image], groups: Sequence[_Group], protected_ids: Sequence[str]
+    ) -> list[GridRow]:
+        """The first gallery image of the first few protected identities, with its versions."""
+        if not self.settings.attack:
+            return []
+        rows = []
+        for identity in list(protected_ids)[: self.settings.grid_identities]:
+            k = next((k for k, im in enumerate(gallery) if im.identity == identity), None)
+            if k is None:
+                continue
+            versions = {",".join(g.ensemble): g.protected[k] for g in groups}
+            rows.append(GridRow(identity, gallery[k].pixels, versions))
+        return rows
+
+    def _identify(
+        self,
+        evaluators: Sequence[Evaluator],
+        gallery: Sequence[_Image],
+        probes_scored: Sequence[_Image],
+        group_of: dict[str, _Group],
+        scored: set[str],
+    ) -> dict[str, dict[str, dict]]:
+        from tqdm import tqdm
+
+        s = self.settings
+        g_labels = [im.identity for im in gallery]
+        p_labels = [im.identity for im in probes_scored]
+        g_faces = [im.face for im in gallery]
+        results: dict[str, dict[str, dict]] = {c.name: {} for c in s.conditions}
+        total = len(evaluators) * (1 + len(s.conditions))
+        with tqdm(total=total, desc="identify", disable=not self.progress) as bar:
+            for ev in evaluators:
+                probe_emb = ev.embed(
+                    [im.pixels for im in probes_scored], [im.face for im in probes_scored]
+                )
+                bar.update(1)
+                group = group_of.get(ev.name) if s.attack else None
+                for cond in s.conditions:
+                    clean_px = [cond.apply(im.pixels) for im in gallery]
+                    clean_emb = ev.embed(clean_px, g_faces)
+                    s_clean = protocol.cosine_similarity_matrix(probe_emb, clean_emb)
+                    entry: dict = {
+                        "clean": protocol.accuracy(s_clean, p_labels, g_labels).as_dict(),
+                        "protected": None,
+                    }
+                    if group is not None:
+                        prot_px = [
+                            cond.apply(px) if im.identity in scored else clean
+                            for im, px, clean in zip(
+                                gallery, group.protected, clean_px, strict=True
+                            )
+                        ]
+                        prot_emb = ev.embed(prot_px, g_faces)
+                        sim = protocol.protected_similarity(
+                            probe_emb,
+                            p_labels,
+                            clean_emb,
+                            prot_emb,
+                            g_labels,
+                            sorted(scored),
+                            joint=s.joint,
+                        )
+                        entry["protected"] = protocol.accuracy(sim, p_labels, g_labels).as_dict()
+                    results[cond.name][ev.name] = entry
+                    bar.update(1)
+        return results
+
+    # -- report --------------------------------------------------------------------------
+
+    def _report(
+        self,
+        splits: Sequence[protocol.IdentitySplit],
+        protected_ids: Sequence[str],
+        gallery: Sequence[_Image],
+        probes: Sequence[_Image],
+        mode: str,
+        groups: Sequence[_Group],
+        info: dict[str, dict],
+        results: dict[str, dict[str, dict]],
+    ) -> dict:
+        s = self.settings
+        scored = set(protected_ids)
+        attack_groups = []
+        if s.attack:
+            targets = [im for im in gallery if im.identity in scored]
+            for g in groups:
+                attack_groups.append(
+                    {
+                        "ensemble": list(g.ensemble),
+                        "evaluators": g.evaluators,
+                        "images": len(targets),
+                        "seconds": g.seconds,
+                        "seconds_per_image": g.seconds / len(targets) if targets else None,
+                        "quality": {k: QualityStats.of(v).as_dict() for k, v in g.quality.items()},
+                        "per_image": [
+                            {
+                                "identity": im.identity,
+                                "path": str(im.path),
+                                "lpips": g.quality["lpips"][k],
+                                "psnr": g.quality["psnr"][k],
+                                "ssim": g.quality["ssim"][k],
+                            }
+                            for k, im in enumerate(targets)
+                        ],
+                    }
+                )
+        config = asdict(self.config)
+        return {
+            "facecloak": __version__,
+            "versions": _versions(),
+            "seed": s.seed,
+            "settings": s.as_dict(),
+            "device": str(self.device),
+            "attack_config": config if s.attack else None,
+            "mode": "leave-one-out" if s.attack_models is None else "fixed-ensemble",
+            "protocol": {
+                "probe_every": protocol.PROBE_EVERY,
+                "gallery_protection": "joint" if s.joint else "per-identity",
+                "ranking": "cosine similarity; rank-k: a gallery image of the probe's "
+                "identity among the k most similar gallery images",
+                "landmarks": mode,
+            },
+            "dataset": {
+                "path": str(s.dataset),
+                "identities": len(splits),
+                "protected_identities": list(protected_ids),
+                "distractor_identities": [
+                    sp.identity for sp in splits if sp.identity not in scored
+                ],
+                "gallery_images": len(gallery),
+                "protected_gallery_images": sum(1 for im in gallery if im.identity in scored),
+                "probe_images": sum(1 for im in probes if im.identity in scored),
+            },
+            "evaluators": info,
+            "attack": attack_groups,
+            "results": results,
+            "timings": self.timings,
+            "notes": self.notes,
+        }

@@ -1,0 +1,562 @@
+"""Decoding and encoding photos with Pillow: bytes in, RGB pixels out, and back.
+
+Decoding applies the EXIF orientation to the pixels, sets any alpha channel aside
+untouched, converts every mode to RGB (palette, greyscale, CMYK through its ICC
+profile, 1-bit) and keeps 16-bit images in 16 bits (greyscale, and 48/64-bit RGB(A)
+PNGs, which Pillow alone would reduce to 8 bits). Sizes are checked from the header
+before any pixel is decoded, so a decompression bomb costs nothing.
+
+Encoding writes, by default, the input's format: JPEG at a quality close to the input's
+(estimated from its quantization tables), PNG losslessly (16-bit kept), WebP lossy or
+lossless like the input, BMP and TIFF losslessly. GIF is written as PNG: a 256-colour
+palette would erase much of the perturbation (and only the first frame of an animation
+is protected). HEIF and AVIF are written as JPEG (PNG when they have alpha). Greyscale
+inputs stay greyscale. Metadata: the orientation is baked into the pixels, all EXIF
+(GPS, camera, dates, thumbnails) and text chunks are dropped, the ICC profile is kept.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageCms, UnidentifiedImageError
+
+from cloak_core.errors import ImageError, ImageTooLargeError, UnsupportedImageError, UsageError
+
+# Formats decoded; MPO is how Pillow names many phones' multi-picture JPEGs.
+READABLE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "AVIF", "HEIF")
+OUTPUT_FORMATS = ("same", "png", "jpeg", "jpg", "webp")
+
+MIME = {
+    "JPEG": "image/jpeg",
+    "PNG": "image/png",
+    "WEBP": "image/webp",
+    "BMP": "image/bmp",
+    "TIFF": "image/tiff",
+}
+
+DEFAULT_JPEG_QUALITY = 92
+JPEG_QUALITY_RANGE = (70, 95)  # an estimated input quality is clamped to this for output
+DEFAULT_WEBP_QUALITY = 90
+
+_GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N")
+
+# The IJG (libjpeg) base quantization tables, natural (row-major) order, as Pillow
+# reports ``Image.quantization``.
+_IJG_LUMA = np.array(
+    [16, 11, 10, 16, 24, 40, 51, 61, 12, 12, 14, 19, 26, 58, 60, 55,
+     14, 13, 16, 24, 40, 57, 69, 56, 14, 17, 22, 29, 51, 87, 80, 62,
+     18, 22, 37, 56, 68, 109, 103, 77, 24, 35, 55, 64, 81, 104, 113, 92,
+     49, 64, 78, 87, 103, 121, 120, 101, 72, 92, 95, 98, 112, 100, 103, 99],
+    dtype=np.float64,
+)  # fmt: skip
+_IJG_CHROMA = np.full(64, 99.0)
+_IJG_CHROMA[[0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 24, 25]] = [
+    17, 18, 24, 47, 18, 21, 26, 66, 24, 26, 56, 47, 66,
+]  # fmt: skip
+
+# EXIF orientation -> the numpy operation that shows the photo upright.
+_ORIENT = {
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: a.swapaxes(0, 1)[::-1, ::-1],
+    8: lambda a: np.rot90(a, 1),
+}
+
+
+@dataclass
+class DecodedImage:
+    """A decoded photo.
+
+    ``pixels``: ``(H, W, 3)`` RGB, uint8 (0..255) or uint16 (0..65535) for 16-bit inputs,
+    upright (EXIF orientation applied). ``alpha``: ``(H, W)`` of the same dtype, or
+    ``None``. ``format``: Pillow's name of the input format ("JPEG", "PNG", "WEBP", ...).
+    ``icc_profile``: the embedded ICC profile (``None`` for CMYK inputs, whose pixels are
+    converted to sRGB). ``quality``: the JPEG quality (1..100) estimated from the
+    quantization tables, else ``None``. ``mode``: the input's Pillow mode (``"RGB;16"`` and
+    ``"RGBA;16"`` for 48/64-bit PNGs). ``subsampling``: JPEG chroma subsampling
+    (0 = 4:4:4, 1 = 4:2:2, 2 = 4:2:0) or ``None``. ``lossless``: a lossless WebP.
+    """
+
+    pixels: np.ndarray
+    alpha: np.ndarray | None
+    format: str
+    icc_profile: bytes | None
+    quality: int | None
+    mode: str
+    subsampling: int | None = None
+    lossless: bool = False
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def grey(self) -> bool:
+        """Whether the input was greyscale (it is written back as greyscale)."""
+        return self.mode in _GREY_MODES
+
+
+# -- decoding -------------------------------------------------------------------------
+
+
+def decode_image(data: bytes, *, max_pixels: int = 50_000_000) -> DecodedImage:
+    """Decode ``data`` (JPEG, PNG, WebP, GIF's first frame, BMP, TIFF, AVIF; HEIC with
+    pillow-heif installed) into upright RGB pixels.
+
+    Raises :class:`UnsupportedImageError` for bytes that are no image FaceCloak reads,
+    :class:`ImageTooLargeError` when width x height exceeds ``max_pixels`` (checked from
+    the header, before decoding), :class:`ImageError` for truncated or corrupt files.
+    """
+    data = bytes(data)
+    if not data:
+        raise UnsupportedImageError(
+            "the input is empty (0 bytes); choose a photo file (JPEG, PNG, WebP, ...)"
+        )
+    _register_heif()
+    im = _open(data, max_pixels)
+    fmt = im.format or "unknown"
+    mode = im.mode
+    info = dict(im.info)
+    quality = _estimate_jpeg_quality(im) if fmt in ("JPEG", "MPO") else None
+    subsampling = _jpeg_subsampling(im) if fmt in ("JPEG", "MPO") else None
+    wide = _is_wide_png(im)  # before anything loads the pixels (PNG's getexif does)
+    try:
+        if wide:
+            pixels, alpha, orientation = _load_wide_png(data, im)
+            mode = "RGBA;16" if alpha is not None else "RGB;16"
+        else:
+            im.load()
+            orientation = _orientation(im)
+            pixels, alpha, info = _to_rgb(im, info)
+            info = {**info, **im.info}
+    except (MemoryError, Image.DecompressionBombError) as exc:
+        raise ImageTooLargeError(
+            f"this {fmt} image is too large to decode ({exc}); resize it and try again"
+        ) from exc
+    except ImageError:
+        raise
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+        raise ImageError(
+            f"could not decode this {fmt} image: it is truncated or corrupt ({exc}); "
+            f"download or export it again"
+        ) from exc
+    if orientation in _ORIENT:
+        pixels = np.ascontiguousarray(_ORIENT[orientation](pixels))
+        if alpha is not None:
+            alpha = np.ascontiguousarray(_ORIENT[orientation](alpha))
+    icc = info.get("icc_profile") or None
+    if mode == "CMYK":
+        icc = None
+    return DecodedImage(
+        pixels=pixels,
+        alpha=alpha,
+        format=fmt,
+        icc_profile=icc,
+        quality=quality,
+        mode=mode,
+        subsampling=subsampling,
+        lossless=fmt == "WEBP" and _webp_lossless(data),
+    )
+
+
+def _register_heif() -> None:
+    """Let Pillow open HEIC/HEIF when the optional pillow-heif is installed."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return
+    pillow_heif.register_heif_opener()
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    """Open (header only) with the readable formats' plugins; check the pixel count."""
+    limit = "error" if max_pixels <= (Image.MAX_IMAGE_PIXELS or math.inf) else "ignore"
+    with warnings.catch_warnings():
+        warnings.simplefilter(limit, Image.DecompressionBombWarning)
+        try:
+            Image.init()
+            formats = [f for f in READABLE_FORMATS if f in Image.OPEN]
+            im = Image.open(io.BytesIO(data), formats=formats)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageTooLargeError(
+                f"the image is too large ({exc}); the limit is {max_pixels:,} pixels: "
+                f"resize it and try again"
+            ) from exc
+        except UnidentifiedImageError:
+            raise UnsupportedImageError(_describe_unsupported(data)) from None
+        except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+            raise ImageError(
+                f"could not read the image: the file is truncated or corrupt ({exc}); "
+                f"download or export it again"
+            ) from exc
+    w, h = im.size
+    if w * h > max_pixels:
+        raise ImageTooLargeError(
+            f"the image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}; "
+            f"resize it and try again"
+        )
+    if w <= 0 or h <= 0:
+        raise ImageError(f"the image has no pixels ({w}x{h}); export it again")
+    return im
+
+
+def _describe_unsupported(data: bytes) -> str:
+    """A message naming what ``data`` seems to be, and what to do."""
+    head = data[:512]
+    lower = head.lstrip().lower()
+    what = None
+    advice = "choose a photo file (JPEG, PNG, WebP, GIF, BMP, TIFF)"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"heic", b"heix", b"mif1", b"msf1", b"hevc"):
+        what = "a HEIC/HEIF photo"
+        advice = "install pillow-heif ('pip install pillow-heif') or export it as JPEG"
+    elif head.startswith(b"%PDF"):
+        what = "a PDF document"
+    elif head.startswith(b"PK\x03\x04"):
+        what = "a ZIP archive (or an office document)"
+    elif b"<svg" in lower:
+        what = "an SVG drawing"
+        advice = "export it as PNG"
+    elif lower.startswith((b"<!doctype html", b"<html")):
+        what = "an HTML page (the download may have failed)"
+    if what is None:
+        try:
+            with Image.open(io.BytesIO(data)) as other:
+                what = f"a {other.format} image, which FaceCloak does not read"
+                advice = "export it as JPEG or PNG"
+        except Exception:  # noqa: BLE001 - any failure just means "unknown"
+            pass
+    if what is None:
+        try:
+            text = head.decode("utf-8")
+            if text and sum(c.isprintable() or c.isspace() for c in text) > 0.95 * len(text):
+                what = f"text ({text[:40].strip()!r}...)"
+        except UnicodeDecodeError:
+            pass
+    if what is None:
+        what = f"unknown binary data (starting {head[:8].hex(' ')})"
+    return f"the input is not an image but {what}; {advice}"
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        return int(im.getexif().get(0x0112, 1))
+    except Exception:  # noqa: BLE001 - a corrupt EXIF block must not lose the photo
+        return 1
+
+
+def _to_rgb(im: Image.Image, info: dict) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """``(pixels (H, W, 3), alpha (H, W) | None, info)`` for a loaded Pillow image."""
+    mode = im.mode
+    if mode == "CMYK":
+        return _cmyk_to_rgb(im, info.get("icc_profile")), None, info
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        grey = np.asarray(im)
+        grey = np.clip(grey, 0, 65535).astype(np.uint16)
+        return np.repeat(grey[..., None], 3, axis=2), None, info
+    if mode == "F":
+        raise UnsupportedImageError(
+            "floating-point images are not supported; export it as an 8- or 16-bit image"
+        )
+    if mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in im.info or im.palette.mode == "RGBA"
+        im = im.convert("RGBA" if has_alpha else "RGB")
+    elif mode == "1":
+        im = im.convert("L")
+    elif mode in ("La", "RGBa"):
+        im = im.convert("RGBA")
+    elif mode in ("LAB", "HSV", "YCbCr"):
+        im = im.convert("RGB")
+    elif mode == "RGBX":
+        im = im.convert("RGB")
+    arr = np.asarray(im)
+    if im.mode == "L":
+        return np.repeat(arr[..., None], 3, axis=2), None, info
+    if im.mode == "LA":
+        return np.repeat(arr[..., :1], 3, axis=2), arr[..., 1].copy(), info
+    if im.mode == "RGBA":
+        return np.ascontiguousarray(arr[..., :3]), arr[..., 3].copy(), info
+    if im.mode == "RGB":
+        return np.ascontiguousarray(arr), None, info
+    raise UnsupportedImageError(
+        f"images in Pillow mode {mode!r} are not supported; export it as RGB JPEG or PNG"
+    )
+
+
+def _cmyk_to_rgb(im: Image.Image, icc: bytes | None) -> np.ndarray:
+    """CMYK to sRGB through the embedded profile when there is one, else Pillow's formula."""
+    if icc:
+        try:
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            dst = ImageCms.createProfile("sRGB")
+            rgb = ImageCms.profileToProfile(
+                im, src, dst, outputMode="RGB", renderingIntent=ImageCms.Intent.PERCEPTUAL
+            )
+            if rgb is not None:
+                return np.asarray(rgb)
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            pass  # a broken profile: fall back to the plain conversion
+    return np.asarray(im.convert("RGB"))
+
+
+def _is_wide_png(im: Image.Image) -> bool:
+    """A 16-bit-per-channel RGB or RGBA PNG (which Pillow's modes cannot hold)."""
+    if im.format != "PNG" or im.mode not in ("RGB", "RGBA") or len(im.tile) != 1:
+        return False
+    return _tile_rawmode(im.tile[0]) in ("RGB;16B", "RGBA;16B")
+
+
+def _tile_rawmode(tile: object) -> str | None:
+    args = tile.args if hasattr(tile, "args") else tile[3]
+    return args if isinstance(args, str) else (args[0] if args else None)
+
+
+def _load_wide_png(data: bytes, im: Image.Image) -> tuple[np.ndarray, np.ndarray | None, int]:
+    """Decode a 48/64-bit PNG in full precision: Pillow's zip decoder unfilters the rows
+    (with the right 6 or 8 bytes per pixel) and its 16-bit unpackers keep one byte of
+    each sample: ``;16B`` the high byte, ``;16L`` read on big-endian data the low one.
+    Returns ``(pixels, alpha or None, EXIF orientation)``."""
+    bytes_ = []
+    for order in ("B", "L"):
+        one = Image.open(io.BytesIO(data), formats=("PNG",))
+        tile = one.tile[0]
+        raw = f"{one.mode};16{order}"
+        args = raw if isinstance(tile.args, str) else (raw, *tuple(tile.args)[1:])
+        one.tile = [tile._replace(args=args)]
+        one.load()
+        bytes_.append(np.asarray(one).astype(np.uint16))
+    wide = (bytes_[0] << 8) | bytes_[1]
+    alpha = wide[..., 3].copy() if im.mode == "RGBA" else None
+    return np.ascontiguousarray(wide[..., :3]), alpha, _orientation(one)
+
+
+def _jpeg_subsampling(im: Image.Image) -> int | None:
+    try:
+        from PIL import JpegImagePlugin
+
+        value = JpegImagePlugin.get_sampling(im)
+    except Exception:  # noqa: BLE001
+        return None
+    return value if value in (0, 1, 2) else None
+
+
+def _webp_lossless(data: bytes) -> bool:
+    """Whether a WebP file holds a lossless (VP8L) bitstream."""
+    if data[12:16] == b"VP8L":
+        return True
+    return data[12:16] == b"VP8X" and b"VP8L" in data[:4096] and b"VP8 " not in data[:4096]
+
+
+def ijg_quantization(quality: int) -> tuple[np.ndarray, np.ndarray]:
+    """The libjpeg luminance and chrominance tables ``(64,)`` for ``quality`` 1..100."""
+    q = min(max(int(quality), 1), 100)
+    scale = 5000 / q if q < 50 else 200 - 2 * q
+    tables = []
+    for base in (_IJG_LUMA, _IJG_CHROMA):
+        tables.append(np.clip(np.floor((base * scale + 50) / 100), 1, 255))
+    return tables[0], tables[1]
+
+
+def estimate_jpeg_quality(quantization: dict[int, list[int]]) -> int | None:
+    """The libjpeg quality 1..100 whose tables best match ``quantization`` (Pillow's
+    ``Image.quantization``: table id -> 64 values in natural order), in log ratio so that
+    non-libjpeg tables (cameras, Photoshop) map to the quality of similar coarseness."""
+    if not quantization or 0 not in quantization:
+        return None
+    luma = np.asarray(quantization[0], dtype=np.float64)
+    chroma = np.asarray(quantization[1], dtype=np.float64) if 1 in quantization else None
+    if luma.size != 64 or (chroma is not None and chroma.size != 64):
+        return None
+    best, best_err = None, math.inf
+    for q in range(1, 101):
+        ref_luma, ref_chroma = ijg_quantization(q)
+        err = np.abs(np.log(luma) - np.log(ref_luma)).mean()
+        if chroma is not None:
+            err = (err + np.abs(np.log(chroma) - np.log(ref_chroma)).mean()) / 2
+        if err < best_err - 1e-12:
+            best, best_err = q, err
+    return best
+
+
+def _estimate_jpeg_quality(im: Image.Image) -> int | None:
+    table = getattr(im, "quantization", None)
+    try:
+        return estimate_jpeg_quality(table) if table else None
+    except (ValueError, TypeError):
+        return None
+
+
+# -- encoding -------------------------------------------------------------------------
+
+
+def output_format(source: DecodedImage, format: str = "same") -> str:
+    """The Pillow format name an :func:`encode_image` call writes."""
+    f = format.lower()
+    if f not in OUTPUT_FORMATS:
+        raise UsageError(f"unknown output format {format!r}; choose one of same, png, jpeg, webp")
+    if f != "same":
+        return {"png": "PNG", "jpeg": "JPEG", "jpg": "JPEG", "webp": "WEBP"}[f]
+    src = source.format
+    if src in ("JPEG", "MPO"):
+        return "JPEG"
+    if src in ("PNG", "WEBP", "BMP", "TIFF"):
+        return src
+    if src == "DIB":
+        return "BMP"
+    if src == "GIF" or source.alpha is not None:
+        return "PNG"
+    return "JPEG"  # HEIF, AVIF: lossy photos
+
+
+def encode_image(
+    pixels: np.ndarray,
+    source: DecodedImage,
+    *,
+    format: str = "same",
+    quality: int | None = None,
+) -> tuple[bytes, str]:
+    """Encode ``pixels`` ``(H, W, 3)`` RGB (uint8, or uint16 for 16-bit sources) with
+    ``source``'s alpha and ICC profile; returns ``(bytes, MIME type)``.
+
+    ``format``: ``"same"`` (see :func:`output_format`), ``"png"``, ``"jpeg"``, ``"webp"``.
+    ``quality`` (1..100) for JPEG and lossy WebP; by default the source's estimated JPEG
+    quality clamped to :data:`JPEG_QUALITY_RANGE`, else 92 (JPEG) or 90 (WebP). JPEG has
+    no alpha: a transparent source is composited onto white. No EXIF is ever written.
+    """
+    pixels = np.asarray(pixels)
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype not in (np.uint8, np.uint16):
+        raise UsageError(
+            f"encode_image takes (H, W, 3) uint8 or uint16 RGB, got {pixels.shape} {pixels.dtype}"
+        )
+    alpha = source.alpha
+    if alpha is not None and alpha.shape != pixels.shape[:2]:
+        raise UsageError(
+            f"the pixels are {pixels.shape[1]}x{pixels.shape[0]} but the source's alpha is "
+            f"{alpha.shape[1]}x{alpha.shape[0]}; keep the image size unchanged"
+        )
+    if quality is not None and not 1 <= int(quality) <= 100:
+        raise UsageError(f"quality must be 1..100, got {quality}")
+    fmt = output_format(source, format)
+    if fmt == "PNG" and pixels.dtype == np.uint16:
+        return _png16(pixels, _match_depth(alpha, np.uint16), source), MIME["PNG"]
+    rgb8 = _to_8bit(pixels)
+    alpha8 = _to_8bit(alpha) if alpha is not None else None
+    grey = source.grey
+    if grey:
+        img = Image.fromarray(_luma(rgb8), "L")
+    else:
+        img = Image.fromarray(rgb8, "RGB")
+    if fmt == "JPEG" and alpha8 is not None:
+        img = _on_white(img, alpha8)
+    elif alpha8 is not None:
+        img.putalpha(Image.fromarray(alpha8, "L"))
+    if fmt == "WEBP" and img.mode in ("L", "LA"):
+        img = img.convert("RGBA" if img.mode == "LA" else "RGB")
+    if fmt == "TIFF" and pixels.dtype == np.uint16 and grey and alpha is None:
+        img = Image.fromarray(_luma(pixels).astype(np.uint16))
+    kwargs: dict = {}
+    if source.icc_profile:
+        kwargs["icc_profile"] = source.icc_profile
+    if fmt == "JPEG":
+        q = quality or _source_quality(source)
+        kwargs.update(quality=int(q), optimize=True)
+        if source.subsampling is not None and img.mode != "L":
+            kwargs["subsampling"] = source.subsampling
+    elif fmt == "WEBP":
+        lossless = quality is None and source.format == "WEBP" and source.lossless
+        if lossless:
+            kwargs.update(lossless=True, quality=100, exact=True)
+        else:
+            kwargs.update(quality=int(quality or DEFAULT_WEBP_QUALITY))
+    elif fmt == "PNG":
+        kwargs.update(optimize=False, compress_level=6)
+    elif fmt == "TIFF":
+        kwargs.update(compression="tiff_deflate")
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kwargs)
+    return buf.getvalue(), MIME[fmt]
+
+
+def _source_quality(source: DecodedImage) -> int:
+    if source.quality is None:
+        return DEFAULT_JPEG_QUALITY
+    lo, hi = JPEG_QUALITY_RANGE
+    return min(max(source.quality, lo), hi)
+
+
+def _to_8bit(a: np.ndarray) -> np.ndarray:
+    if a.dtype == np.uint8:
+        return np.ascontiguousarray(a)
+    return ((a.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def _match_depth(alpha: np.ndarray | None, dtype: type) -> np.ndarray | None:
+    if alpha is None or alpha.dtype == dtype:
+        return alpha
+    return alpha.astype(np.uint16) * 257
+
+
+def _luma(rgb: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma of ``(H, W, 3)`` (Pillow's "L" conversion), same dtype."""
+    y = rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+    return np.clip(np.rint(y), 0, np.iinfo(rgb.dtype).max).astype(rgb.dtype)
+
+
+def _on_white(img: Image.Image, alpha: np.ndarray) -> Image.Image:
+    """Composite onto white, for formats without alpha."""
+    a = alpha.astype(np.float32)[..., None] / 255.0
+    arr = np.asarray(img, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    out = np.rint(arr * a + 255.0 * (1.0 - a)).astype(np.uint8)
+    return Image.fromarray(out[..., 0] if out.shape[2] == 1 else out, img.mode)
+
+
+def _png16(pixels: np.ndarray, alpha: np.ndarray | None, source: DecodedImage) -> bytes:
+    """A 16-bit PNG (grey, grey+alpha, RGB or RGBA) with the source's ICC profile.
+
+    Pillow writes no 16-bit colour PNG, so rows are written here: filter "Up" (the
+    difference with the row above, bytewise), deflate, the chunks with their CRCs.
+    """
+    if source.grey:
+        channels = [_luma(pixels)[..., None]]
+        colour_type = 0
+    else:
+        channels = [pixels]
+        colour_type = 2
+    if alpha is not None:
+        channels.append(alpha[..., None])
+        colour_type += 4
+    arr = np.concatenate(channels, axis=2).astype(">u2")
+    h, w = arr.shape[:2]
+    rows = arr.reshape(h, -1).view(np.uint8)
+    up = rows.copy()
+    up[1:] = rows[1:] - rows[:-1]  # uint8 arithmetic wraps modulo 256, as PNG's filter does
+    raw = np.concatenate([np.full((h, 1), 2, np.uint8), up], axis=1)  # filter type 2: Up
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
+
+    out = [
+        b"\x89PNG\r\n\x1a\n",
+        chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)),
+    ]
+    if source.icc_profile:
+        out.append(chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(source.icc_profile)))
+    out.append(chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)))
+    out.append(chunk(b"IEND", b""))
+    return b"".join(out)

@@ -1,0 +1,510 @@
+"""The protection pipeline, end to end: bytes in, faces found, attack, bytes out.
+
+:class:`Protector` is the one entry point the daemon and the command line call. It loads
+the ensemble once, then for each call: decode (:mod:`cloak_core.imageio`), detect
+(:mod:`cloak_core.detect`), cut a padded region around every face, run the attack on all
+faces of all images together (:mod:`cloak_core.attack`), blend each perturbation back
+into the original pixels, encode. Pixels outside the face regions are never touched.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cloak_core.align import (
+    align_faces,
+    estimate_similarity,
+    footprint,
+    resized_to_region,
+    template_keypoints,
+    translate,
+)
+from cloak_core.attack import FaceBatch, StageTimes, lowkey
+from cloak_core.detect import Face, FaceDetector
+from cloak_core.errors import FaceCloakError, UsageError
+from cloak_core.imageio import DecodedImage, decode_image, encode_image
+from cloak_core.lpips import LPIPS, load_lpips
+from cloak_core.models import default_ensemble, get_spec, load_model
+from cloak_core.models.base import FaceModel, ModelSpec
+from cloak_core.presets import AttackConfig
+from cloak_core.store import ModelStore
+
+Progress = Callable[[float], None]
+
+# Margin added around the union of the models' crops, as a fraction of its size; the
+# perturbation fades out over it, so there is no visible seam.
+REGION_MARGIN = 0.12
+# Faces optimised together in one batch (larger batches are split, one after the other).
+MAX_BATCH = {"cpu": 8, "cuda": 64}
+# Whole-photo LPIPS is measured on copies scaled down to at most this many pixels.
+LPIPS_MEASURE_PIXELS = 4_000_000
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    """How one model sees one face before and after protection."""
+
+    similarity_before: float
+    similarity_after: float
+    score_after: float
+    same_person_after: bool
+
+
+@dataclass(frozen=True)
+class ProtectResult:
+    """The protected image and what was done to it.
+
+    ``lpips`` is measured on the whole photo, ``lpips_faces`` on the face crops (mean);
+    ``models`` holds one :class:`ModelReport` per face per model when measured.
+    """
+
+    data: bytes
+    mime: str
+    format: str
+    faces: int
+    seconds: float
+    width: int
+    height: int
+    lpips: float | None = None
+    lpips_faces: float | None = None
+    models: dict[str, list[ModelReport]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class _Region:
+    """Where one face's working region lies in its image and how the models see it."""
+
+    image: int
+    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in image pixels
+    work_size: tuple[int, int]  # (h, w) at the working resolution
+    matrices: dict[str, torch.Tensor]  # model name -> (2, 3), working pixels -> model input
+    open_sides: tuple[bool, bool, bool, bool]  # left, top, right, bottom are inside the image
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is a usage error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA GPU is available; use cpu")
+    if device not in ("cpu",) and not device.startswith("cuda"):
+        raise UsageError(f"unknown device {device!r}; use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def feather_mask(
+    size: tuple[int, int], border: int, open_sides: tuple[bool, bool, bool, bool]
+) -> torch.Tensor:
+    """``(1, h, w)`` mask in 0..1: 1 inside, a raised-cosine ramp to 0 over ``border`` pixels.
+
+    Only sides in ``open_sides`` (left, top, right, bottom) fade: a side on the image's
+    own edge has no seam to hide.
+    """
+    h, w = size
+
+    def ramp(n: int, fade_start: bool, fade_end: bool) -> torch.Tensor:
+        pos = torch.arange(n, dtype=torch.float32)
+        dist = torch.full((n,), float(border))
+        if fade_start:
+            dist = torch.minimum(dist, pos)
+        if fade_end:
+            dist = torch.minimum(dist, n - 1 - pos)
+        t = (dist / max(border, 1)).clamp(0, 1)
+        return 0.5 - 0.5 * torch.cos(torch.pi * t)
+
+    left, top, right, bottom = open_sides
+    return (ramp(h, top, bottom)[:, None] * ramp(w, left, right)[None, :]).unsqueeze(0)
+
+
+class Protector:
+    """Loads an ensemble once and protects images with it; not thread-safe (one worker)."""
+
+    def __init__(
+        self,
+        config: AttackConfig,
+        *,
+        store: ModelStore,
+        device: str = "auto",
+        models: Sequence[str] | None = None,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.device = resolve_device(device)
+        names = list(models or config.models or default_ensemble(store))
+        if not names:
+            raise UsageError("the attack ensemble is empty: name at least one model")
+        self.model_names = names
+        self._models: dict[str, FaceModel] = {}
+        self._lpips: dict[str, LPIPS] = {}
+        self._detector: FaceDetector | None = None
+        for name in names:
+            self._model(name)
+        self._lpips_net(config.lpips_net)
+
+    # -- resources ---------------------------------------------------------------------
+
+    def _model(self, name: str) -> FaceModel:
+        if name not in self._models:
+            self._models[name] = load_model(name, self.store, self.device)
+        return self._models[name]
+
+    def _lpips_net(self, net: str) -> LPIPS:
+        if net not in self._lpips:
+            self._lpips[net] = load_lpips(net, store=self.store, device=self.device)
+        return self._lpips[net]
+
+    @property
+    def detector(self) -> FaceDetector:
+        """The face detector, created on first use."""
+        if self._detector is None:
+            self._detector = FaceDetector(self.store)
+        return self._detector
+
+    def close(self) -> None:
+        """Release the detector; the models go with the object."""
+        if self._detector is not None:
+            self._detector.close()
+            self._detector = None
+
+    def __enter__(self) -> Protector:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- bytes in, bytes out -----------------------------------------------------------
+
+    def protect_bytes(
+        self,
+        data: bytes,
+        *,
+        out_format: str = "same",
+        quality: int | None = None,
+        measure: bool = False,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+        config: AttackConfig | None = None,
+        max_pixels: int = 50_000_000,
+        times: StageTimes | None = None,
+    ) -> ProtectResult:
+        """Protect every face of one encoded image; see :meth:`protect_many`."""
+        result = self.protect_many(
+            [data],
+            out_format=out_format,
+            quality=quality,
+            measure=measure,
+            progress=progress,
+            cancel=cancel,
+            config=config,
+            max_pixels=max_pixels,
+            times=times,
+        )[0]
+        if isinstance(result, FaceCloakError):
+            raise result
+        return result
+
+    def protect_many(
+        self,
+        items: Sequence[bytes],
+        *,
+        out_format: str = "same",
+        quality: int | None = None,
+        measure: bool = False,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+        config: AttackConfig | None = None,
+        max_pixels: int = 50_000_000,
+        times: StageTimes | None = None,
+    ) -> list[ProtectResult | FaceCloakError]:
+        """Protect several encoded images in one batched attack.
+
+        Returns, per item, a :class:`ProtectResult` or the :class:`FaceCloakError` that
+        item failed with (a bad image does not fail the others). A cancellation raises.
+        ``times`` collects seconds per stage (decode, detect, the attack's stages, encode).
+        """
+        start = time.perf_counter()
+        times = times or StageTimes(self.device)
+        decoded: list[DecodedImage | FaceCloakError] = []
+        with times.stage("decode"):
+            for data in items:
+                try:
+                    decoded.append(decode_image(data, max_pixels=max_pixels))
+                except FaceCloakError as exc:
+                    decoded.append(exc)
+        good = [i for i, d in enumerate(decoded) if isinstance(d, DecodedImage)]
+        images = [decoded[i].pixels for i in good]  # type: ignore[union-attr]
+        with times.stage("detect"):
+            faces = [self.detector.detect(_as_uint8(img)) for img in images]
+        protected = self.protect_pixels(
+            images, faces, progress=progress, cancel=cancel, config=config, times=times
+        )
+        seconds = time.perf_counter() - start
+        results: list[ProtectResult | FaceCloakError] = list(decoded)  # type: ignore[arg-type]
+        for k, i in enumerate(good):
+            source: DecodedImage = decoded[i]  # type: ignore[assignment]
+            try:
+                with times.stage("encode"):
+                    data, mime = encode_image(
+                        protected[k], source, format=out_format, quality=quality
+                    )
+            except FaceCloakError as exc:
+                results[i] = exc
+                continue
+            height, width = source.pixels.shape[:2]
+            result = ProtectResult(
+                data=data,
+                mime=mime,
+                format=mime.split("/")[-1].upper(),
+                faces=len(faces[k]),
+                seconds=seconds,
+                width=width,
+                height=height,
+            )
+            if measure:
+                result = self._measure(result, source, faces[k])
+            results[i] = result
+        return results
+
+    # -- pixels in, pixels out ---------------------------------------------------------
+
+    def protect_pixels(
+        self,
+        images: Sequence[np.ndarray],
+        faces: Sequence[Sequence[Face]],
+        *,
+        seed: int | None = None,
+        progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+        config: AttackConfig | None = None,
+        times: StageTimes | None = None,
+    ) -> list[np.ndarray]:
+        """The attack on given faces: ``images`` are ``(H, W, 3)`` RGB uint8 or uint16.
+
+        ``faces[i]`` lists the faces of ``images[i]`` (their landmarks are used). Returns
+        copies of the images with every face protected, same shape and dtype; pixels
+        outside the face regions are unchanged.
+        """
+        config = config or self.config
+        times = times or StageTimes(self.device)
+        seed = config.seed if seed is None else seed
+        names = list(config.models or self.model_names)
+        models = {n: self._model(n) for n in names}
+        specs = [get_spec(n) for n in names]
+        regions = [
+            self._plan(i, img.shape[:2], face, specs, config)
+            for i, (img, fs) in enumerate(zip(images, faces, strict=True))
+            for face in fs
+        ]
+        outputs = [np.array(img, copy=True) for img in images]
+        if not regions:
+            if progress is not None:
+                progress(1.0)
+            return outputs
+        generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+        if seed is None:
+            generator.seed()
+        # Similar sizes together, so padding to a common size wastes little.
+        order = sorted(range(len(regions)), key=lambda r: regions[r].work_size, reverse=True)
+        limit = MAX_BATCH.get(self.device.type, 8)
+        chunks = [order[i : i + limit] for i in range(0, len(order), limit)]
+        lpips = self._lpips_net(config.lpips_net)
+        for c, chunk in enumerate(chunks):
+            chunk_regions = [regions[r] for r in chunk]
+            with times.stage("prepare regions"):
+                batch = self._batch(chunk_regions, images, names)
+
+            def chunk_progress(f: float, c: int = c) -> None:
+                if progress is not None:
+                    progress((c + f) / len(chunks))
+
+            delta = lowkey(
+                batch,
+                models,
+                lpips,
+                config,
+                generator=generator,
+                progress=chunk_progress,
+                cancel=cancel,
+                times=times,
+            )
+            with times.stage("blend"):
+                for k, region in enumerate(chunk_regions):
+                    _blend(outputs[region.image], region, delta[k])
+        return outputs
+
+    def plan_regions(
+        self, shape: tuple[int, int], faces: Sequence[Face], config: AttackConfig | None = None
+    ) -> list[_Region]:
+        """Where each face's region lies in an image of ``shape`` = ``(H, W)`` and its working size."""
+        config = config or self.config
+        specs = [get_spec(n) for n in (config.models or self.model_names)]
+        return [self._plan(0, shape, f, specs, config) for f in faces]
+
+    def _plan(
+        self,
+        image: int,
+        shape: tuple[int, int],
+        face: Face,
+        specs: Sequence[ModelSpec],
+        config: AttackConfig,
+    ) -> _Region:
+        height, width = shape
+        landmarks = torch.tensor(face.landmarks, dtype=torch.float64).reshape(1, 4, 2)
+        mats = {
+            s.name: estimate_similarity(landmarks, template_keypoints(s.template)) for s in specs
+        }
+        boxes = torch.cat([footprint(mats[s.name], s.input_size) for s in specs], 0)
+        x0, y0 = boxes[:, 0].min().item(), boxes[:, 1].min().item()
+        x1, y1 = boxes[:, 2].max().item(), boxes[:, 3].max().item()
+        mx, my = (x1 - x0) * REGION_MARGIN, (y1 - y0) * REGION_MARGIN
+        box = (
+            max(0, int(np.floor(x0 - mx))),
+            max(0, int(np.floor(y0 - my))),
+            min(width, int(np.ceil(x1 + mx))),
+            min(height, int(np.ceil(y1 + my))),
+        )
+        if box[2] - box[0] < 2 or box[3] - box[1] < 2:
+            box = (0, 0, width, height)
+        # Image pixels per model-input pixel; the working grid keeps work_scale of those.
+        src_per_model = min(
+            1.0 / float(torch.linalg.det(mats[s.name][0, :, :2]).abs().sqrt()) for s in specs
+        )
+        scale = max(1.0, src_per_model / config.work_scale)
+        h, w = box[3] - box[1], box[2] - box[0]
+        work = (max(2, round(h / scale)), max(2, round(w / scale)))
+        to_region = resized_to_region(h, w, *work)
+        offset = torch.tensor([[box[0], box[1]]], dtype=torch.float64)
+        matrices = {n: (translate(m, offset) @ to_region)[0] for n, m in mats.items()}
+        open_sides = (box[0] > 0, box[1] > 0, box[2] < width, box[3] < height)
+        return _Region(image, box, work, matrices, open_sides)
+
+    def _batch(
+        self, regions: Sequence[_Region], images: Sequence[np.ndarray], names: Sequence[str]
+    ) -> FaceBatch:
+        hmax = max(r.work_size[0] for r in regions)
+        wmax = max(r.work_size[1] for r in regions)
+        pixels = torch.zeros(len(regions), 3, hmax, wmax, device=self.device)
+        masks = torch.zeros(len(regions), 1, hmax, wmax, device=self.device)
+        area = torch.empty(len(regions), device=self.device)
+        for k, r in enumerate(regions):
+            h, w = r.work_size
+            region = _to_tensor(images[r.image], r.box, self.device)
+            if region.shape[-2:] != (h, w):
+                region = F.interpolate(
+                    region, size=(h, w), mode="bilinear", antialias=True, align_corners=False
+                )
+            pixels[k, :, :h, :w] = region[0].clamp(0, 1)
+            border = max(2, round(min(h, w) * REGION_MARGIN))
+            masks[k, :, :h, :w] = feather_mask((h, w), border, r.open_sides).to(self.device)
+            area[k] = (h * w) / (hmax * wmax)
+        matrices = {n: torch.stack([r.matrices[n] for r in regions]).to(self.device) for n in names}
+        return FaceBatch(pixels=pixels, masks=masks, matrices=matrices, area=area)
+
+    # -- measurement -------------------------------------------------------------------
+
+    def _measure(
+        self, result: ProtectResult, source: DecodedImage, faces: Sequence[Face]
+    ) -> ProtectResult:
+        """Fill in LPIPS and per-model similarities, measured on the encoded output.
+
+        ``similarity_before`` compares the original with the original re-encoded the same
+        way without protection (what the upload would have been); ``similarity_after``
+        compares it with the protected output. Both are cosines; ``score_after`` is the
+        model's own rule score (Euclidean distance for dlib) behind ``same_person_after``.
+        """
+        plain, _ = encode_image(source.pixels, source, format=result.format.lower())
+        limit = max(50_000_000, result.width * result.height)
+        original = _to_tensor(source.pixels, None, self.device)[0]
+        reencoded = _to_tensor(decode_image(plain, max_pixels=limit).pixels, None, self.device)[0]
+        output = decode_image(result.data, max_pixels=limit)
+        after = _to_tensor(output.pixels, None, self.device)[0]
+        lp = self._lpips_net("alex")
+        reports: dict[str, list[ModelReport]] = {}
+        lpips_faces: list[float] = []
+        with torch.no_grad():
+            whole = float(lp(*_measure_copies(original, after)).item())
+            if faces:
+                landmarks = torch.as_tensor(
+                    np.stack([f.landmarks for f in faces]), dtype=torch.float64
+                )
+                for name in self.model_names:
+                    model = self._model(name)
+                    spec, rule = model.spec, model.spec.verification
+                    e0, e1, e2 = (
+                        model(align_faces(img, landmarks, spec.template, spec.input_size)).float()
+                        for img in (original, reencoded, after)
+                    )
+                    before_cos = F.cosine_similarity(e0, e1, dim=-1)
+                    after_cos = F.cosine_similarity(e0, e2, dim=-1)
+                    score = rule.score(e0, e2)
+                    same = rule.same_person(e0, e2)
+                    reports[name] = [
+                        ModelReport(
+                            similarity_before=float(before_cos[i]),
+                            similarity_after=float(after_cos[i]),
+                            score_after=float(score[i]),
+                            same_person_after=bool(same[i]),
+                        )
+                        for i in range(len(faces))
+                    ]
+                ref = get_spec(self.model_names[0])
+                a = align_faces(original, landmarks, ref.template, (224, 224))
+                b = align_faces(after, landmarks, ref.template, (224, 224))
+                lpips_faces = lp(a, b).tolist()
+        return replace(
+            result,
+            lpips=whole,
+            lpips_faces=float(np.mean(lpips_faces)) if lpips_faces else None,
+            models=reports,
+        )
+
+
+def _as_uint8(pixels: np.ndarray) -> np.ndarray:
+    """8-bit view of an image for the detector (16-bit images are scaled down)."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    return (pixels.astype(np.float32) * (255.0 / np.iinfo(pixels.dtype).max) + 0.5).astype(np.uint8)
+
+
+def _to_tensor(
+    pixels: np.ndarray, box: tuple[int, int, int, int] | None, device: torch.device
+) -> torch.Tensor:
+    """``(1, 3, h, w)`` float tensor in 0..1 of ``pixels[box]`` (the whole image for ``None``)."""
+    if box is not None:
+        x0, y0, x1, y1 = box
+        pixels = pixels[y0:y1, x0:x1]
+    scale = 1.0 / np.iinfo(pixels.dtype).max
+    t = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
+    return (t.permute(2, 0, 1).unsqueeze(0).float() * scale).contiguous()
+
+
+def _blend(output: np.ndarray, region: _Region, delta: torch.Tensor) -> None:
+    """Add one face's perturbation ``(3, H, W)`` (working resolution) into ``output`` in place."""
+    x0, y0, x1, y1 = region.box
+    h, w = region.work_size
+    d = delta[:, :h, :w].unsqueeze(0).float()
+    if (y1 - y0, x1 - x0) != (h, w):
+        d = F.interpolate(d, size=(y1 - y0, x1 - x0), mode="bilinear", align_corners=False)
+    maxval = np.iinfo(output.dtype).max
+    current = _to_tensor(output, region.box, d.device)
+    blended = ((current + d).clamp(0, 1) * maxval).round()
+    output[y0:y1, x0:x1] = blended[0].permute(1, 2, 0).cpu().numpy().astype(output.dtype)
+
+
+def _measure_copies(before: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(1, 3, h, w)`` copies for whole-photo LPIPS, scaled to at most LPIPS_MEASURE_PIXELS."""
+    _, h, w = before.shape
+    a, b = before.unsqueeze(0), after.unsqueeze(0)
+    if h * w > LPIPS_MEASURE_PIXELS:
+        f = (LPIPS_MEASURE_PIXELS / (h * w)) ** 0.5
+        size = (max(16, int(h * f)), max(16, int(w * f)))
+        a = F.interpolate(a, size=size, mode="bilinear", antialias=True, align_corners=False)
+        b = F.interpolate(b, size=size, mode="bilinear", antialias=True, align_corners=False)
+    return a, b

@@ -1,0 +1,99 @@
+"""Attack presets: frozen settings of the LowKey attack, chosen by name.
+
+``paper`` is the published LowKey configuration (Cherepanova et al., ICLR 2021): 50 steps
+of 0.0025, LPIPS weight 0.05, AlexNet LPIPS, uniform start noise 0.005, no epsilon ball.
+The others trade protection for speed on a CPU; they also change how the ensemble's
+terms are balanced (see :mod:`cloak_core.attack`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from cloak_core.errors import UsageError
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Settings of one protection run.
+
+    Pixel quantities (``step_size``, ``noise``) are in 0..1 units. ``lpips_weight`` is the
+    ``c`` of the LowKey objective. ``cosine_target`` and ``euclidean_target_ratio`` are the
+    per-model goals past which a model's term stops pulling (``None`` disables the cap and
+    gives the paper's plain sum): a cosine model is satisfied once the cosine between
+    original and protected embedding is at or below ``cosine_target``; a Euclidean model
+    once the distance is ``euclidean_target_ratio`` times its same-person threshold.
+    ``work_scale`` caps the working resolution of a face region at that many times the
+    largest model input (faces larger than that are optimised on a coarser grid and the
+    perturbation is interpolated smoothly back to full resolution).
+    """
+
+    name: str
+    steps: int
+    step_size: float
+    lpips_weight: float
+    noise: float = 0.005
+    blur_kernel: int = 7
+    blur_sigma: float = 3.0
+    blur: bool = True
+    flips: bool = True
+    lpips_net: str = "alex"
+    models: tuple[str, ...] | None = None
+    cosine_target: float | None = 0.0
+    euclidean_target_ratio: float | None = 1.5
+    work_scale: float = 2.0
+    seed: int | None = None
+
+    def with_overrides(
+        self, *, steps: int | None = None, models: tuple[str, ...] | None = None
+    ) -> AttackConfig:
+        """A copy with ``--steps`` / ``--models`` applied (``None`` keeps the preset's value)."""
+        if steps is not None and steps < 1:
+            raise UsageError(f"--steps must be at least 1, got {steps}")
+        return replace(
+            self,
+            steps=self.steps if steps is None else steps,
+            models=self.models if models is None else models,
+        )
+
+
+PRESETS: dict[str, AttackConfig] = {
+    p.name: p
+    for p in (
+        AttackConfig(
+            name="fast",
+            steps=10,
+            step_size=0.006,
+            lpips_weight=0.05,
+            flips=False,
+            work_scale=1.5,
+        ),
+        AttackConfig(name="balanced", steps=24, step_size=0.004, lpips_weight=0.05),
+        AttackConfig(
+            name="strong",
+            steps=60,
+            step_size=0.003,
+            lpips_weight=0.05,
+            cosine_target=-0.3,
+            euclidean_target_ratio=2.0,
+        ),
+        AttackConfig(
+            name="paper",
+            steps=50,
+            step_size=0.0025,
+            lpips_weight=0.05,
+            cosine_target=None,
+            euclidean_target_ratio=None,
+        ),
+    )
+}
+
+DEFAULT_PRESET = "balanced"
+
+
+def get_preset(name: str) -> AttackConfig:
+    """The preset called ``name``; a :class:`UsageError` listing the presets otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UsageError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None

@@ -1,0 +1,98 @@
+// The catcher's line to the service worker: sends held image files over a port and gets
+// back protected Files (same name, same order), or null when protection is off for this
+// site. Runs in the extension's isolated world, so the page can neither see nor use it.
+
+(() => {
+  if (globalThis.FaceCloakProtectClient) return;
+
+  const PORT_NAME = "facecloak-protect";
+
+  function toBase64(buffer) {
+    const view = new Uint8Array(buffer);
+    if (typeof view.toBase64 === "function") return view.toBase64();
+    let binary = "";
+    for (let i = 0; i < view.length; i += 0x8000) {
+      binary += String.fromCharCode.apply(null, view.subarray(i, i + 0x8000));
+    }
+    return btoa(binary);
+  }
+
+  function fromBase64(text) {
+    if (typeof Uint8Array.fromBase64 === "function") return Uint8Array.fromBase64(text);
+    const binary = atob(text);
+    const out = new Uint8Array(binary.length);
+    for (let i = 0; i < binary.length; i += 1) out[i] = binary.charCodeAt(i);
+    return out;
+  }
+
+  /** A failure the notice explains; `code` as in the service worker's DaemonError. */
+  class ProtectError extends Error {
+    constructor(code, message) {
+      super(message);
+      this.code = code;
+    }
+  }
+
+  /**
+   * Protect `images` (File[]). `onProgress(index, {state, progress, faces})` reports each
+   * photo. Resolves to File[] (protected, same names) or null (protection is off here);
+   * rejects with ProtectError.
+   */
+  async function protect(images, onProgress) {
+    const files = await Promise.all(
+      images.map(async (file) => ({
+        name: file.name,
+        mime: file.type,
+        data: toBase64(await file.arrayBuffer()),
+      })),
+    );
+    let port;
+    try {
+      port = chrome.runtime.connect({ name: PORT_NAME });
+    } catch {
+      // The extension was reloaded or removed under this page.
+      throw new ProtectError("failed", "FaceCloak was updated or turned off; reload the page.");
+    }
+    return new Promise((resolve, reject) => {
+      let settled = false;
+      const finish = (fn, value) => {
+        if (settled) return;
+        settled = true;
+        try {
+          port.disconnect();
+        } catch {
+          // already gone
+        }
+        fn(value);
+      };
+      port.onMessage.addListener((reply) => {
+        if (reply?.type === "progress") {
+          onProgress?.(reply.index, reply);
+        } else if (reply?.type === "passthrough") {
+          finish(resolve, null);
+        } else if (reply?.type === "protected" && reply.files?.length === images.length) {
+          const out = reply.files.map(
+            (f, i) =>
+              new File([fromBase64(f.data)], images[i].name, {
+                type: f.mime || images[i].type,
+                lastModified: Date.now(),
+              }),
+          );
+          out.faces = reply.files.map((f) => f.faces);
+          finish(resolve, out);
+        } else {
+          finish(
+            reject,
+            new ProtectError(reply?.code || "failed", reply?.message || "FaceCloak could not protect this photo."),
+          );
+        }
+      });
+      port.onDisconnect.addListener(() =>
+        finish(reject, new ProtectError("failed", "FaceCloak's background service stopped unexpectedly.")),
+      );
+      port.postMessage({ type: "protect", files });
+    });
+  }
+
+  globalThis.FaceCloakProtectClient = Object.freeze({ protect, ProtectError });
+})();

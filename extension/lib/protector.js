@@ -1,0 +1,58 @@
+// Protects one image through the daemon's job API: submit, poll the job for progress,
+// fetch the result. Fails with a DaemonError (never with the original image).
+
+import { DaemonError } from "./daemon.js";
+
+const POLL_MS = [150, 250, 400, 600, 800, 1000];
+
+function sleep(ms, signal) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(resolve, ms);
+    signal?.addEventListener(
+      "abort",
+      () => {
+        clearTimeout(timer);
+        reject(signal.reason);
+      },
+      { once: true },
+    );
+  });
+}
+
+/**
+ * Protect `bytes` (ArrayBuffer of an image of type `mime`) for `site`.
+ * `onProgress({state, progress, faces})` is called on every poll; `signal` cancels. Resolves to
+ * {bytes, mime, faces, seconds}; rejects with DaemonError (code "timeout" past
+ * `timeoutSeconds`).
+ */
+export async function protectImage(
+  client,
+  { bytes, mime, site, preset, timeoutSeconds, onProgress, signal },
+) {
+  const timeout = AbortSignal.timeout(timeoutSeconds * 1000);
+  const deadline = signal ? AbortSignal.any([signal, timeout]) : timeout;
+  try {
+    const id = await client.submitJob(bytes, mime, { site, preset, signal: deadline });
+    onProgress({ state: "queued", progress: 0, faces: null });
+    for (let poll = 0; ; poll += 1) {
+      const job = await client.jobStatus(id, { signal: deadline });
+      onProgress({ state: job.state, progress: Number(job.progress) || 0, faces: job.faces ?? null });
+      if (job.state === "done") {
+        const result = await client.jobResult(id, { signal: deadline });
+        return { ...result, faces: result.faces ?? job.faces ?? null };
+      }
+      if (job.state === "failed") {
+        throw new DaemonError("failed", job.error || "The FaceCloak service could not protect this photo.");
+      }
+      await sleep(POLL_MS[Math.min(poll, POLL_MS.length - 1)], deadline);
+    }
+  } catch (err) {
+    if (timeout.aborted && !(err instanceof DaemonError && err.code !== "unreachable")) {
+      throw new DaemonError(
+        "timeout",
+        `The FaceCloak service did not finish within ${timeoutSeconds} seconds.`,
+      );
+    }
+    throw err;
+  }
+}

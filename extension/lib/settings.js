@@ -1,0 +1,67 @@
+// The extension's settings in chrome.storage.local. They are the source of truth for
+// what the browser does (protection must fail closed even when the daemon is down, so
+// the browser has to know which sites are on without asking it); the daemon keeps a
+// mirror through PUT /v1/settings (see background.js).
+
+/** Default values; `preset: null` means "the daemon's own preset". */
+export const DEFAULT_SETTINGS = Object.freeze({
+  enabled: true,
+  port: 8765,
+  preset: null,
+  timeoutSeconds: 300,
+  sites: {},
+});
+
+export const PRESETS = Object.freeze(["fast", "balanced", "strong", "paper"]);
+
+const KEYS = Object.keys(DEFAULT_SETTINGS);
+
+/** The settings, with defaults filled in. `sites` maps a site key to true/false. */
+export async function loadSettings() {
+  const stored = await chrome.storage.local.get(KEYS);
+  return { ...DEFAULT_SETTINGS, ...stored, sites: { ...(stored.sites || {}) } };
+}
+
+/**
+ * Validate and save a partial update; returns the new settings. Throws an Error with a
+ * message fit for the options page on a bad value.
+ */
+export async function saveSettings(patch) {
+  const clean = {};
+  if ("enabled" in patch) clean.enabled = Boolean(patch.enabled);
+  if ("port" in patch) {
+    const port = Number(patch.port);
+    if (!Number.isInteger(port) || port < 1 || port > 65535) {
+      throw new Error("The port must be a whole number between 1 and 65535.");
+    }
+    clean.port = port;
+  }
+  if ("preset" in patch) {
+    if (patch.preset !== null && !PRESETS.includes(patch.preset)) {
+      throw new Error(`The preset must be one of ${PRESETS.join(", ")}.`);
+    }
+    clean.preset = patch.preset;
+  }
+  if ("timeoutSeconds" in patch) {
+    const seconds = Number(patch.timeoutSeconds);
+    if (!Number.isFinite(seconds) || seconds < 5 || seconds > 3600) {
+      throw new Error("The time limit must be between 5 and 3600 seconds.");
+    }
+    clean.timeoutSeconds = seconds;
+  }
+  if ("sites" in patch) clean.sites = { ...patch.sites };
+  await chrome.storage.local.set(clean);
+  return loadSettings();
+}
+
+/** The pairing token, or null. Only the service worker calls this. */
+export async function loadToken() {
+  const { token } = await chrome.storage.local.get("token");
+  return typeof token === "string" && token ? token : null;
+}
+
+/** Store (or with null, forget) the pairing token. */
+export async function saveToken(token) {
+  if (token) await chrome.storage.local.set({ token });
+  else await chrome.storage.local.remove("token");
+}

@@ -1,0 +1,149 @@
+// Serves the content script's "protect" port: one port per held upload (a file input's
+// selection, a drop or a paste). The page itself never reaches this: the port is opened
+// by the catcher in the extension's isolated world, and only for events the user made.
+//
+// What a caller can get here is deliberately narrow: protected versions of at most
+// MAX_FILES images it sends, and only from a frame of a site the user turned on.
+// Pairing, settings and the token are never reachable from a content script.
+
+import { DaemonClient, DaemonError } from "./daemon.js";
+import { fromBase64, toBase64 } from "./base64.js";
+import { protectImage } from "./protector.js";
+import { loadSettings, loadToken } from "./settings.js";
+import { activeSites } from "./registration.js";
+import { daemonAcceptsSite, normalizeSite, siteCovering } from "./sites.js";
+
+export const PROTECT_PORT = "facecloak-protect";
+const MAX_FILES = 20;
+const MAX_BASE64_CHARS = Math.ceil((40 * 1024 * 1024) / 3) * 4;
+
+/** The protected site that the frame behind `sender` belongs to, or null. */
+async function senderSite(sender, settings) {
+  const url = sender.origin && sender.origin !== "null" ? sender.origin : sender.url;
+  const host = normalizeSite(url || "");
+  if (!host) return null;
+  const active = await activeSites(settings);
+  const site = siteCovering(host, active.map((a) => a.site));
+  if (!site) return null;
+  // The frame's own origin must be one FaceCloak was given access to.
+  const granted = await chrome.permissions.contains({ origins: [`${new URL(url).origin}/*`] });
+  return granted ? site : null;
+}
+
+function validFiles(files) {
+  return (
+    Array.isArray(files) &&
+    files.length > 0 &&
+    files.length <= MAX_FILES &&
+    files.every(
+      (f) =>
+        f &&
+        typeof f.data === "string" &&
+        f.data.length <= MAX_BASE64_CHARS &&
+        typeof f.mime === "string" &&
+        f.mime.startsWith("image/") &&
+        typeof f.name === "string",
+    )
+  );
+}
+
+/** Handle one port from the catcher; `activity` is the ActivityLog the popup shows. */
+export function servePort(port, activity) {
+  let used = false;
+  const controller = new AbortController();
+  port.onDisconnect.addListener(() => controller.abort());
+  port.onMessage.addListener(async (message) => {
+    if (used || message?.type !== "protect") {
+      port.disconnect();
+      return;
+    }
+    used = true;
+    const post = (reply) => {
+      if (!controller.signal.aborted) port.postMessage(reply);
+    };
+    try {
+      const settings = await loadSettings();
+      const site = await senderSite(port.sender, settings);
+      if (!site) {
+        // The user turned protection off for this site (or globally) after the page loaded.
+        post({ type: "passthrough" });
+        return;
+      }
+      if (!validFiles(message.files)) {
+        throw new DaemonError("rejected", "FaceCloak was handed something that is not a photo.");
+      }
+      const results = await protectAll(message.files, {
+        site,
+        settings,
+        activity,
+        post,
+        signal: controller.signal,
+      });
+      post({ type: "protected", files: results });
+    } catch (err) {
+      const known = err instanceof DaemonError;
+      if (!known) console.error("FaceCloak: protecting failed", err);
+      post({
+        type: "failed",
+        code: known ? err.code : "failed",
+        message: known ? err.message : "FaceCloak could not protect this photo.",
+      });
+    }
+  });
+}
+
+async function protectAll(files, { site, settings, activity, post, signal }) {
+  const stop = new AbortController();
+  const both = AbortSignal.any([signal, stop.signal]);
+  const client = new DaemonClient({ port: settings.port, token: await loadToken() });
+  const batch = crypto.randomUUID();
+  const ids = files.map((_, i) => `${batch}-${i}`);
+  await Promise.all(
+    files.map((f, i) =>
+      activity.update(ids[i], { site, name: f.name, state: "sending", progress: 0, faces: null }),
+    ),
+  );
+  try {
+    if (!client.token) {
+      // Say what the user must do first: a daemon that is not running cannot be paired.
+      await client.health();
+      throw new DaemonError("unpaired", "FaceCloak is not paired with the FaceCloak service yet.");
+    }
+    // Every job is queued at once: the daemon batches waiting jobs of one preset.
+    return await Promise.all(
+      files.map(async (file, index) => {
+        const result = await protectImage(client, {
+          bytes: fromBase64(file.data),
+          mime: file.mime,
+          // The daemon validates `site` as a host name; IP-literal sites are not sent.
+          site: daemonAcceptsSite(site) ? site : undefined,
+          preset: settings.preset,
+          timeoutSeconds: settings.timeoutSeconds,
+          signal: both,
+          onProgress: (p) => {
+            activity.update(ids[index], p);
+            post({ type: "progress", index, ...p });
+          },
+        });
+        await activity.update(ids[index], {
+          state: "done",
+          progress: 1,
+          faces: result.faces,
+          seconds: result.seconds,
+        });
+        return {
+          data: toBase64(result.bytes),
+          mime: result.mime || file.mime,
+          faces: result.faces,
+          seconds: result.seconds,
+        };
+      }),
+    );
+  } catch (err) {
+    // One photo failed: the whole upload is held back, so none of it counts as done.
+    stop.abort();
+    const reason = err instanceof DaemonError ? err.message : "FaceCloak could not protect this photo.";
+    await Promise.all(ids.map((id) => activity.update(id, { state: "failed", error: reason })));
+    throw err;
+  }
+}

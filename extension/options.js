@@ -1,0 +1,148 @@
+// The options page: pairing with the daemon, its port, the preset, the time limit, and
+// the list of sites (the suggested social sites plus any the user adds).
+
+import { ask } from "./lib/messages.js";
+import {
+  grantedPatterns,
+  normalizeSite,
+  originPatterns,
+  siteLabel,
+  SUGGESTED_SITES,
+} from "./lib/sites.js";
+
+const $ = (id) => document.getElementById(id);
+let status = null;
+
+function say(id, text, kind = "") {
+  $(id).textContent = text;
+  $(id).className = `message ${kind}`;
+}
+
+function renderPairing() {
+  const d = status.daemon;
+  let text;
+  if (!status.paired) text = "Not paired yet.";
+  else if (d.state === "connected") text = `Paired and connected (service ${d.version}, ${d.device}).`;
+  else if (d.state === "unreachable") text = "Paired, but the service is not running: start it with “facecloak serve”.";
+  else if (d.state === "unpaired") text = "The service no longer knows this browser: pair again.";
+  else text = `Paired; the service answered: ${d.message}`;
+  $("pair-state").textContent = text;
+  $("unpair").hidden = !status.paired;
+}
+
+function renderOptions() {
+  const s = status.settings;
+  $("port").value = s.port;
+  $("preset").value = s.preset || "";
+  $("timeout").value = s.timeoutSeconds;
+}
+
+/** Turn `site` on (asking for access: this must run inside the click) or off. */
+function setSite(site, on) {
+  const access = on ? chrome.permissions.request({ origins: originPatterns(site) }) : Promise.resolve(true);
+  return access.then(async (granted) => {
+    if (!granted) {
+      say("sites-message", `FaceCloak was not given access to ${site}.`, "bad");
+      return;
+    }
+    await ask("set-site", { site, on });
+    say("sites-message", on ? `${site}: on (reload its open tabs).` : `${site}: off.`, "good");
+  });
+}
+
+async function renderSites() {
+  const container = $("sites");
+  container.replaceChildren();
+  const configured = status.settings.sites;
+  const suggested = SUGGESTED_SITES.map((s) => s.host);
+  const added = Object.keys(configured).filter((s) => !suggested.includes(s)).sort();
+  for (const site of [...suggested, ...added]) {
+    const granted = (await grantedPatterns(site)).length > 0;
+    const row = document.createElement("div");
+    row.className = "row";
+    row.dataset.site = site;
+    const label = document.createElement("label");
+    label.textContent = siteLabel(site) === site ? site : `${siteLabel(site)} (${site})`;
+    const controls = document.createElement("div");
+    controls.className = "inline";
+    const toggle = document.createElement("input");
+    toggle.type = "checkbox";
+    toggle.setAttribute("role", "switch");
+    toggle.checked = Boolean(configured[site]) && granted;
+    toggle.setAttribute("aria-label", `Protect uploads on ${site}`);
+    toggle.addEventListener("change", () => {
+      setSite(site, toggle.checked)
+        .catch((err) => say("sites-message", err.message, "bad"))
+        .finally(load);
+    });
+    if (!suggested.includes(site)) {
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.textContent = "Remove";
+      remove.addEventListener("click", () => {
+        ask("remove-site", { site })
+          .catch((err) => say("sites-message", err.message, "bad"))
+          .finally(load);
+      });
+      controls.append(remove);
+    }
+    controls.append(toggle);
+    row.append(label, controls);
+    container.append(row);
+  }
+}
+
+async function load() {
+  status = await ask("get-status", {});
+  renderPairing();
+  renderOptions();
+  await renderSites();
+}
+
+$("pair").addEventListener("click", async () => {
+  say("pair-message", "Pairing…");
+  try {
+    await ask("pair", { code: $("pair-code").value });
+    $("pair-code").value = "";
+    say("pair-message", "Paired with the FaceCloak service.", "good");
+  } catch (err) {
+    say("pair-message", err.message, "bad");
+  }
+  await load();
+});
+
+$("unpair").addEventListener("click", async () => {
+  await ask("unpair");
+  say("pair-message", "This browser forgot its pairing.");
+  await load();
+});
+
+$("save-options").addEventListener("click", async () => {
+  try {
+    await ask("set-options", {
+      port: Number($("port").value),
+      preset: $("preset").value || null,
+      timeoutSeconds: Number($("timeout").value),
+    });
+    say("options-message", "Saved.", "good");
+  } catch (err) {
+    say("options-message", err.message, "bad");
+  }
+  await load();
+});
+
+$("add-site").addEventListener("click", () => {
+  const site = normalizeSite($("new-site").value);
+  if (!site) {
+    say("sites-message", "Enter a site's address, like mastodon.social.", "bad");
+    return;
+  }
+  setSite(site, true)
+    .then(() => {
+      $("new-site").value = "";
+    })
+    .catch((err) => say("sites-message", err.message, "bad"))
+    .finally(load);
+});
+
+load().catch((err) => say("pair-message", err.message, "bad"));

@@ -1,0 +1,280 @@
+"""Helpers for the daemon's tests: an in-process daemon, pairing, test images.
+
+:class:`ReencodingProtector` has the daemon-facing methods of cloak_core's Protector and
+does real image work with Pillow (decode, re-encode in the same format), but it protects
+nothing: it reports ``faces=0``. It is used only where protection itself is not what is
+tested (security, limits, queue, job life cycle); the full flow runs the real Protector in
+a real ``facecloak serve`` process (test_daemon_process.py, test_load.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from aiohttp.test_utils import TestClient, TestServer
+from PIL import Image
+
+from backend.app import create_app, runner_options
+from backend.config import DaemonConfig
+from backend.pairing import PairingCodes
+from cloak_core.errors import CancelledError, ImageError, ImageTooLargeError, UnsupportedImageError
+
+EXTENSION = "chrome-extension://" + "abcdefghijklmnopabcdefghijklmnop"
+
+
+@dataclass(frozen=True)
+class ReencodedImage:
+    """The fields of cloak_core's ProtectResult that the daemon reads."""
+
+    data: bytes
+    mime: str
+    format: str
+    faces: int
+    seconds: float
+    width: int
+    height: int
+
+
+class ReencodingProtector:
+    """Decodes and re-encodes each image in its own format; protects nothing (``faces=0``).
+
+    ``steps`` progress reports ``step_seconds`` apart, checking ``cancel`` before each.
+    ``batches`` records the size of every ``protect_many`` call.
+    """
+
+    def __init__(self, steps: int = 4, step_seconds: float = 0.0):
+        self.steps = steps
+        self.step_seconds = step_seconds
+        self.device = "cpu"
+        self.model_names = ["reencode-only"]
+        self.batches: list[int] = []
+        self.configs: list[object] = []
+        self.closed = False
+        self.thread_names: set[str] = set()
+
+    def protect_many(self, items, *, progress=None, cancel=None, config=None, max_pixels=None):
+        self.batches.append(len(items))
+        self.configs.append(config)
+        self.thread_names.add(threading.current_thread().name)
+        for step in range(self.steps):
+            if cancel is not None and cancel.is_set():
+                raise CancelledError("cancelled")
+            time.sleep(self.step_seconds)
+            if progress is not None:
+                progress((step + 1) / self.steps)
+        if cancel is not None and cancel.is_set():
+            raise CancelledError("cancelled")
+        out = []
+        for data in items:
+            try:
+                out.append(self._reencode(data, max_pixels))
+            except (ImageError, OSError) as exc:
+                out.append(exc if isinstance(exc, ImageError) else ImageError(str(exc)))
+        return out
+
+    def _reencode(self, data: bytes, max_pixels: int | None) -> ReencodedImage:
+        started = time.perf_counter()
+        try:
+            image = Image.open(io.BytesIO(data))
+        except Exception as exc:
+            raise UnsupportedImageError("not an image") from exc
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise ImageTooLargeError("too many pixels")
+        fmt = image.format
+        image.load()
+        buf = io.BytesIO()
+        image.save(buf, format=fmt)
+        return ReencodedImage(
+            data=buf.getvalue(),
+            mime=Image.MIME[fmt],
+            format=fmt,
+            faces=0,
+            seconds=time.perf_counter() - started,
+            width=image.width,
+            height=image.height,
+        )
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def jpeg_bytes(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
+    """A small real JPEG (smooth noise), for tests that need a decodable image."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    image = Image.fromarray(pixels).resize((width, height), Image.BILINEAR)
+    buf = io.BytesIO()
+    image.save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+@contextlib.asynccontextmanager
+async def serve(
+    config: DaemonConfig,
+    protector: ReencodingProtector | None = None,
+    factory: Callable | None = None,
+) -> AsyncIterator[TestClient]:
+    """The daemon in this process on a free loopback port, with a client; waits until ready."""
+    protector = protector or ReencodingProtector()
+    app = create_app(config, factory or (lambda _config: protector))
+    server = TestServer(app, host="127.0.0.1")
+    options = runner_options()
+    options.pop("handler_cancellation")  # TestServer always sets it
+    await server.start_server(**options)
+    client = TestClient(server)
+    await client.start_server()
+    try:
+        for _ in range(200):
+            health = await (await client.get("/v1/health")).json()
+            if health["status"] != "starting":
+                break
+            await asyncio.sleep(0.01)
+        yield client
+    finally:
+        await client.close()
+
+
+async def pair(client: TestClient, config: DaemonConfig, origin: str | None = EXTENSION) -> str:
+    """Pair as ``facecloak pair`` + the extension would; returns the bearer token."""
+    code = PairingCodes(config.config_dir).issue()
+    headers = {"Origin": origin} if origin else {}
+    body = {"code": code, "origin": origin} if origin else {"code": code}
+    resp = await client.post("/v1/pair", json=body, headers=headers)
+    assert resp.status == 200, await resp.text()
+    return (await resp.json())["token"]
+
+
+def auth(token: str, origin: str | None = None) -> dict[str, str]:
+    """Request headers carrying the token (and an Origin, as the extension sends)."""
+    headers = {"Authorization": f"Bearer {token}"}
+    if origin:
+        headers["Origin"] = origin
+    return headers
+
+
+def with_changes(config: DaemonConfig, **changes) -> DaemonConfig:
+    """``config`` with some fields changed."""
+    return replace(config, **changes)
+
+
+# -- a real `facecloak serve` process ----------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_env(config_dir: Path) -> dict[str, str]:
+    """The environment a user's shell would give ``facecloak`` (this checkout on the path)."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "FACECLOAK_CONFIG_DIR": str(config_dir),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+@dataclass
+class DaemonProcess:
+    """A ``facecloak serve`` process on a free loopback port, its log in ``log_path``."""
+
+    proc: subprocess.Popen
+    port: int
+    config_dir: Path
+    log_path: Path
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 120.0) -> int:
+        """SIGTERM, then wait for the exit status."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def pair(self) -> str:
+        """``facecloak pair --json`` then ``POST /v1/pair``, as a user and the extension do."""
+        out = subprocess.run(
+            [sys.executable, "-m", "cloak_core.cli", "pair", "--json"],
+            capture_output=True,
+            text=True,
+            env=cli_env(self.config_dir),
+            timeout=120,
+            check=True,
+        )
+        code = json.loads(out.stdout)["code"]
+        request = urllib.request.Request(
+            self.url("/v1/pair"),
+            data=json.dumps({"code": code, "origin": EXTENSION}).encode(),
+            headers={"Content-Type": "application/json", "Origin": EXTENSION},
+        )
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            return json.loads(resp.read())["token"]
+
+    def health(self) -> dict:
+        with urllib.request.urlopen(self.url("/v1/health"), timeout=10) as resp:
+            return json.loads(resp.read())
+
+
+def start_daemon(workdir: Path, *flags: str, ready_timeout: float = 600.0) -> DaemonProcess:
+    """Start ``python -m cloak_core.cli serve`` (the real Protector) and wait until it is ready."""
+    config_dir = workdir / "config"
+    port = free_port()
+    log_path = workdir / "daemon.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cloak_core.cli",
+                "serve",
+                "--port",
+                str(port),
+                "--config-dir",
+                str(config_dir),
+                *flags,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=cli_env(config_dir),
+        )
+    daemon = DaemonProcess(proc, port, config_dir, log_path)
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"facecloak serve exited {proc.returncode}:\n{daemon.log()[-3000:]}")
+        try:
+            status = daemon.health()["status"]
+        except OSError:
+            status = "not listening"
+        if status == "ready":
+            return daemon
+        if status == "failed":
+            daemon.stop()
+            raise RuntimeError(f"the daemon's models failed to load:\n{daemon.log()[-3000:]}")
+        time.sleep(0.5)
+    daemon.stop()
+    raise RuntimeError("facecloak serve did not become ready in time")

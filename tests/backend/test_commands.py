@@ -1,0 +1,59 @@
+"""``facecloak pair`` and ``facecloak serve`` as a user runs them (the command line)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backend.pairing import PairingCodes, TokenStore
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def facecloak(*args: str, config_dir: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "FACECLOAK_CONFIG_DIR": str(config_dir)}
+    return subprocess.run(
+        [sys.executable, "-m", "cloak_core.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+
+
+def test_pair_prints_a_code_the_daemon_accepts_once(tmp_path):
+    out = facecloak("pair", "--json", config_dir=tmp_path)
+    assert out.returncode == 0, out.stderr
+    code = json.loads(out.stdout)["code"]
+    assert len(code) == 8 and code.isalnum() and code.isupper()
+    assert not set(code) & set("01IOL")
+    assert code not in (tmp_path / "pairing.json").read_text()  # only its digest is kept
+    assert (tmp_path / "pairing.json").stat().st_mode & 0o777 == 0o600
+    codes = PairingCodes(tmp_path)
+    assert codes.redeem(f"{code[:4]}-{code[4:]}".lower())
+    assert not codes.redeem(code)
+
+
+def test_pair_human_output_and_revoke_all(tmp_path):
+    out = facecloak("pair", config_dir=tmp_path)
+    assert out.returncode == 0 and "Pairing code:" in out.stdout
+    tokens = TokenStore(tmp_path)
+    token = tokens.issue("chrome-extension://" + "a" * 32)
+    assert tokens.lookup(token) is not None
+    out = facecloak("pair", "--revoke-all", "--json", config_dir=tmp_path)
+    assert out.returncode == 0 and json.loads(out.stdout) == {"revoked": 1}
+    assert tokens.lookup(token) is None
+    assert tokens.origins() == frozenset()
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "example.com", "::"])
+def test_serve_refuses_a_non_loopback_address(tmp_path, host):
+    out = facecloak("serve", "--host", host, "--port", "0", config_dir=tmp_path)
+    assert out.returncode == 2
+    assert "loopback" in out.stderr and host in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1

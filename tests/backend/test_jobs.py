@@ -1,0 +1,300 @@
+"""The queue and the worker: job life cycle, progress, batching, limits, cancellation, shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import time
+
+import aiohttp
+from aiohttp.test_utils import TestClient, TestServer
+from daemon_helpers import ReencodingProtector, auth, jpeg_bytes, pair, serve, with_changes
+from PIL import Image
+
+from backend.app import create_app
+from cloak_core.errors import ModelStoreError
+from cloak_core.presets import PRESETS
+
+
+async def _job(client, token, job_id):
+    resp = await client.get(f"/v1/jobs/{job_id}", headers=auth(token))
+    assert resp.status == 200
+    return await resp.json()
+
+
+async def _until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not reached in time")
+
+
+async def test_job_flow_with_real_progress(config):
+    protector = ReencodingProtector(steps=10, step_seconds=0.05)
+    image = jpeg_bytes(120, 90, seed=1)
+    async with serve(config, protector) as client:
+        token = await pair(client, config)
+        resp = await client.post("/v1/jobs?preset=fast", data=image, headers=auth(token))
+        assert resp.status == 202
+        job_id = (await resp.json())["id"]
+        assert resp.headers["Location"] == f"/v1/jobs/{job_id}"
+        seen = []
+
+        async def done():
+            job = await _job(client, token, job_id)
+            seen.append((job["state"], job["progress"]))
+            return job if job["state"] == "done" else None
+
+        job = await _until(done)
+        assert job == {"id": job_id, "state": "done", "progress": 1.0, "faces": 0, "error": None}
+        running = [p for state, p in seen if state == "running"]
+        assert any(0 < p < 1 for p in running), seen  # progress moved while it ran
+        assert running == sorted(running)  # and never went back
+        result = await client.get(f"/v1/jobs/{job_id}/result", headers=auth(token))
+        assert result.status == 200
+        assert result.headers["Content-Type"] == "image/jpeg"
+        assert result.headers["X-FaceCloak-Faces"] == "0"
+        assert float(result.headers["X-FaceCloak-Seconds"]) >= 0
+        assert Image.open(io.BytesIO(await result.read())).size == (120, 90)
+        assert protector.configs[-1] == PRESETS["fast"]
+
+
+async def test_result_before_done_is_409_and_unknown_job_is_404(config):
+    protector = ReencodingProtector(steps=20, step_seconds=0.02)
+    async with serve(config, protector) as client:
+        token = await pair(client, config)
+        job_id = (
+            await (await client.post("/v1/jobs", data=jpeg_bytes(), headers=auth(token))).json()
+        )["id"]
+        early = await client.get(f"/v1/jobs/{job_id}/result", headers=auth(token))
+        assert early.status == 409
+        assert (await early.json())["error"] == "not_ready"
+        for path in ["/v1/jobs/unknown", "/v1/jobs/unknown/result"]:
+            resp = await client.get(path, headers=auth(token))
+            assert resp.status == 404
+            assert (await resp.json())["error"] == "not_found"
+
+
+async def test_finished_results_expire(config):
+    short = with_changes(config, result_ttl=0.3)
+    async with serve(short) as client:
+        token = await pair(client, short)
+        job_id = (
+            await (await client.post("/v1/jobs", data=jpeg_bytes(), headers=auth(token))).json()
+        )["id"]
+        await _until(lambda: _state_is(client, token, job_id, "done"))
+        assert (await client.get(f"/v1/jobs/{job_id}/result", headers=auth(token))).status == 200
+        await asyncio.sleep(0.4)
+        assert (await client.get(f"/v1/jobs/{job_id}", headers=auth(token))).status == 404
+        assert (await client.get(f"/v1/jobs/{job_id}/result", headers=auth(token))).status == 404
+
+
+async def _state_is(client, token, job_id, state):
+    return (await _job(client, token, job_id))["state"] == state
+
+
+async def test_full_queue_answers_429_and_recovers(config):
+    small = with_changes(config, queue_size=2, batch_size=1)
+    protector = ReencodingProtector(steps=10, step_seconds=0.03)
+    async with serve(small, protector) as client:
+        token = await pair(client, small)
+        ids = []
+        for _ in range(3):  # one runs, two wait
+            resp = await client.post("/v1/jobs", data=jpeg_bytes(), headers=auth(token))
+            assert resp.status == 202
+            ids.append((await resp.json())["id"])
+            if len(ids) == 1:
+                await _until(lambda: _state_is(client, token, ids[0], "running"))
+        full = await client.post("/v1/protect", data=jpeg_bytes(), headers=auth(token))
+        assert full.status == 429
+        assert (await full.json())["error"] == "queue_full"
+        health = await (await client.get("/v1/health")).json()
+        assert health["queue"] == {"waiting": 2, "running": 1, "limit": 2}
+        for job_id in ids:
+            await _until(lambda job_id=job_id: _state_is(client, token, job_id, "done"))
+        ok = await client.post("/v1/protect", data=jpeg_bytes(), headers=auth(token))
+        assert ok.status == 200
+
+
+async def test_waiting_jobs_of_one_preset_are_batched(config):
+    protector = ReencodingProtector(steps=10, step_seconds=0.03)
+    async with serve(with_changes(config, batch_size=4), protector) as client:
+        token = await pair(client, config)
+        first = await client.post("/v1/jobs?preset=fast", data=jpeg_bytes(), headers=auth(token))
+        first_id = (await first.json())["id"]
+        await _until(lambda: _state_is(client, token, first_id, "running"))
+        presets = ["fast", "balanced", "fast", "fast", "fast", "fast"]
+        ids = []
+        for preset in presets:
+            resp = await client.post(
+                f"/v1/jobs?preset={preset}", data=jpeg_bytes(), headers=auth(token)
+            )
+            ids.append((await resp.json())["id"])
+        for job_id in ids:
+            await _until(lambda job_id=job_id: _state_is(client, token, job_id, "done"))
+        # 1 alone, then four "fast" together, then the "balanced" one, then the last "fast".
+        assert protector.batches == [1, 4, 1, 1]
+        assert [c.name for c in protector.configs] == ["fast", "fast", "balanced", "fast"]
+        assert len(protector.thread_names) == 1  # one worker thread owns the device
+
+
+async def test_client_disconnect_cancels_its_job(config):
+    protector = ReencodingProtector(steps=200, step_seconds=0.02)  # 4 s if not cancelled
+    async with serve(config, protector) as client:
+        token = await pair(client, config)
+        url = client.make_url("/v1/protect")
+        async with aiohttp.ClientSession() as other:
+            request = asyncio.ensure_future(other.post(url, data=jpeg_bytes(), headers=auth(token)))
+
+            async def running():
+                return (await (await client.get("/v1/health")).json())["queue"]["running"] == 1
+
+            await _until(running)
+            request.cancel()  # the client goes away mid-job
+        started = time.monotonic()
+
+        async def idle():
+            return (await (await client.get("/v1/health")).json())["queue"]["running"] == 0
+
+        await _until(idle, timeout=3.0)
+        assert time.monotonic() - started < 1.0
+        ok = await client.post("/v1/protect", data=jpeg_bytes(), headers=auth(token))
+        assert ok.status == 200
+
+
+async def test_a_queued_job_whose_client_left_never_runs(config):
+    protector = ReencodingProtector(steps=30, step_seconds=0.02)
+    async with serve(with_changes(config, batch_size=1), protector) as client:
+        token = await pair(client, config)
+        blocker = (
+            await (await client.post("/v1/jobs", data=jpeg_bytes(), headers=auth(token))).json()
+        )["id"]
+        await _until(lambda: _state_is(client, token, blocker, "running"))
+        async with aiohttp.ClientSession() as other:
+            request = asyncio.ensure_future(
+                other.post(client.make_url("/v1/protect"), data=jpeg_bytes(), headers=auth(token))
+            )
+
+            async def waiting():
+                return (await (await client.get("/v1/health")).json())["queue"]["waiting"] == 1
+
+            await _until(waiting)
+            request.cancel()
+
+        async def empty():
+            return (await (await client.get("/v1/health")).json())["queue"]["waiting"] == 0
+
+        await _until(empty)
+        await _until(lambda: _state_is(client, token, blocker, "done"))
+        await asyncio.sleep(0.1)
+        assert protector.batches == [1]
+
+
+async def test_job_over_the_time_limit_fails_with_timeout(config):
+    protector = ReencodingProtector(steps=100, step_seconds=0.02)
+    async with serve(with_changes(config, job_timeout=0.2), protector) as client:
+        token = await pair(client, config)
+        started = time.monotonic()
+        resp = await client.post("/v1/protect", data=jpeg_bytes(), headers=auth(token))
+        assert resp.status == 504
+        assert (await resp.json())["error"] == "timeout"
+        assert time.monotonic() - started < 1.5
+        job_id = (
+            await (await client.post("/v1/jobs", data=jpeg_bytes(), headers=auth(token))).json()
+        )["id"]
+        job = await _until(lambda: _finished(client, token, job_id))
+        assert job["state"] == "failed" and job["error"]["error"] == "timeout"
+
+
+async def _finished(client, token, job_id):
+    job = await _job(client, token, job_id)
+    return job if job["state"] in ("done", "failed") else None
+
+
+class _Crashing(ReencodingProtector):
+    """Raises an unexpected error (a bug) quoting the image, on its first call only."""
+
+    def protect_many(self, items, **kwargs):
+        if not self.batches:
+            self.batches.append(len(items))
+            raise RuntimeError(f"bad bytes {items[0][-40:].hex()}")
+        return super().protect_many(items, **kwargs)
+
+
+async def test_unexpected_errors_do_not_stop_the_worker_or_leak(config, caplog):
+    secret = jpeg_bytes()[-40:].hex()
+    async with serve(config, _Crashing()) as client:
+        token = await pair(client, config)
+        resp = await client.post("/v1/protect", data=jpeg_bytes(), headers=auth(token))
+        assert resp.status == 500
+        body = await resp.json()
+        assert body["error"] == "internal" and secret not in body["message"]
+        ok = await client.post("/v1/protect", data=jpeg_bytes(), headers=auth(token))
+        assert ok.status == 200
+    assert caplog.text.count("unexpected RuntimeError") == 1
+    assert secret not in caplog.text
+
+
+async def test_models_that_fail_to_load_make_the_daemon_unavailable(config):
+    def factory(_config):
+        raise ModelStoreError("sface_int8bq.onnx is missing; run `facecloak models fetch`")
+
+    async with serve(config, factory=factory) as client:
+        health = await (await client.get("/v1/health")).json()
+        assert health["status"] == "failed"
+        token = await pair(client, config)
+        resp = await client.post("/v1/protect", data=jpeg_bytes(), headers=auth(token))
+        assert resp.status == 503
+        assert "facecloak models fetch" in (await resp.json())["message"]
+
+
+async def test_health_says_starting_while_models_load(config):
+    loaded = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    protector = ReencodingProtector()
+
+    def slow_factory(_config):
+        time.sleep(0.5)
+        loop.call_soon_threadsafe(loaded.set)
+        return protector
+
+    server = TestServer(create_app(config, slow_factory))
+    async with TestClient(server) as client:
+        assert (await (await client.get("/v1/health")).json())["status"] == "starting"
+        token = await pair(client, config)
+        # A job sent while starting waits for the models, then runs.
+        resp = await client.post("/v1/protect", data=jpeg_bytes(), headers=auth(token))
+        assert resp.status == 200
+        assert loaded.is_set()
+        health = await (await client.get("/v1/health")).json()
+        assert health["status"] == "ready"
+        assert health["models"] == ["reencode-only"] and health["device"] == "cpu"
+    assert protector.closed
+
+
+async def test_shutdown_finishes_the_running_job_and_refuses_queued_ones(config):
+    protector = ReencodingProtector(steps=20, step_seconds=0.03)
+    async with serve(with_changes(config, batch_size=1), protector) as client:
+        token = await pair(client, config)
+        requests = []
+        for _ in range(3):
+            requests.append(
+                asyncio.ensure_future(
+                    client.post("/v1/protect", data=jpeg_bytes(), headers=auth(token))
+                )
+            )
+
+            async def queued():
+                q = (await (await client.get("/v1/health")).json())["queue"]
+                return q["waiting"] + q["running"] == len(requests)
+
+            await _until(queued)
+        await client.server.close()  # what SIGTERM does: stop, shut down, clean up
+        responses = await asyncio.gather(*requests)
+        statuses = [r.status for r in responses]
+        assert statuses == [200, 503, 503]
+        assert (await responses[1].json())["error"] == "shutting_down"
+        assert protector.closed

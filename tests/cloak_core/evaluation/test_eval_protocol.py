@@ -1,0 +1,113 @@
+"""The identification protocol: splits, cosine ranking and rank-k accuracy on hand-made cases."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloak_core.errors import UsageError
+from cloak_core.evaluation import protocol
+
+
+def _paths(n: int) -> list[Path]:
+    return [Path(f"id/{i:03d}.png") for i in range(n)]
+
+
+def test_split_takes_every_tenth_image_as_probe() -> None:
+    sp = protocol.split_identity("a", _paths(20))
+    assert [p.name for p in sp.probes] == ["000.png", "010.png"]
+    assert len(sp.gallery) == 18
+    assert set(sp.gallery).isdisjoint(sp.probes)
+    sp = protocol.split_identity("a", _paths(21))
+    assert [p.name for p in sp.probes] == ["000.png", "010.png", "020.png"]
+
+
+def test_split_has_at_least_one_probe_and_caps() -> None:
+    sp = protocol.split_identity("a", _paths(3))
+    assert [p.name for p in sp.probes] == ["000.png"]
+    assert [p.name for p in sp.gallery] == ["001.png", "002.png"]
+    sp = protocol.split_identity("a", _paths(20), gallery_per_identity=4, probes_per_identity=1)
+    assert [p.name for p in sp.gallery] == ["001.png", "002.png", "003.png", "004.png"]
+    assert [p.name for p in sp.probes] == ["000.png"]
+    with pytest.raises(UsageError):
+        protocol.split_identity("lonely", _paths(1))
+
+
+def test_list_identities_sorts_and_skips_non_images(tmp_path: Path) -> None:
+    for name in ("b", "a"):
+        (tmp_path / name).mkdir()
+        for i in (1, 0):
+            (tmp_path / name / f"{i}.png").write_bytes(b"")
+    (tmp_path / "a" / "notes.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    found = protocol.list_identities(tmp_path)
+    assert list(found) == ["a", "b"]
+    assert [p.name for p in found["a"]] == ["0.png", "1.png"]
+    with pytest.raises(UsageError):
+        protocol.list_identities(tmp_path / "empty")
+
+
+def test_cosine_matrix_by_hand() -> None:
+    probes = np.array([[3.0, 0.0], [1.0, 1.0]])
+    gallery = np.array([[2.0, 0.0], [0.0, 5.0], [-1.0, 0.0]])
+    s = protocol.cosine_similarity_matrix(probes, gallery)
+    r = 1 / np.sqrt(2)
+    np.testing.assert_allclose(s, [[1, 0, -1], [r, r, -r]], atol=1e-12)
+
+
+def test_rank1_and_rank5_by_hand() -> None:
+    # Gallery on the unit circle at angles 0, 10, ..., 60 degrees: cosine falls with angle.
+    angles = np.deg2rad(np.arange(0, 70, 10))
+    gallery = np.stack([np.cos(angles), np.sin(angles)], 1)
+    g_labels = ["x", "y", "y", "y", "y", "z", "x"]  # identity at each angle
+    # Probe 0 at 0 deg: nearest is x (0 deg) -> rank-1 hit.
+    # Probe 1 (label z) at 0 deg: z is 6th nearest (50 deg) -> miss at rank 1 and rank 5.
+    # Probe 2 (label z) at 21 deg: order 20,30,10,40,0,50,... -> z (50 deg) 6th: miss.
+    # Probe 3 (label x) at 44 deg: order 40,50,30,60,20 -> x (60 deg) 4th: rank-5 hit only.
+    p_angles = np.deg2rad([0, 0, 21, 44])
+    probes = np.stack([np.cos(p_angles), np.sin(p_angles)], 1)
+    p_labels = ["x", "z", "z", "x"]
+    s = protocol.cosine_similarity_matrix(probes, gallery)
+    order = protocol.rank_gallery(s)
+    assert order[3].tolist()[:5] == [4, 5, 3, 6, 2]
+    hits = protocol.rank_k_hits(s, p_labels, g_labels, ks=(1, 5, 6))
+    assert hits[1].tolist() == [True, False, False, False]
+    assert hits[5].tolist() == [True, False, False, True]
+    assert hits[6].tolist() == [True, True, True, True]
+    acc = protocol.accuracy(s, p_labels, g_labels)
+    assert (acc.rank1, acc.rank5, acc.probes) == (0.25, 0.5, 4)
+
+
+def test_ties_keep_gallery_order() -> None:
+    s = np.array([[0.5, 0.9, 0.9, 0.1]])
+    assert protocol.rank_gallery(s).tolist() == [[1, 2, 0, 3]]
+    hits = protocol.rank_k_hits(s, ["b"], ["a", "a", "b", "b"], ks=(1, 2))
+    assert hits[1].tolist() == [False] and hits[2].tolist() == [True]
+
+
+def test_protected_similarity_per_identity_and_joint() -> None:
+    # Two identities, one gallery image each, both protected. Clean: each probe sits on
+    # its own gallery image. Protected: each gallery image moved far from its identity.
+    clean = np.array([[1.0, 0.0], [0.0, 1.0]])
+    moved = np.array([[-1.0, 0.2], [0.2, -1.0]])
+    probes = np.array([[1.0, 0.1], [0.1, 1.0]])
+    labels = ["a", "b"]
+    s_clean = protocol.cosine_similarity_matrix(probes, clean)
+    assert protocol.accuracy(s_clean, labels, labels).rank1 == 1.0
+    per_id = protocol.protected_similarity(probes, labels, clean, moved, labels, ["a", "b"])
+    # Probe a sees a's protected image and b's clean one, and vice versa.
+    expect = protocol.cosine_similarity_matrix(probes, clean)
+    s_moved = protocol.cosine_similarity_matrix(probes, moved)
+    expect[0, 0], expect[1, 1] = s_moved[0, 0], s_moved[1, 1]
+    np.testing.assert_allclose(per_id, expect)
+    assert protocol.accuracy(per_id, labels, labels).rank1 == 0.0
+    joint = protocol.protected_similarity(
+        probes, labels, clean, moved, labels, ["a", "b"], joint=True
+    )
+    np.testing.assert_allclose(joint, s_moved)
+    # Only "a" protected: b's probe still sees b's clean image.
+    only_a = protocol.protected_similarity(probes, labels, clean, moved, labels, ["a"])
+    assert only_a[1, 1] == pytest.approx(s_clean[1, 1])
+    assert only_a[0, 0] == pytest.approx(s_moved[0, 0])

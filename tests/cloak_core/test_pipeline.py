@@ -1,0 +1,164 @@
+"""The protection pipeline on real photos: every face protected, nothing else touched."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cloak_core.errors import CancelledError, ImageError, UnsupportedImageError
+from cloak_core.imageio import decode_image
+from cloak_core.pipeline import Protector
+from cloak_core.presets import get_preset
+
+# Photos of ../shared/data/photos with the number of faces a user sees in them.
+ONE_FACE = ["obama.jpg", "biden.jpg", "obama_small.jpg", "alex_lacamoire1.jpg"]
+
+
+@pytest.fixture(scope="module")
+def fast(store):
+    with Protector(get_preset("fast"), store=store, device="cpu") as p:
+        yield p
+
+
+def _jpeg(img: Image.Image, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", quality=90, **kw)
+    return buf.getvalue()
+
+
+def test_default_ensemble_is_every_default_model(fast):
+    assert set(fast.model_names) >= {"dlib", "sface"}
+
+
+def test_pixels_outside_face_regions_are_unchanged(fast, photos_dir):
+    data = (photos_dir / "two_people.jpg").read_bytes()
+    image = decode_image(data).pixels
+    faces = fast.detector.detect(image)
+    assert len(faces) == 2
+    config = get_preset("fast").with_overrides(steps=3)
+    out = fast.protect_pixels([image], [faces], seed=1, config=config)[0]
+    assert out.shape == image.shape and out.dtype == image.dtype
+    changed = np.abs(out.astype(int) - image.astype(int)).max(-1) > 0
+    regions = fast.plan_regions(image.shape[:2], faces, config)
+    inside = np.zeros_like(changed)
+    for r in regions:
+        x0, y0, x1, y1 = r.box
+        inside[y0:y1, x0:x1] = True
+    assert changed.any()
+    assert not (changed & ~inside).any()
+    # Both faces were perturbed, not only the first.
+    for r in regions:
+        x0, y0, x1, y1 = r.box
+        assert changed[y0:y1, x0:x1].mean() > 0.2
+
+
+def test_same_seed_same_result_and_seeds_differ(fast, photos_dir):
+    image = decode_image((photos_dir / "obama_small.jpg").read_bytes()).pixels
+    faces = fast.detector.detect(image)
+    config = get_preset("fast").with_overrides(steps=2)
+    a = fast.protect_pixels([image], [faces], seed=3, config=config)[0]
+    b = fast.protect_pixels([image], [faces], seed=3, config=config)[0]
+    c = fast.protect_pixels([image], [faces], seed=4, config=config)[0]
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_work_region_does_not_grow_with_photo_size(fast, photos_dir):
+    with Image.open(photos_dir / "obama.jpg") as im:
+        small = np.asarray(im.convert("RGB"))
+        big = np.asarray(im.convert("RGB").resize((im.width * 4, im.height * 4)))
+    config = get_preset("balanced")
+    f_small = fast.detector.detect(small)[0]
+    f_big = fast.detector.detect(big)[0]
+    (r_small,) = fast.plan_regions(small.shape[:2], [f_small], config)
+    (r_big,) = fast.plan_regions(big.shape[:2], [f_big], config)
+    # The full-resolution region grows 4x per side, the working grid stays put.
+    assert (r_big.box[2] - r_big.box[0]) > 3 * (r_small.box[2] - r_small.box[0])
+    h_s, w_s = r_small.work_size
+    h_b, w_b = r_big.work_size
+    assert abs(h_b - h_s) <= 0.1 * h_s and abs(w_b - w_s) <= 0.1 * w_s
+
+
+def test_progress_reaches_one_and_cancel_stops(fast, photos_dir):
+    data = (photos_dir / "obama_small.jpg").read_bytes()
+    seen: list[float] = []
+    config = get_preset("fast").with_overrides(steps=3)
+    fast.protect_bytes(data, progress=seen.append, config=config)
+    assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0) and len(seen) == 3
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(CancelledError):
+        fast.protect_bytes(data, cancel=cancel, config=config)
+
+
+def test_protect_many_batches_and_reports_bad_items(fast, photos_dir):
+    good = (photos_dir / "obama_small.jpg").read_bytes()
+    two = (photos_dir / "two_people.jpg").read_bytes()
+    config = get_preset("fast").with_overrides(steps=2)
+    results = fast.protect_many([good, b"not an image", two, good[:500]], config=config)
+    assert results[0].faces == 1 and results[2].faces == 2
+    assert isinstance(results[1], UnsupportedImageError)
+    assert isinstance(results[3], ImageError)
+
+
+def test_photo_without_face_is_reencoded_without_metadata(fast, photos_dir):
+    with Image.open(photos_dir / "obama.jpg") as im:
+        corner = im.convert("RGB").crop((0, 0, 160, 120))  # curtain and window only
+    exif = Image.Exif()
+    exif[0x010F] = "FaceCloak test camera"
+    exif.get_ifd(0x8825)[2] = (48.0, 51.0, 24.0)  # GPS latitude
+    data = _jpeg(corner, exif=exif.tobytes())
+    result = fast.protect_bytes(data)
+    assert result.faces == 0
+    assert result.data != data
+    with Image.open(io.BytesIO(result.data)) as out:
+        assert out.size == corner.size
+        assert len(out.getexif()) == 0
+
+
+def test_rgba_png_keeps_alpha_and_size(fast, photos_dir):
+    data = (photos_dir / "32bit.png").read_bytes()
+    with Image.open(io.BytesIO(data)) as src:
+        assert src.mode == "RGBA"
+        alpha = np.asarray(src.getchannel("A"))
+    result = fast.protect_bytes(data, config=get_preset("fast").with_overrides(steps=2))
+    with Image.open(io.BytesIO(result.data)) as out:
+        assert out.format == "PNG" and out.mode == "RGBA"
+        assert np.array_equal(np.asarray(out.getchannel("A")), alpha)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ONE_FACE + ["two_people.jpg"])
+def test_balanced_fools_every_model_of_the_ensemble(store, photos_dir, name, balanced):
+    """White-box: by each model's own rule, the protected face is a different person."""
+    result = balanced.protect_bytes((photos_dir / name).read_bytes(), measure=True)
+    assert result.faces >= 1
+    print(f"\n{name}: faces={result.faces} lpips={result.lpips:.4f} seconds={result.seconds:.1f}")
+    for model, reports in result.models.items():
+        assert len(reports) == result.faces
+        for r in reports:
+            print(f"  {model}: cos {r.similarity_before:.3f} -> {r.similarity_after:.3f}")
+            assert r.similarity_before > 0.9  # re-encoding alone keeps the identity
+            assert not r.same_person_after, f"{model} still matches the face in {name}"
+    assert result.lpips <= 0.05
+
+
+@pytest.fixture(scope="module")
+def balanced(store):
+    with Protector(get_preset("balanced"), store=store, device="cpu") as p:
+        yield p
+
+
+def test_measure_reports_every_model_on_the_encoded_output(fast, photos_dir):
+    config = get_preset("fast").with_overrides(steps=1)
+    result = fast.protect_bytes(
+        (photos_dir / "obama_small.jpg").read_bytes(), measure=True, config=config
+    )
+    assert set(result.models) == set(fast.model_names)
+    assert 0.0 <= result.lpips < 0.2 and result.lpips_faces is not None
+    assert torch.is_tensor(torch.tensor(result.seconds))
