@@ -153,6 +153,7 @@ async def _image_request(request: web.Request) -> tuple[bytes, str]:
     preset = request.query.get("preset") or request.app[SETTINGS_KEY].load().preset
     if preset not in PRESETS:
         raise BadRequestError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    request.app[WORKER_KEY].check_accepting()  # refuse before reading a body in vain
     config = request.app[CONFIG_KEY]
     if request.content_length is not None and request.content_length > config.max_bytes:
         raise TooLargeError(f"the body is over the limit of {config.max_bytes // 2**20} MB")

@@ -175,9 +175,20 @@ class Worker:
     def submit(self, data: bytes, preset: str, *, register: bool) -> Job:
         """Queue ``data`` for protection with ``preset``; ``register`` makes it a ``/v1/jobs`` job.
 
-        Raises :class:`ShuttingDownError`, :class:`UnavailableError` (models failed to
-        load) or :class:`QueueFullError`.
+        Raises as :meth:`check_accepting` does.
         """
+        self.check_accepting()
+        job = Job(id=secrets.token_urlsafe(16), data=data, preset=preset)
+        if register:
+            self.expire()
+            self._jobs[job.id] = job
+        self._queue.append(job)
+        self._wakeup.set()
+        return job
+
+    def check_accepting(self) -> None:
+        """Raise :class:`ShuttingDownError`, :class:`UnavailableError` (models failed to load)
+        or :class:`QueueFullError` if a job sent now would be refused."""
         if self._closing:
             raise ShuttingDownError("the daemon is shutting down")
         if self.status == "failed":
@@ -186,13 +197,6 @@ class Worker:
             raise QueueFullError(
                 f"{len(self._queue)} images are already waiting; try again in a moment"
             )
-        job = Job(id=secrets.token_urlsafe(16), data=data, preset=preset)
-        if register:
-            self.expire()
-            self._jobs[job.id] = job
-        self._queue.append(job)
-        self._wakeup.set()
-        return job
 
     def get(self, job_id: str) -> Job:
         """A registered job; :class:`NotFoundError` when unknown or expired."""

@@ -25,8 +25,6 @@ from cloak_core.errors import FaceCloakError
 # Routes (by name) that need no token; and the one an unpaired extension may call.
 PUBLIC_ROUTES = frozenset({"health", "pair"})
 PAIRING_ROUTE = "pair"
-# Where the gate records an origin that gets CORS headers.
-CORS_ORIGIN = web.RequestKey("cors_origin", str)
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
@@ -72,17 +70,13 @@ async def security_middleware(request: web.Request, handler: Handler) -> web.Str
     if request.headers.get("Host", "").lower() not in _allowed_hosts(request):
         raise ForbiddenError("the Host header is not this daemon's loopback address")
 
-    tokens = request.app[TOKENS_KEY]
-    route = request.match_info.route.name
     origin = request.headers.get("Origin")
-    if origin is not None:
-        pairing = route == PAIRING_ROUTE and EXTENSION_ORIGIN.match(origin)
-        if not pairing and origin not in tokens.origins():
-            raise ForbiddenError("this origin is not paired with the daemon")
-        request[CORS_ORIGIN] = origin
+    if origin is not None and allowed_origin(request) is None:
+        raise ForbiddenError("this origin is not paired with the daemon")
 
     # Preflights carry no credentials; the gate checks their Host and Origin only.
-    if route not in PUBLIC_ROUTES and request.method != "OPTIONS":
+    tokens = request.app[TOKENS_KEY]
+    if request.match_info.route.name not in PUBLIC_ROUTES and request.method != "OPTIONS":
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
         record = tokens.lookup(token.strip()) if scheme.lower() == "bearer" else None
         if record is None:
@@ -92,9 +86,22 @@ async def security_middleware(request: web.Request, handler: Handler) -> web.Str
     return await handler(request)
 
 
+def allowed_origin(request: web.Request) -> str | None:
+    """The request's ``Origin`` if it may call (and get CORS), else ``None``.
+
+    Allowed: extension origins holding a token; on the pairing route, any extension origin.
+    """
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return None
+    if request.match_info.route.name == PAIRING_ROUTE and EXTENSION_ORIGIN.match(origin):
+        return origin
+    return origin if origin in request.app[TOKENS_KEY].origins() else None
+
+
 async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
-    """``on_response_prepare``: CORS headers for an origin the gate let through, else none."""
-    origin = request.get(CORS_ORIGIN)
+    """``on_response_prepare``: CORS headers for an allowed origin, else none."""
+    origin = allowed_origin(request)
     if origin is None:
         return
     response.headers["Access-Control-Allow-Origin"] = origin

@@ -22,9 +22,13 @@ DIR_MODE = 0o700
 
 
 def ensure_private_dir(path: Path) -> Path:
-    """Create ``path`` (and parents) if needed and make it owner-only (0700)."""
-    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
-    if path.stat().st_mode & 0o777 != DIR_MODE:
+    """Create ``path`` (and parents) if needed; a folder created here is owner-only (0700).
+
+    An existing folder keeps its mode (``--config-dir`` might name one the user shares);
+    the files written in it are owner-only either way.
+    """
+    if not path.is_dir():
+        path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
         path.chmod(DIR_MODE)
     return path
 

@@ -149,6 +149,8 @@ def lowkey(
     noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
     delta = ((noise * 2 - 1) * config.noise).requires_grad_(True)
     n_views = 2 if config.blur else 1
+    lpips_x = _lpips_view(x, config.lpips_size)
+    capped = config.cosine_target is not None or config.euclidean_target_ratio is not None
     for step in range(config.steps):
         if cancel is not None and cancel.is_set():
             raise CancelledError("protection was cancelled")
@@ -159,6 +161,7 @@ def lowkey(
             stacked = torch.cat(views[:n_views], 0)
         # One backward per model (gradients accumulate in delta.grad): the graph of one
         # model is freed before the next one runs, and each stage can be timed.
+        met = True
         for name, model in models.items():
             with times.stage("align"):
                 crops = warp_affine(
@@ -172,12 +175,18 @@ def lowkey(
                     half = emb.shape[0] // 2
                     emb = 0.5 * (emb[:half] + emb[half:])
                 orig = originals[name].repeat(n_views, 1)
-                term = model_term(model, orig, emb, config).sum() / n_views
+                terms = model_term(model, orig, emb, config)
+                met = met and bool((terms >= 1.0).all())
             with times.stage(f"{name} backward"):
-                term.backward(retain_graph=True)
+                (terms.sum() / n_views).backward(retain_graph=True)
+        if config.early_stop and capped and met:
+            if progress is not None:
+                progress(1.0)
+            break
         with times.stage("lpips forward"), autocast:
             # LPIPS averages over the padded area: scale back to each region's own area.
-            perceptual = (lpips(x, adv).float() / batch.area).sum()
+            perceptual = lpips(lpips_x, _lpips_view(adv, config.lpips_size)).float() / batch.area
+            perceptual = perceptual.sum()
         with times.stage("lpips backward"):
             (-config.lpips_weight * perceptual).backward()
         with torch.no_grad():
@@ -188,3 +197,13 @@ def lowkey(
             progress((step + 1) / config.steps)
     with torch.no_grad():
         return (x + mask * delta).clamp(0.0, 1.0) - x
+
+
+def _lpips_view(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """``images`` ``(B, 3, H, W)`` scaled (anti-aliased) so the longer side is at most ``size``."""
+    h, w = images.shape[-2:]
+    if size is None or max(h, w) <= size:
+        return images
+    f = size / max(h, w)
+    out = (max(16, round(h * f)), max(16, round(w * f)))
+    return F.interpolate(images, size=out, mode="bilinear", antialias=True, align_corners=False)

@@ -481,7 +481,10 @@ def _to_tensor(
         x0, y0, x1, y1 = box
         pixels = pixels[y0:y1, x0:x1]
     scale = 1.0 / np.iinfo(pixels.dtype).max
-    t = torch.from_numpy(np.ascontiguousarray(pixels)).to(device)
+    pixels = np.ascontiguousarray(pixels)
+    if not pixels.flags.writeable:  # torch.from_numpy wants a writable array
+        pixels = pixels.copy()
+    t = torch.from_numpy(pixels).to(device)
     return (t.permute(2, 0, 1).unsqueeze(0).float() * scale).contiguous()
 
 

@@ -25,7 +25,10 @@ class AttackConfig:
     once the distance is ``euclidean_target_ratio`` times its same-person threshold.
     ``work_scale`` caps the working resolution of a face region at that many times the
     largest model input (faces larger than that are optimised on a coarser grid and the
-    perturbation is interpolated smoothly back to full resolution).
+    perturbation is interpolated smoothly back to full resolution). ``lpips_size`` caps the
+    longer side at which LPIPS is computed (``None``: the working resolution). With
+    ``early_stop``, the attack ends once every model's capped term is met for every face
+    in the last step (the remaining steps could only trade protection for quality).
     """
 
     name: str
@@ -42,6 +45,8 @@ class AttackConfig:
     cosine_target: float | None = 0.0
     euclidean_target_ratio: float | None = 1.5
     work_scale: float = 2.0
+    lpips_size: int | None = 192
+    early_stop: bool = False
     seed: int | None = None
 
     def with_overrides(
@@ -66,9 +71,18 @@ PRESETS: dict[str, AttackConfig] = {
             step_size=0.006,
             lpips_weight=0.05,
             flips=False,
-            work_scale=1.5,
+            work_scale=1.25,
+            lpips_size=128,
+            early_stop=True,
         ),
-        AttackConfig(name="balanced", steps=24, step_size=0.004, lpips_weight=0.05),
+        AttackConfig(
+            name="balanced",
+            steps=24,
+            step_size=0.004,
+            lpips_weight=0.05,
+            work_scale=1.5,
+            early_stop=True,
+        ),
         AttackConfig(
             name="strong",
             steps=60,

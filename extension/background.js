@@ -13,6 +13,7 @@ import {
   normalizeSite,
   originPatterns,
   siteCovering,
+  SUGGESTED_SITES,
 } from "./lib/sites.js";
 import { PROTECT_PORT, servePort } from "./lib/upload-service.js";
 
@@ -26,7 +27,8 @@ async function client() {
 
 /** Copy the browser's settings to the daemon; best effort (it may not be running). */
 async function mirrorToDaemon(settings, removedSites = []) {
-  const sites = {};
+  // The suggested sites are off here until the user turns them on (and grants access).
+  const sites = Object.fromEntries(SUGGESTED_SITES.map((s) => [s.host, false]));
   for (const [site, on] of Object.entries(settings.sites)) {
     if (daemonAcceptsSite(site)) sites[site] = Boolean(on);
   }

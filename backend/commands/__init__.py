@@ -1,0 +1,1 @@
+"""The daemon's commands: ``facecloak serve`` and ``facecloak pair``."""

@@ -61,7 +61,7 @@ class Condition:
             pil = Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
         if pil.size != (w, h):
             pil = pil.resize((w, h), Image.Resampling.BICUBIC)
-        return np.asarray(pil, dtype=np.uint8)
+        return np.array(pil, dtype=np.uint8)
 
 
 def parse_condition(spec: str) -> Condition:

@@ -97,7 +97,7 @@ class RegistryEvaluator:
 
     def align(self, image: np.ndarray, face: Face) -> torch.Tensor:
         """The face of ``image`` (RGB uint8 ``(H, W, 3)``) aligned: ``(3, h, w)`` float 0..1."""
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
+        x = torch.tensor(image, dtype=torch.float32).permute(2, 0, 1)[None] / 255.0
         src = torch.as_tensor(np.asarray(face.landmarks, dtype=np.float64))[None]
         m = estimate_similarity(src, self._template)
         return warp_affine(x.to(self.device), m, self.model.spec.input_size)[0]

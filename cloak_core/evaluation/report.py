@@ -75,10 +75,10 @@ def markdown(report: dict) -> str:
             ev = evaluators[name]
             kind = "white-box" if ev["white_box"] else "black-box"
             tag = f"{name}{' (independent)' if ev['independent'] else ''}"
-            by = ",".join(ev["ensemble"]) or "–"
+            by = (",".join(ev["ensemble"]) or "–") if cfg else "–"
             prot = r["protected"] or {}
             lines.append(
-                f"| {tag} | {by} ({kind}) | {_pct(r['clean']['rank1'])} | "
+                f"| {tag} | {by}{f' ({kind})' if cfg else ''} | {_pct(r['clean']['rank1'])} | "
                 f"{_pct(prot.get('rank1'))} | {_pct(r['clean']['rank5'])} | "
                 f"{_pct(prot.get('rank5'))} |"
             )

@@ -27,7 +27,7 @@ import platform
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -344,7 +344,10 @@ class Evaluation:
         label = "attack -" + ",".join(group.ensemble)
         with (
             Protector(
-                self.config, store=self.store, device=str(self.device), models=group.ensemble
+                replace(self.config, models=group.ensemble),
+                store=self.store,
+                device=str(self.device),
+                models=group.ensemble,
             ) as protector,
             tqdm(total=len(targets), desc=label, disable=not self.progress, unit="img") as bar,
         ):

@@ -56,6 +56,4 @@ def available(store: ModelStore) -> list[str]:
 def default_ensemble(store: ModelStore) -> list[str]:
     """The default attack ensemble: every default model, plus face.evoLVe models present locally."""
     present = set(available(store))
-    return [
-        n for n, s in REGISTRY.items() if s.default or (s.family == "evolve" and n in present)
-    ]
+    return [n for n, s in REGISTRY.items() if s.default or (s.family == "evolve" and n in present)]

@@ -209,10 +209,10 @@ class DaemonProcess:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
-    def stop(self, timeout: float = 120.0) -> int:
-        """SIGTERM, then wait for the exit status."""
+    def stop(self, how: signal.Signals = signal.SIGTERM, timeout: float = 120.0) -> int:
+        """Send ``how`` (SIGTERM, or SIGINT as Ctrl-C does), then wait for the exit status."""
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(how)
         return self.proc.wait(timeout)
 
     def pair(self) -> str:

@@ -161,6 +161,8 @@ async def test_client_disconnect_cancels_its_job(config):
 
         await _until(idle, timeout=3.0)
         assert time.monotonic() - started < 1.0
+        assert protector.batches == [1]
+        protector.steps = 1  # the daemon goes on serving
         ok = await client.post("/v1/protect", data=jpeg_bytes(), headers=auth(token))
         assert ok.status == 200
 

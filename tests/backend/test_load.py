@@ -2,9 +2,9 @@
 
 Small real photos, ``fast`` preset, the real Protector. Every request must be answered,
 protected (200) or refused because the queue is full (429): none lost, no 5xx. The
-daemon's memory must come back near its idle level (measured after a warm-up batch,
-since the first batch allocates the attack's working memory). Prints requests/s and
-p50/p95 latency.
+daemon's memory must come back near its idle level (within 25 %, idle measured after a
+warm-up batch, since the first batch allocates the attack's working memory). Prints
+requests/s and p50/p95 latency.
 """
 
 from __future__ import annotations
@@ -110,6 +110,6 @@ async def test_200_requests_from_20_clients(tmp_path, photos_dir):
         assert all(faces == "1" for s, _, faces in results if s == 200)
         assert health["status"] == "ready"
         assert health["queue"]["waiting"] == 0 and health["queue"]["running"] == 0
-        assert after <= idle * 1.10 + 64 * 2**20
+        assert after <= idle * 1.25  # no growth with the number of requests served
     finally:
         assert daemon.stop() == 0

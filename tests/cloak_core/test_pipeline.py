@@ -162,3 +162,34 @@ def test_measure_reports_every_model_on_the_encoded_output(fast, photos_dir):
     assert set(result.models) == set(fast.model_names)
     assert 0.0 <= result.lpips < 0.2 and result.lpips_faces is not None
     assert torch.is_tensor(torch.tensor(result.seconds))
+
+
+def _mode_variant(photos_dir, mode: str) -> tuple[bytes, str]:
+    """obama_small.jpg converted to ``mode`` and saved in a format that keeps it."""
+    with Image.open(photos_dir / "obama_small.jpg") as im:
+        rgb = im.convert("RGB")
+    buf = io.BytesIO()
+    if mode == "CMYK":
+        rgb.convert("CMYK").save(buf, "JPEG", quality=90)
+        return buf.getvalue(), "JPEG"
+    if mode == "I;16":
+        grey = np.asarray(rgb.convert("L"), dtype=np.uint16) * 257
+        Image.fromarray(grey).save(buf, "PNG")  # Pillow makes this mode I;16
+        return buf.getvalue(), "PNG"
+    if mode == "WEBP":
+        rgb.save(buf, "WEBP", quality=90)
+        return buf.getvalue(), "WEBP"
+    rgb.convert(mode).save(buf, "PNG")
+    return buf.getvalue(), "PNG"
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "P", "L", "LA", "I;16", "RGBA", "WEBP"])
+def test_every_image_mode_is_protected(fast, photos_dir, mode):
+    data, fmt = _mode_variant(photos_dir, mode)
+    result = fast.protect_bytes(data, config=get_preset("fast").with_overrides(steps=1))
+    assert result.faces == 1
+    with Image.open(io.BytesIO(data)) as src, Image.open(io.BytesIO(result.data)) as out:
+        assert out.size == src.size
+        assert out.format == fmt
+        assert ("A" in out.getbands()) == ("A" in src.getbands() or "transparency" in src.info)
+    assert result.data != data

@@ -97,6 +97,8 @@ class ExtensionDriver:
         options.click("#pair")
         expect(options.locator("#pair-message")).not_to_have_text(re.compile(r"^(Pairing…)?$"))
         message = options.text_content("#pair-message")
+        if message.startswith("Paired"):  # the page then reloads the pairing state
+            expect(options.locator("#pair-state")).to_have_text(re.compile("^Paired"))
         state = options.text_content("#pair-state")
         options.close()
         return f"{message} {state}"

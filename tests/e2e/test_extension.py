@@ -32,10 +32,14 @@ SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 # -- helpers ---------------------------------------------------------------------------
 
 
-def upload(page, kind: str, path: Path) -> None:
-    """Hand ``path`` to the page the way a user would: pick, drop or paste it."""
+def upload(page, kind: str, path: Path, others: tuple[Path, ...] = ()) -> None:
+    """Hand ``path`` to the page the way a user would: pick, drop or paste it.
+
+    ``others`` are picked along with it, before it (file inputs only).
+    """
     if kind in ("fetch", "xhr"):
-        page.locator("#picker").set_input_files(str(path))  # trusted input/change events
+        files = [str(p) for p in (*others, path)]
+        page.locator("#picker").set_input_files(files)  # trusted input/change events
     elif kind == "drop":
         box = page.locator("#zone").bounding_box()
         cdp = page.context.new_cdp_session(page)
@@ -77,16 +81,19 @@ def notice(page) -> dict:
     )
 
 
-def wait_for_upload(page, site, kind: str, timeout_ms: int = PROTECT_TIMEOUT_MS):
-    """Wait until the page reports its upload; returns the one upload the server received."""
+def wait_for_upload(page, site, kind: str, timeout_ms: int = PROTECT_TIMEOUT_MS, files: int = 1):
+    """Wait until the page reports its upload; returns the last of the ``files`` received.
+
+    Fails if the server received any other number of files (an original sent as well).
+    """
     page.wait_for_function(
         "() => document.getElementById('status').textContent.startsWith('uploaded')",
         timeout=timeout_ms,
     )
     time.sleep(0.5)  # a second upload (an original sent as well) would arrive by now
     received = site.received(kind)
-    assert len(received) == 1, f"expected exactly one upload, got {len(received)}"
-    return received[0]
+    assert len(received) == files, f"expected {files} uploaded file(s), got {len(received)}"
+    return received[-1]
 
 
 class SFaceEmbedder:
@@ -158,17 +165,24 @@ def test_pairing_on_the_options_page(extension):
 
 @pytest.mark.parametrize("kind", PAGES)
 def test_site_on_uploads_only_the_protected_photo(
-    kind, extension, site, page, photos_dir, embedder
+    kind, extension, site, page, photos_dir, embedder, tmp_path
 ):
     photo = photos_dir / PHOTO
     original = photo.read_bytes()
+    # On the fetch page a text file is picked along, before the photo: it must pass untouched.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a photo\n")
+    others = (notes,) if kind == "fetch" else ()
     page.goto(site.url(kind))
     extension.set_site(page, True)
     site.clear()
     page.locator("#picker" if kind in ("fetch", "xhr") else "h1").wait_for()
-    upload(page, kind, photo)
+    upload(page, kind, photo, others)
 
-    received = wait_for_upload(page, site, kind)
+    received = wait_for_upload(page, site, kind, files=1 + len(others))
+    if others:
+        first = site.received(kind)[0]
+        assert (first.name, first.data) == ("notes.txt", notes.read_bytes())
     assert received.data != original
     if kind == "paste":
         # Chrome's clipboard holds a PNG of the pixels, named image.png.

@@ -1,0 +1,133 @@
+"""``facecloak eval`` end to end on data/faces: a small attacked run and a clean run on all."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from cloak_core.cli import main
+
+pytestmark = pytest.mark.slow
+
+EVALUATORS = {"dlib", "sface", "mobilefacenet", "dlib-bin", "opencv-sface"}
+
+
+def test_small_attacked_eval_writes_a_consistent_report(faces_dir, store, tmp_path, capsys):
+    out = tmp_path / "eval"
+    status = main(
+        [
+            "eval",
+            "--dataset",
+            str(faces_dir),
+            "--identities",
+            "3",
+            "--gallery-per-identity",
+            "1",
+            "--probes-per-identity",
+            "1",
+            "--preset",
+            "fast",
+            "--steps",
+            "3",
+            "--conditions",
+            "png,scale50-jpeg85",
+            "--device",
+            "cpu",
+            "--seed",
+            "7",
+            "--out",
+            str(out),
+        ]
+    )
+    assert status == 0
+    printed = capsys.readouterr().out
+    for name in ("report.json", "report.md", "accuracy.png", "grid.png"):
+        assert (out / name).stat().st_size > 0, name
+    for name in ("accuracy.png", "grid.png"):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.width > 200
+    report = json.loads((out / "report.json").read_text())
+    assert (out / "report.md").read_text() == printed
+
+    assert report["seed"] == 7 and report["mode"] == "leave-one-out"
+    assert report["attack_config"]["name"] == "fast" and report["attack_config"]["steps"] == 3
+    assert set(report["versions"]) >= {"facecloak", "torch", "mediapipe", "dlib", "cv2"}
+    d = report["dataset"]
+    assert len(d["protected_identities"]) == 3 and len(d["distractor_identities"]) == 21
+    assert d["gallery_images"] == 24 and d["protected_gallery_images"] == 3
+    assert d["probe_images"] == 3
+
+    ev = report["evaluators"]
+    assert set(ev) == EVALUATORS
+    assert ev["dlib-bin"]["ensemble"] == ["sface"]
+    assert ev["dlib"]["ensemble"] == ["sface"]
+    assert ev["opencv-sface"]["ensemble"] == ["dlib"]
+    assert ev["mobilefacenet"]["ensemble"] == ["dlib", "sface"]
+    assert not any(e["white_box"] for e in ev.values())
+
+    groups = {tuple(g["ensemble"]): g for g in report["attack"]}
+    assert set(groups) == {("sface",), ("dlib",), ("dlib", "sface")}
+    assert set(groups[("sface",)]["evaluators"]) == {"dlib", "dlib-bin"}
+    for g in groups.values():
+        assert g["images"] == 3 and len(g["per_image"]) == 3
+        q = g["quality"]
+        assert 0 < q["lpips"]["mean"] <= q["lpips"]["max"] < 0.2
+        assert q["psnr"]["min"] > 25 and 0.8 < q["ssim"]["min"] < 1.0
+
+    assert list(report["results"]) == ["png", "scale50-jpeg85"]
+    for cond, rows in report["results"].items():
+        assert set(rows) == EVALUATORS
+        section = printed.split(f"## Condition `{cond}`")[1].split("##")[0]
+        for name, r in rows.items():
+            assert r["clean"]["probes"] == 3 and r["protected"]["probes"] == 3
+            # Clean: each probe finds its identity among 24 gallery images.
+            assert r["clean"]["rank1"] >= 2 / 3, (cond, name)
+            for k in ("rank1", "rank5"):
+                assert r["protected"][k] in (0.0, 1 / 3, 2 / 3, 1.0)
+                assert r["clean"]["rank1"] <= r["clean"]["rank5"]
+            line = next(x for x in section.splitlines() if x.startswith(f"| {name} "))
+            cells = [c.strip() for c in line.split("|")[3:7]]
+            assert cells == [
+                f"{100 * r['clean']['rank1']:.1f}%",
+                f"{100 * r['protected']['rank1']:.1f}%",
+                f"{100 * r['clean']['rank5']:.1f}%",
+                f"{100 * r['protected']['rank5']:.1f}%",
+            ]
+
+
+def test_clean_accuracy_on_all_faces(faces_dir, store, tmp_path, capsys):
+    out = tmp_path / "clean"
+    status = main(
+        [
+            "eval",
+            "--dataset",
+            str(faces_dir),
+            "--no-attack",
+            "--conditions",
+            "png",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
+    assert status == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["attack"] == [] and report["attack_config"] is None
+    assert not Path(out / "grid.png").exists()
+    rows = report["results"]["png"]
+    with capsys.disabled():
+        print()
+        for name, r in rows.items():
+            print(
+                f"clean {name}: rank-1 {r['clean']['rank1']:.3f} rank-5 {r['clean']['rank5']:.3f}"
+            )
+    assert set(rows) == EVALUATORS
+    assert report["dataset"]["probe_images"] == 48
+    for name, r in rows.items():
+        assert r["protected"] is None
+        assert r["clean"]["rank1"] >= 0.95, name
+        assert r["clean"]["rank5"] >= 0.98, name

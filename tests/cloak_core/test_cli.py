@@ -1,0 +1,120 @@
+"""``facecloak protect`` and ``facecloak bench`` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from cloak_core.cli import main
+
+
+def test_bad_usage_exits_2_with_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["protect"])
+    assert exc.value.code == 2
+    assert main(["protect", "a.jpg", "b.jpg", "-o", "out.jpg"]) == 2
+    err = capsys.readouterr().err
+    assert "-o/--output takes one input" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["protect", "a.jpg", "--preset", "nope"])
+    assert exc.value.code == 2
+
+
+def test_protect_json_and_failures(tmp_path, photos_dir, capsys):
+    good = tmp_path / "obama small.jpg"
+    shutil.copy(photos_dir / "obama_small.jpg", good)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(good.read_bytes()[:2000])
+    text = tmp_path / "notes.png"
+    text.write_text("hello, not an image")
+    out_dir = tmp_path / "out"
+    code = main(
+        [
+            "protect",
+            str(broken),
+            str(good),
+            str(text),
+            str(tmp_path / "missing.jpg"),
+            "--out-dir",
+            str(out_dir),
+            "--preset",
+            "fast",
+            "--steps",
+            "2",
+            "--json",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 1  # some images failed, the good one was still processed
+    lines = [json.loads(line) for line in captured.out.splitlines()]
+    assert len(lines) == 1
+    record = lines[0]
+    assert record["input"] == str(good) and record["faces"] == 1
+    assert record["output"] == str(out_dir / "obama small.cloaked.jpg")
+    assert {"seconds", "lpips"} <= set(record)
+    for model in ("dlib", "sface"):
+        (face,) = record["models"][model]
+        assert {"similarity_before", "similarity_after", "same_person_after"} <= set(face)
+    with Image.open(record["output"]) as im, Image.open(good) as src:
+        assert im.size == src.size and im.format == "JPEG"
+    errors = captured.err.strip().splitlines()
+    assert len(errors) == 3
+    assert all(line.startswith("facecloak: ") for line in errors)
+    assert str(broken) in errors[0] and str(text) in errors[1] and "missing.jpg" in errors[2]
+
+
+def test_format_and_output_path(tmp_path, photos_dir):
+    target = tmp_path / "x.png"
+    code = main(
+        [
+            "protect",
+            str(photos_dir / "obama_small.jpg"),
+            "-o",
+            str(target),
+            "--format",
+            "png",
+            "--preset",
+            "fast",
+            "--steps",
+            "1",
+        ]
+    )
+    assert code == 0
+    with Image.open(target) as im:
+        assert im.format == "PNG"
+
+
+def test_console_script_runs_bench_json(tmp_path, photos_dir):
+    """The installed entry point, as a user calls it: one JSON row per case."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cloak_core.cli",
+            "bench",
+            "--preset",
+            "fast",
+            "--steps",
+            "1",
+            "--sizes",
+            "0.2",
+            "--faces",
+            "1",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert row["faces_found"] == 1 and row["megapixels"] == pytest.approx(0.2, abs=0.02)
+    assert row["peak_memory_mb"] > 0 and row["seconds"] > 0
+    assert {"detect", "dlib forward", "dlib backward", "sface forward", "lpips forward"} <= set(
+        row["stages"]
+    )
