@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
 import enum
 import functools
 import logging
@@ -291,7 +293,8 @@ class Worker:
         started = time.monotonic()
         try:
             call = functools.partial(
-                self.protector.protect_many,
+                _protect_then_trim,
+                self.protector,
                 [job.data for job in jobs],
                 progress=progress,
                 cancel=batch.cancel,
@@ -317,6 +320,26 @@ class Worker:
         )
         self._batch = None
         self._batch_done.set()
+
+
+def _protect_then_trim(protector: Any, items: list[bytes], **kwargs: Any) -> list[Any]:
+    """``protector.protect_many`` in the worker thread, then give freed heap back to the OS.
+
+    A batch allocates hundreds of MB of short-lived buffers (decoded photos, activations);
+    glibc keeps them mapped unless asked, so a daemon that idles between uploads would
+    otherwise sit at its peak memory for good.
+    """
+    try:
+        return protector.protect_many(items, **kwargs)
+    finally:
+        _trim_heap()
+
+
+def _trim_heap() -> None:
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _load_failure_message(exc: BaseException | None) -> str:

@@ -148,38 +148,50 @@ def lowkey(
         }
     noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
     delta = ((noise * 2 - 1) * config.noise).requires_grad_(True)
-    n_views = 2 if config.blur else 1
+    views = view_schedule(config)
     lpips_x = _lpips_view(x, config.lpips_size)
     capped = config.cosine_target is not None or config.euclidean_target_ratio is not None
+    met_streak = 0  # consecutive steps whose views all met every model's cap
+    needed = len(views) if config.sample_views else 1  # ... covering every view once
     for step in range(config.steps):
         if cancel is not None and cancel.is_set():
             raise CancelledError("protection was cancelled")
         delta.grad = None
+        step_views = [views[step % len(views)]] if config.sample_views else views
+        blurred = [b for b, _ in step_views]
         with times.stage("blur"):
             adv = (x + mask * delta).clamp(0.0, 1.0)
-            views = [adv, gaussian_blur(adv, config.blur_kernel, config.blur_sigma)]
-            stacked = torch.cat(views[:n_views], 0)
+            images = [
+                gaussian_blur(adv, config.blur_kernel, config.blur_sigma) if b else adv
+                for b in dict.fromkeys(blurred)
+            ]
+            stacked = torch.cat(images, 0)
+        n_images = len(images)
         # One backward per model (gradients accumulate in delta.grad): the graph of one
         # model is freed before the next one runs, and each stage can be timed.
         met = True
         for name, model in models.items():
             with times.stage("align"):
                 crops = warp_affine(
-                    stacked, batch.matrices[name].repeat(n_views, 1, 1), model.spec.input_size
+                    stacked, batch.matrices[name].repeat(n_images, 1, 1), model.spec.input_size
                 )
-                if config.flips:
+                flip_all = config.flips and not config.sample_views
+                if flip_all:
                     crops = torch.cat([crops, crops.flip(-1)], 0)
+                elif step_views[0][1]:
+                    crops = crops.flip(-1)
             with times.stage(f"{name} forward"), autocast:
                 emb = model(crops).float()
-                if config.flips:
+                if flip_all:
                     half = emb.shape[0] // 2
                     emb = 0.5 * (emb[:half] + emb[half:])
-                orig = originals[name].repeat(n_views, 1)
+                orig = originals[name].repeat(n_images, 1)
                 terms = model_term(model, orig, emb, config)
                 met = met and bool((terms >= 1.0).all())
             with times.stage(f"{name} backward"):
-                (terms.sum() / n_views).backward(retain_graph=True)
-        if config.early_stop and capped and met:
+                (terms.sum() / n_images).backward(retain_graph=True)
+        met_streak = met_streak + 1 if met else 0
+        if config.early_stop and capped and met_streak >= needed:
             if progress is not None:
                 progress(1.0)
             break
@@ -197,6 +209,13 @@ def lowkey(
             progress((step + 1) / config.steps)
     with torch.no_grad():
         return (x + mask * delta).clamp(0.0, 1.0) - x
+
+
+def view_schedule(config: AttackConfig) -> list[tuple[bool, bool]]:
+    """The (blurred, flipped) views of the objective, in the order sampled views cycle."""
+    blurs = [False, True] if config.blur else [False]
+    flips = [False, True] if config.flips else [False]
+    return [(b, f) for f in flips for b in blurs]
 
 
 def _lpips_view(images: torch.Tensor, size: int | None) -> torch.Tensor:

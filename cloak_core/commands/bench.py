@@ -14,16 +14,16 @@ import platform
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 
 from cloak_core import __version__
-from cloak_core.attack import StageTimes
 from cloak_core.commands.common import add_attack_flags, attack_config
 from cloak_core.errors import UsageError
-from cloak_core.pipeline import Protector
-from cloak_core.store import ModelStore
+
+if TYPE_CHECKING:  # torch is imported only when the command runs
+    import torch
 
 DEFAULT_PHOTOS = {1: "obama.jpg", 2: "two_people.jpg"}
 
@@ -104,6 +104,8 @@ class PeakMemory:
             self.peak = max(self.peak, self._rss())
 
     def __enter__(self) -> PeakMemory:
+        import torch
+
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
@@ -113,6 +115,8 @@ class PeakMemory:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        import torch
+
         if self.device.type == "cuda":
             self.peak = torch.cuda.max_memory_allocated(self.device)
         else:
@@ -122,6 +126,12 @@ class PeakMemory:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from cloak_core.attack import StageTimes
+    from cloak_core.pipeline import Protector
+    from cloak_core.store import ModelStore
+
     config = attack_config(args)
     photos = _photos(args)
     protector = Protector(config, store=ModelStore.from_env(), device=args.device)

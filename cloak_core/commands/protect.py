@@ -9,11 +9,13 @@ import sys
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cloak_core.commands.common import add_attack_flags, attack_config, progress_bar
 from cloak_core.errors import FaceCloakError, UsageError
-from cloak_core.pipeline import Protector, ProtectResult
-from cloak_core.store import ModelStore
+
+if TYPE_CHECKING:  # the pipeline pulls in torch: imported only when the command runs
+    from cloak_core.pipeline import ProtectResult
 
 _SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}
 
@@ -85,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("-o/--output takes one input; use --out-dir for several")
     if args.quality is not None and not 1 <= args.quality <= 100:
         raise UsageError(f"--quality must be within 1..100, got {args.quality}")
+    from cloak_core.pipeline import Protector
+    from cloak_core.store import ModelStore
+
     config = attack_config(args)
     protector = Protector(config, store=ModelStore.from_env(), device=args.device)
     failed = 0

@@ -44,6 +44,7 @@ YUNET = "yunet_int8bq.onnx"
 SFACE = "sface_int8bq.onnx"
 DLIB_CHIP_SIZE = 150
 DLIB_CHIP_PADDING = 0.25
+HOG_WINDOW = 80
 
 
 class Evaluator(Protocol):
@@ -128,22 +129,23 @@ class DlibPipelineEvaluator:
     independent = True
     weights = frozenset({DLIB_DESCRIPTOR, DLIB_SHAPE_PREDICTOR})
 
-    def __init__(self, store: ModelStore, *, upsample: int = 1) -> None:
+    def __init__(self, store: ModelStore) -> None:
         import dlib
 
         self._dlib = dlib
         self._detector = dlib.get_frontal_face_detector()
         self._predictor = dlib.shape_predictor(str(store.resolve(DLIB_SHAPE_PREDICTOR)))
         self._encoder = dlib.face_recognition_model_v1(str(store.resolve(DLIB_DESCRIPTOR)))
-        self._upsample = upsample
         self.fallbacks = 0
 
     def chip(self, image: np.ndarray, face: Face | None = None) -> np.ndarray:
         """dlib's aligned 150x150 RGB uint8 chip of the face in ``image`` (RGB uint8)."""
         dlib = self._dlib
         h, w = image.shape[:2]
-        # Upsampling once lets the detector see faces down to about 40 pixels.
-        rects = list(self._detector(image, self._upsample if max(h, w) < 1000 else 0))
+        # The HOG window is 80 pixels: upsample once when the face is known to be smaller
+        # (on 112x112 aligned crops upsampling found fewer faces, 37 misses of 480 vs 28).
+        small = face is not None and face.size < HOG_WINDOW
+        rects = list(self._detector(image, 1 if small else 0))
         if rects:
             boxes = [(r.left(), r.top(), r.right(), r.bottom()) for r in rects]
             rect = rects[_pick(boxes, face)]

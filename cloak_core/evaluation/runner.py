@@ -26,7 +26,7 @@ from __future__ import annotations
 import platform
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -186,7 +186,7 @@ class Evaluation:
         store: ModelStore,
         *,
         progress: bool = False,
-        log=None,
+        log: Callable[[str], None] | None = None,
     ) -> None:
         from cloak_core.pipeline import resolve_device
         from cloak_core.presets import get_preset
@@ -216,7 +216,7 @@ class Evaluation:
                 raise UsageError(
                     f"--identities {s.identities}: the dataset has {len(names)} identities"
                 )
-        protected = names[: s.identities] if s.identities is not None else names
+        protected = list(names[: s.identities])  # a copy: names is iterated below
         splits = []
         for name in names:
             if len(found[name]) < 2:

@@ -111,3 +111,24 @@ def test_protected_similarity_per_identity_and_joint() -> None:
     only_a = protocol.protected_similarity(probes, labels, clean, moved, labels, ["a"])
     assert only_a[1, 1] == pytest.approx(s_clean[1, 1])
     assert only_a[0, 0] == pytest.approx(s_moved[0, 0])
+
+
+def test_runner_selects_protected_identities_and_leaves_out_singletons(tmp_path: Path) -> None:
+    from cloak_core.evaluation.runner import EvalSettings, Evaluation
+
+    for name, n in (("a", 12), ("b", 1), ("c", 3), ("d", 2)):
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            (tmp_path / name / f"{i:02d}.png").write_bytes(b"")
+    settings = EvalSettings(dataset=tmp_path, out=tmp_path / "out", device="cpu")
+    splits, protected = Evaluation(settings, store=None)._splits()
+    assert protected == ["a", "c", "d"]
+    assert [sp.identity for sp in splits] == ["a", "c", "d"]
+    assert [len(sp.probes) for sp in splits] == [2, 1, 1]
+    two = EvalSettings(dataset=tmp_path, out=tmp_path / "out", device="cpu", identities=2)
+    splits, protected = Evaluation(two, store=None)._splits()
+    assert protected == ["a"] and [sp.identity for sp in splits] == ["a", "c", "d"]
+    with pytest.raises(UsageError):
+        Evaluation(
+            EvalSettings(dataset=tmp_path, out=tmp_path, device="cpu", identities=5), store=None
+        )._splits()
