@@ -21,6 +21,7 @@ per step, so a GPU runs a whole step in a few large calls.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -202,7 +203,14 @@ def lowkey(
         with times.stage("lpips backward"):
             (-config.lpips_weight * perceptual).backward()
         with torch.no_grad():
-            delta += config.step_size * delta.grad.sign()
+            grad = delta.grad
+            if config.grad_sigma:
+                # Smoothing the gradient before its sign (as translation-invariant attacks
+                # do) gives a smoother perturbation: less visible texture, more of it
+                # surviving JPEG and resizing, and better transfer to unseen models.
+                k = 2 * math.ceil(2 * config.grad_sigma) + 1
+                grad = gaussian_blur(grad, k, config.grad_sigma)
+            delta += config.step_size * grad.sign()
             # Keep x + delta inside [0, 1] so the clamp never hides a step.
             delta.copy_((x + delta).clamp(0.0, 1.0) - x)
         if progress is not None:

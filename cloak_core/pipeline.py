@@ -86,6 +86,7 @@ class _Region:
     work_size: tuple[int, int]  # (h, w) at the working resolution
     matrices: dict[str, torch.Tensor]  # model name -> (2, 3), working pixels -> model input
     open_sides: tuple[bool, bool, bool, bool]  # left, top, right, bottom are inside the image
+    face: tuple[float, float, float, float]  # the face's box in working pixels (x0, y0, x1, y1)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -121,6 +122,25 @@ def feather_mask(
 
     left, top, right, bottom = open_sides
     return (ramp(h, top, bottom)[:, None] * ramp(w, left, right)[None, :]).unsqueeze(0)
+
+
+def face_mask(
+    size: tuple[int, int], box: tuple[float, float, float, float], scale: float
+) -> torch.Tensor:
+    """``(1, h, w)`` soft ellipse over a face box ``(x0, y0, x1, y1)`` grown by ``scale``.
+
+    1 inside the ellipse, a raised-cosine fade to 0 over its outer third: the perturbation
+    stays on the face, not on the background, hair or clothes the models' crops include.
+    """
+    h, w = size
+    x0, y0, x1, y1 = box
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    rx, ry = max(1.0, (x1 - x0) / 2 * scale), max(1.0, (y1 - y0) / 2 * scale)
+    ys = torch.arange(h, dtype=torch.float32).view(h, 1)
+    xs = torch.arange(w, dtype=torch.float32).view(1, w)
+    r = (((xs - cx) / rx) ** 2 + ((ys - cy) / ry) ** 2).sqrt()
+    t = ((1.0 - r) / (1.0 / 3.0)).clamp(0, 1)  # 1 inside 2/3 of the radius, 0 outside
+    return (0.5 - 0.5 * torch.cos(torch.pi * t)).unsqueeze(0)
 
 
 class Protector:
@@ -318,7 +338,7 @@ class Protector:
         for c, chunk in enumerate(chunks):
             chunk_regions = [regions[r] for r in chunk]
             with times.stage("prepare regions"):
-                batch = self._batch(chunk_regions, images, names)
+                batch = self._batch(chunk_regions, images, names, config)
 
             def chunk_progress(f: float, c: int = c) -> None:
                 if progress is not None:
@@ -383,10 +403,22 @@ class Protector:
         offset = torch.tensor([[box[0], box[1]]], dtype=torch.float64)
         matrices = {n: (translate(m, offset) @ to_region)[0] for n, m in mats.items()}
         open_sides = (box[0] > 0, box[1] > 0, box[2] < width, box[3] < height)
-        return _Region(image, box, work, matrices, open_sides)
+        sy, sx = h / work[0], w / work[1]
+        fx0, fy0, fx1, fy1 = face.box
+        face_box = (
+            (fx0 - box[0] + 0.5) / sx - 0.5,
+            (fy0 - box[1] + 0.5) / sy - 0.5,
+            (fx1 - box[0] + 0.5) / sx - 0.5,
+            (fy1 - box[1] + 0.5) / sy - 0.5,
+        )
+        return _Region(image, box, work, matrices, open_sides, face_box)
 
     def _batch(
-        self, regions: Sequence[_Region], images: Sequence[np.ndarray], names: Sequence[str]
+        self,
+        regions: Sequence[_Region],
+        images: Sequence[np.ndarray],
+        names: Sequence[str],
+        config: AttackConfig,
     ) -> FaceBatch:
         hmax = max(r.work_size[0] for r in regions)
         wmax = max(r.work_size[1] for r in regions)
@@ -402,7 +434,10 @@ class Protector:
                 )
             pixels[k, :, :h, :w] = region[0].clamp(0, 1)
             border = max(2, round(min(h, w) * REGION_MARGIN))
-            masks[k, :, :h, :w] = feather_mask((h, w), border, r.open_sides).to(self.device)
+            mask = feather_mask((h, w), border, r.open_sides)
+            if config.face_mask:
+                mask = mask * face_mask((h, w), r.face, config.face_mask)
+            masks[k, :, :h, :w] = mask.to(self.device)
             area[k] = (h * w) / (hmax * wmax)
         matrices = {n: torch.stack([r.matrices[n] for r in regions]).to(self.device) for n in names}
         return FaceBatch(pixels=pixels, masks=masks, matrices=matrices, area=area)

@@ -31,7 +31,10 @@ class AttackConfig:
     in the last step (the remaining steps could only trade protection for quality).
     With ``sample_views``, each step uses one view of the objective (plain or blurred,
     flipped or not, in turn) instead of all of them: the expected gradient is the same
-    (expectation over transformations) at a quarter of the cost per step.
+    (expectation over transformations) at a quarter of the cost per step. ``grad_sigma``
+    smooths the gradient with a Gaussian of that many working pixels before its sign.
+    ``face_mask`` limits the perturbation to a soft ellipse over the detected face box
+    grown by that factor (``None``: the whole region around the face).
     """
 
     name: str
@@ -51,6 +54,8 @@ class AttackConfig:
     lpips_size: int | None = 192
     early_stop: bool = False
     sample_views: bool = False
+    grad_sigma: float | None = None
+    face_mask: float | None = None
     seed: int | None = None
 
     def with_overrides(
@@ -82,12 +87,15 @@ PRESETS: dict[str, AttackConfig] = {
         ),
         AttackConfig(
             name="balanced",
-            steps=24,
-            step_size=0.004,
-            lpips_weight=0.05,
+            steps=30,
+            step_size=0.003,
+            lpips_weight=0.2,
             work_scale=1.5,
+            lpips_size=None,
             early_stop=True,
             sample_views=True,
+            grad_sigma=2.0,
+            face_mask=1.7,
         ),
         AttackConfig(
             name="strong",

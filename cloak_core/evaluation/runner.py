@@ -303,9 +303,17 @@ class Evaluation:
         return out
 
     def _base_ensemble(self) -> tuple[str, ...]:
-        from cloak_core.models import default_ensemble, get_spec
+        """The attack pool: ``--attack-models``, else every registry model present here.
 
-        names = self.settings.attack_models or self.config.models or default_ensemble(self.store)
+        Leave-one-out removes from this pool whatever shares weights with an evaluator, so
+        each evaluator is attacked by all the other models available (with only the two
+        default models, each black-box ensemble would be a single model, far weaker than
+        what a user runs); the evaluator outside the default ensemble (MobileFaceNet here)
+        is scored against exactly the default ensemble.
+        """
+        from cloak_core.models import available, get_spec
+
+        names = self.settings.attack_models or self.config.models or available(self.store)
         for n in names:
             get_spec(n)  # UsageError for unknown names
         return tuple(names)
