@@ -362,7 +362,7 @@ class Protector:
     def plan_regions(
         self, shape: tuple[int, int], faces: Sequence[Face], config: AttackConfig | None = None
     ) -> list[_Region]:
-        """Where each face's region lies in an image of ``shape`` = ``(H, W)`` and its working size."""
+        """Each face's region in an image of ``shape`` = ``(H, W)``, and its working size."""
         config = config or self.config
         specs = [get_spec(n) for n in (config.models or self.model_names)]
         return [self._plan(0, shape, f, specs, config) for f in faces]

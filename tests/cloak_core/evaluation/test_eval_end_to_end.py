@@ -62,15 +62,18 @@ def test_small_attacked_eval_writes_a_consistent_report(faces_dir, store, tmp_pa
 
     ev = report["evaluators"]
     assert set(ev) == EVALUATORS
-    assert ev["dlib-bin"]["ensemble"] == ["sface"]
-    assert ev["dlib"]["ensemble"] == ["sface"]
-    assert ev["opencv-sface"]["ensemble"] == ["dlib"]
+    # Leave-one-out over every model present (dlib, sface, mobilefacenet): each evaluator is
+    # attacked by the others; MobileFaceNet, outside the default ensemble, by exactly it.
+    assert ev["dlib-bin"]["ensemble"] == ["sface", "mobilefacenet"]
+    assert ev["dlib"]["ensemble"] == ["sface", "mobilefacenet"]
+    assert ev["opencv-sface"]["ensemble"] == ["dlib", "mobilefacenet"]
+    assert ev["sface"]["ensemble"] == ["dlib", "mobilefacenet"]
     assert ev["mobilefacenet"]["ensemble"] == ["dlib", "sface"]
     assert not any(e["white_box"] for e in ev.values())
 
     groups = {tuple(g["ensemble"]): g for g in report["attack"]}
-    assert set(groups) == {("sface",), ("dlib",), ("dlib", "sface")}
-    assert set(groups[("sface",)]["evaluators"]) == {"dlib", "dlib-bin"}
+    assert set(groups) == {("sface", "mobilefacenet"), ("dlib", "mobilefacenet"), ("dlib", "sface")}
+    assert set(groups[("sface", "mobilefacenet")]["evaluators"]) == {"dlib", "dlib-bin"}
     for g in groups.values():
         assert g["images"] == 3 and len(g["per_image"]) == 3
         q = g["quality"]
