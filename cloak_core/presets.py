@@ -104,6 +104,7 @@ PRESETS: dict[str, AttackConfig] = {
             lpips_weight=0.05,
             cosine_target=-0.3,
             euclidean_target_ratio=2.0,
+            grad_sigma=2.0,
         ),
         AttackConfig(
             name="paper",
