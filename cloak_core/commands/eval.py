@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cloak_core.commands.common import model_list
 from cloak_core.evaluation.conditions import DEFAULT_CONDITIONS, conditions_from_flags
-from cloak_core.evaluation.runner import EvalSettings, Evaluation
 from cloak_core.presets import DEFAULT_PRESET, PRESETS
+
+if TYPE_CHECKING:  # the runner pulls in torch: imported only when the command runs
+    from cloak_core.evaluation.runner import EvalSettings
 
 
 def _positive(text: str) -> int:
@@ -88,6 +91,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     """The :class:`EvalSettings` the flags describe."""
+    from cloak_core.evaluation.runner import EvalSettings
+
     return EvalSettings(
         dataset=args.dataset,
         out=args.out,
@@ -113,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)
     store = ModelStore.from_env()
+    from cloak_core.evaluation.runner import Evaluation
+
     result = Evaluation(settings, store, progress=sys.stderr.isatty()).run()
     written = write_outputs(result, settings.out)
     print((settings.out / REPORT_MD).read_text(), end="")
