@@ -87,8 +87,8 @@ PRESETS: dict[str, AttackConfig] = {
         ),
         AttackConfig(
             name="balanced",
-            steps=30,
-            step_size=0.003,
+            steps=36,
+            step_size=0.0025,
             lpips_weight=0.2,
             work_scale=1.5,
             lpips_size=None,
