@@ -46,12 +46,24 @@ class FaceBatch:
     ``masks``: ``(B, 1, H, W)`` feathered masks in 0..1 (0 on padding and region borders).
     ``matrices``: per model name, ``(B, 2, 3)`` maps from region pixels to the model input.
     ``area``: ``(B,)`` fraction of the padded area each region really covers.
+    ``sizes``: each region's own ``(h, w)`` inside the padding. ``measure_sizes``: the
+    ``(h, w)`` each region has where the photo's quality is measured (the whole photo
+    scaled to at most a few megapixels).
     """
 
     pixels: torch.Tensor
     masks: torch.Tensor
     matrices: Mapping[str, torch.Tensor]
     area: torch.Tensor
+    sizes: tuple[tuple[int, int], ...] = ()
+    measure_sizes: tuple[tuple[int, int], ...] = ()
+
+    def upscale(self, k: int) -> float:
+        """How many measured pixels one working pixel of region ``k`` becomes (>= 1)."""
+        if not self.sizes:
+            return 1.0
+        (h, w), (mh, mw) = self.sizes[k], self.measure_sizes[k]
+        return max(1.0, mh / h, mw / w)
 
 
 def gaussian_blur(images: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
@@ -154,6 +166,10 @@ def lowkey(
     capped = config.cosine_target is not None or config.euclidean_target_ratio is not None
     met_streak = 0  # consecutive steps whose views all met every model's cap
     needed = len(views) if config.sample_views else 1  # ... covering every view once
+    velocity = torch.zeros_like(delta) if config.momentum else None
+    # Faces still moving (1) or frozen at their LPIPS budget (0), and the last delta.
+    active = torch.ones(x.shape[0], 1, 1, 1, dtype=x.dtype, device=x.device)
+    previous = delta.detach().clone() if config.lpips_budget is not None else None
     for step in range(config.steps):
         if cancel is not None and cancel.is_set():
             raise CancelledError("protection was cancelled")
@@ -198,11 +214,15 @@ def lowkey(
             break
         with times.stage("lpips forward"), autocast:
             # LPIPS averages over the padded area: scale back to each region's own area.
-            perceptual = lpips(lpips_x, _lpips_view(adv, config.lpips_size)).float() / batch.area
-            perceptual = perceptual.sum()
+            per_face = lpips(lpips_x, _lpips_view(adv, config.lpips_size)).float() / batch.area
         with times.stage("lpips backward"):
-            (-config.lpips_weight * perceptual).backward()
+            (-config.lpips_weight * per_face.sum()).backward()
         with torch.no_grad():
+            if previous is not None:
+                # A face past its budget goes back to its last delta and stays there.
+                _hold_budget(per_face, config.lpips_budget, delta, previous, active)
+                if not bool(active.any()):
+                    break
             grad = delta.grad
             if config.grad_sigma:
                 # Smoothing the gradient before its sign (as translation-invariant attacks
@@ -210,13 +230,57 @@ def lowkey(
                 # surviving JPEG and resizing, and better transfer to unseen models.
                 k = 2 * math.ceil(2 * config.grad_sigma) + 1
                 grad = gaussian_blur(grad, k, config.grad_sigma)
-            delta += config.step_size * grad.sign()
+            if config.smooth_upscaled:
+                grad = _smooth_upscaled(grad, batch, config.smooth_upscaled)
+            if velocity is not None:
+                scale = grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+                velocity.mul_(config.momentum).add_(grad / scale)
+                grad = velocity
+            if previous is not None:
+                previous.copy_(delta)
+            delta += config.step_size * active * grad.sign()
             # Keep x + delta inside [0, 1] so the clamp never hides a step.
             delta.copy_((x + delta).clamp(0.0, 1.0) - x)
         if progress is not None:
             progress((step + 1) / config.steps)
     with torch.no_grad():
+        if previous is not None:
+            # The last step was never measured: undo it where it passed the budget.
+            adv = (x + mask * delta).clamp(0.0, 1.0)
+            with times.stage("lpips forward"), autocast:
+                per_face = lpips(lpips_x, _lpips_view(adv, config.lpips_size)).float() / batch.area
+            _hold_budget(per_face, config.lpips_budget, delta, previous, active)
         return (x + mask * delta).clamp(0.0, 1.0) - x
+
+
+def _hold_budget(
+    lpips: torch.Tensor,
+    budget: float,
+    delta: torch.Tensor,
+    previous: torch.Tensor,
+    active: torch.Tensor,
+) -> None:
+    """Faces whose ``lpips`` ``(B,)`` passed ``budget`` go back to ``previous`` and stop
+    (``active`` set to 0). In place."""
+    over = (lpips > budget).view(-1, 1, 1, 1).to(delta.dtype)
+    active.mul_(1 - over)
+    delta.copy_(over * previous + (1 - over) * delta)
+
+
+def _smooth_upscaled(grad: torch.Tensor, batch: FaceBatch, factor: float) -> torch.Tensor:
+    """``grad`` with each region optimised on a coarser grid than it is shown at smoothed
+    by a Gaussian of sigma ``factor`` times that ratio (working pixels): a sign pattern of
+    single working pixels, enlarged, would be a coarse texture that LPIPS at the working
+    size does not see."""
+    out = grad
+    for k in range(grad.shape[0]):
+        ratio = batch.upscale(k)
+        if ratio > 1.05:
+            if out is grad:
+                out = grad.clone()
+            sigma = factor * ratio
+            out[k : k + 1] = gaussian_blur(grad[k : k + 1], 2 * math.ceil(2 * sigma) + 1, sigma)
+    return out
 
 
 def view_schedule(config: AttackConfig) -> list[tuple[bool, bool]]:

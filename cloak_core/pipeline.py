@@ -425,8 +425,12 @@ class Protector:
         pixels = torch.zeros(len(regions), 3, hmax, wmax, device=self.device)
         masks = torch.zeros(len(regions), 1, hmax, wmax, device=self.device)
         area = torch.empty(len(regions), device=self.device)
+        measure_sizes = []
         for k, r in enumerate(regions):
             h, w = r.work_size
+            f = measure_factor(images[r.image].shape[:2])
+            bw, bh = r.box[2] - r.box[0], r.box[3] - r.box[1]
+            measure_sizes.append((max(16, round(bh * f)), max(16, round(bw * f))))
             region = _to_tensor(images[r.image], r.box, self.device)
             if region.shape[-2:] != (h, w):
                 region = F.interpolate(
@@ -440,7 +444,14 @@ class Protector:
             masks[k, :, :h, :w] = mask.to(self.device)
             area[k] = (h * w) / (hmax * wmax)
         matrices = {n: torch.stack([r.matrices[n] for r in regions]).to(self.device) for n in names}
-        return FaceBatch(pixels=pixels, masks=masks, matrices=matrices, area=area)
+        return FaceBatch(
+            pixels=pixels,
+            masks=masks,
+            matrices=matrices,
+            area=area,
+            sizes=tuple(r.work_size for r in regions),
+            measure_sizes=tuple(measure_sizes),
+        )
 
     # -- measurement -------------------------------------------------------------------
 
@@ -536,12 +547,19 @@ def _blend(output: np.ndarray, region: _Region, delta: torch.Tensor) -> None:
     output[y0:y1, x0:x1] = blended[0].permute(1, 2, 0).cpu().numpy().astype(output.dtype)
 
 
+def measure_factor(shape: tuple[int, int]) -> float:
+    """The scale at which a photo of ``shape`` (h, w) is measured: at most
+    LPIPS_MEASURE_PIXELS, never enlarged."""
+    h, w = shape
+    return min(1.0, (LPIPS_MEASURE_PIXELS / (h * w)) ** 0.5)
+
+
 def _measure_copies(before: torch.Tensor, after: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(1, 3, h, w)`` copies for whole-photo LPIPS, scaled to at most LPIPS_MEASURE_PIXELS."""
     _, h, w = before.shape
     a, b = before.unsqueeze(0), after.unsqueeze(0)
-    if h * w > LPIPS_MEASURE_PIXELS:
-        f = (LPIPS_MEASURE_PIXELS / (h * w)) ** 0.5
+    f = measure_factor((h, w))
+    if f < 1.0:
         size = (max(16, int(h * f)), max(16, int(w * f)))
         a = F.interpolate(a, size=size, mode="bilinear", antialias=True, align_corners=False)
         b = F.interpolate(b, size=size, mode="bilinear", antialias=True, align_corners=False)

@@ -35,6 +35,15 @@ class AttackConfig:
     smooths the gradient with a Gaussian of that many working pixels before its sign.
     ``face_mask`` limits the perturbation to a soft ellipse over the detected face box
     grown by that factor (``None``: the whole region around the face).
+    ``momentum`` accumulates the gradient, each step's normalised to unit mean absolute
+    value, with that decay before its sign (MI-FGSM: steadier directions that transfer
+    better to models outside the ensemble). With ``lpips_budget``, a face whose LPIPS
+    against its original (at the working size) passes the budget goes back to its
+    previous step and is left there; the others keep going.
+    ``smooth_upscaled``: a face optimised on a grid coarser than the scale its photo is
+    measured at (the whole photo at most 4 MP) gets its gradient smoothed by a Gaussian of
+    sigma this factor times that ratio (working pixels), so single working pixels do not
+    become coarse texture once enlarged (which LPIPS at the working size cannot see).
     """
 
     name: str
@@ -56,6 +65,9 @@ class AttackConfig:
     sample_views: bool = False
     grad_sigma: float | None = None
     face_mask: float | None = None
+    momentum: float | None = None
+    lpips_budget: float | None = None
+    smooth_upscaled: float | None = None
     seed: int | None = None
 
     def with_overrides(
@@ -87,15 +99,18 @@ PRESETS: dict[str, AttackConfig] = {
         ),
         AttackConfig(
             name="balanced",
-            steps=36,
-            step_size=0.0025,
-            lpips_weight=0.2,
+            steps=50,
+            step_size=0.004,
+            lpips_weight=1.0,
+            cosine_target=-1.0,
+            euclidean_target_ratio=4.0,
             work_scale=1.5,
             lpips_size=None,
-            early_stop=True,
             sample_views=True,
-            grad_sigma=2.0,
             face_mask=1.7,
+            momentum=0.5,
+            lpips_budget=0.035,
+            smooth_upscaled=1.5,
         ),
         AttackConfig(
             name="strong",

@@ -86,6 +86,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to compute"
     )
     p.add_argument("--no-attack", action="store_true", help="clean accuracy only")
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="attack again instead of reusing the attacked images kept in OUT/attack-cache",
+    )
     return p
 
 
@@ -109,6 +114,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         attack=not args.no_attack,
         joint=args.joint,
         landmarks=args.landmarks,
+        resume=not args.fresh,
     )
 
 

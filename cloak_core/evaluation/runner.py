@@ -23,6 +23,8 @@ The steps, in order:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import platform
 import sys
 import time
@@ -54,6 +56,9 @@ if TYPE_CHECKING:
 
 PIPELINES = ("dlib-bin", "opencv-sface")
 ALIGNED_SIZE = (112, 112)
+CACHE_DIR = "attack-cache"
+# The sources whose change makes earlier attacked images stale.
+ATTACK_SOURCES = ("attack.py", "pipeline.py", "presets.py", "align.py", "lpips.py")
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,9 @@ class EvalSettings:
     machine, plus both pipelines). ``landmarks``: ``"auto"`` (template when every image is
     112x112), ``"template"`` or ``"detect"``. ``joint``: protect all protected identities'
     galleries at once instead of one identity at a time. ``attack``: False for clean
-    accuracy only.
+    accuracy only. ``resume``: keep every attacked batch in ``out/attack-cache`` as it is
+    done and reuse the batches a run with the same settings and attack code already made
+    (a long CPU run can stop and go on); False recomputes and overwrites them.
     """
 
     dataset: Path
@@ -89,6 +96,7 @@ class EvalSettings:
     landmarks: str = "auto"
     batch_size: int | None = None
     grid_identities: int = 6
+    resume: bool = True
 
     def as_dict(self) -> dict:
         """JSON-ready form."""
@@ -142,6 +150,36 @@ class _Group:
     protected: list[np.ndarray] = field(default_factory=list)
     seconds: float = 0.0
     quality: dict[str, list[float]] = field(default_factory=dict)
+
+
+def _attack_code() -> str:
+    """A digest of the attack's source files, read once when the run starts."""
+    import cloak_core
+
+    root = Path(cloak_core.__file__).parent
+    digest = hashlib.sha256()
+    for name in ATTACK_SOURCES:
+        digest.update((root / name).read_bytes())
+    return digest.hexdigest()
+
+
+def _read_cache(path: Path) -> tuple[list[np.ndarray], float] | None:
+    """Attacked images and their attack seconds kept at ``path``; None if absent or unreadable."""
+    try:
+        with np.load(path) as data:
+            n = int(data["count"])
+            return [data[f"image{k}"] for k in range(n)], float(data["seconds"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _write_cache(path: Path, images: Sequence[np.ndarray], seconds: float) -> None:
+    """Keep attacked images at ``path`` (written aside, then renamed: never half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.npz")
+    arrays = {f"image{k}": im for k, im in enumerate(images)}
+    np.savez_compressed(partial, count=len(images), seconds=seconds, **arrays)
+    partial.replace(path)
 
 
 def _versions() -> dict[str, str | None]:
@@ -200,6 +238,7 @@ class Evaluation:
         if settings.steps is not None:
             config = config.with_overrides(steps=settings.steps)
         self.config = config
+        self.code = _attack_code()
         self.timings: dict[str, float] = {}
         self.notes: list[str] = []
 
@@ -359,7 +398,7 @@ class Evaluation:
             ) as protector,
             tqdm(total=len(targets), desc=label, disable=not self.progress, unit="img") as bar,
         ):
-            start = time.perf_counter()
+            seconds, resumed = 0.0, 0
             for b, i in enumerate(range(0, len(targets), batch)):
                 chunk = targets[i : i + batch]
                 done = bar.n
@@ -368,19 +407,51 @@ class Evaluation:
                     bar.n = round(done + f * n, 2)
                     bar.refresh()
 
-                protected += protector.protect_pixels(
-                    [im.pixels for im in chunk],
-                    [im.faces for im in chunk],
-                    seed=self.settings.seed + b,
-                    progress=step,
-                )
+                seed = self.settings.seed + b
+                cached = self._cache_path(group, chunk, seed)
+                hit = _read_cache(cached) if self.settings.resume else None
+                if hit is None:
+                    t = time.perf_counter()
+                    pixels = protector.protect_pixels(
+                        [im.pixels for im in chunk],
+                        [im.faces for im in chunk],
+                        seed=seed,
+                        progress=step,
+                    )
+                    hit = (pixels, time.perf_counter() - t)
+                    _write_cache(cached, *hit)
+                else:
+                    resumed += len(chunk)
+                protected += hit[0]
+                seconds += hit[1]
                 bar.n = done + len(chunk)
                 bar.refresh()
-            group.seconds = time.perf_counter() - start
+            group.seconds = seconds
+        if resumed:
+            self.notes.append(
+                f"attack {','.join(group.ensemble)}: {resumed} of {len(targets)} images "
+                f"taken from {self.settings.out / CACHE_DIR} (their recorded attack time counted)"
+            )
         by_path = {im.path: px for im, px in zip(targets, protected, strict=True)}
         # Unprotected identities keep their clean pixels (they are never used protected).
         group.protected = [by_path.get(im.path, im.pixels) for im in gallery]
         group.quality = self._quality(targets, protected)
+
+    def _cache_path(self, group: _Group, chunk: Sequence[_Image], seed: int) -> Path:
+        """Where the attacked ``chunk`` is kept: named by everything its pixels depend on."""
+        import torch
+
+        key = {
+            "config": asdict(replace(self.config, models=group.ensemble)),
+            "seed": seed,
+            "device": self.device.type,
+            "torch": torch.__version__,
+            "code": self.code,
+            "images": [hashlib.sha256(im.pixels.tobytes()).hexdigest() for im in chunk],
+            "faces": [[[list(f.box), f.keypoints.tolist()] for f in im.faces] for im in chunk],
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        return self.settings.out / CACHE_DIR / f"{digest}.npz"
 
     def _quality(self, originals: Sequence[_Image], protected: Sequence[np.ndarray]) -> dict:
         from cloak_core.lpips import load_lpips

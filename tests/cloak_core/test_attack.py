@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import cv2
 import numpy as np
 import pytest
@@ -32,7 +34,7 @@ def test_feather_mask_fades_only_open_sides():
 
 
 def test_capped_terms_follow_each_models_rule():
-    config = get_preset("balanced")
+    config = replace(get_preset("balanced"), cosine_target=0.0, euclidean_target_ratio=1.5)
     original = torch.tensor([[1.0, 0.0]])
     cosine = type(
         "M", (), {"spec": type("S", (), {"verification": VerificationRule("cosine", 0.36)})}
@@ -40,7 +42,7 @@ def test_capped_terms_follow_each_models_rule():
     euclid = type(
         "M", (), {"spec": type("S", (), {"verification": VerificationRule("euclidean", 0.6)})}
     )
-    # Cosine 0 reaches the balanced target (0.0): the term is capped at 1.
+    # Cosine 0 reaches the target (0.0): the term is capped at 1.
     assert float(model_term(cosine, original, torch.tensor([[0.0, 1.0]]), config)) == 1.0
     assert float(model_term(cosine, original, torch.tensor([[1.0, 1.0]]), config)) < 1.0
     # Distance 0.45 is half of 1.5 * 0.6.
@@ -61,3 +63,45 @@ def test_paper_preset_is_the_published_setting():
         "alex",
     )
     assert (p.blur_kernel, p.blur_sigma, p.flips) == (7, 3.0, True)
+
+
+def test_lpips_budget_bounds_every_face(store, faces_dir):
+    """A face reaching the LPIPS budget stops there; without a budget it goes past it."""
+    from cloak_core.attack import StageTimes, _lpips_view, lowkey
+    from cloak_core.detect import Face
+    from cloak_core.models.base import ARCFACE_TEMPLATE_112
+    from cloak_core.pipeline import Protector
+
+    images = [
+        np.asarray(Image.open(d / "001.png").convert("RGB"))
+        for d in sorted(faces_dir.iterdir())[:2]
+    ]
+    face = Face.from_template(ARCFACE_TEMPLATE_112, box=(0, 0, 112, 112))
+    base = replace(
+        get_preset("balanced"), steps=12, step_size=0.01, models=("mobilefacenet",), seed=0
+    )
+    with Protector(base, store=store, device="cpu", models=base.models) as p:
+        specs = [p._model("mobilefacenet").spec]
+        regions = [p._plan(i, (112, 112), face, specs, base) for i in range(2)]
+        batch = p._batch(regions, images, ["mobilefacenet"], base)
+        models = {"mobilefacenet": p._model("mobilefacenet")}
+        lpips = p._lpips_net("alex")
+
+        def distances(config):
+            perturbation = lowkey(
+                batch,
+                models,
+                lpips,
+                config,
+                generator=torch.Generator().manual_seed(0),
+                times=StageTimes(torch.device("cpu")),
+            )
+            with torch.no_grad():
+                x = _lpips_view(batch.pixels, config.lpips_size)
+                adv = _lpips_view(batch.pixels + perturbation, config.lpips_size)
+                return (lpips(x, adv).float() / batch.area).tolist()
+
+        free = distances(replace(base, lpips_budget=None))
+        bounded = distances(replace(base, lpips_budget=0.01))
+    assert min(free) > 0.01
+    assert all(0 < d <= 0.01 + 1e-6 for d in bounded), bounded

@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from cloak_core.errors import CancelledError, ImageError, UnsupportedImageError
@@ -169,6 +170,42 @@ def balanced(store):
     config = replace(get_preset("balanced"), seed=0)
     with Protector(config, store=store, device="cpu") as p:
         yield p
+
+
+@pytest.mark.slow
+def test_balanced_transfers_to_a_model_outside_its_ensemble(store, faces_dir):
+    """Black-box on real aligned faces: made with dlib and MobileFaceNet, SFace is fooled.
+
+    SFace never sees the attack; its own rule (cosine >= its threshold) must say "a
+    different person" for most faces, at LPIPS (AlexNet, whole crop) under the budget.
+    """
+    from cloak_core.detect import Face
+    from cloak_core.lpips import load_lpips
+    from cloak_core.models import load_model
+    from cloak_core.models.base import ARCFACE_TEMPLATE_112
+
+    identities = sorted(d for d in faces_dir.iterdir() if d.is_dir())[::6]
+    images = [np.asarray(Image.open(d / "002.png").convert("RGB")) for d in identities]
+    faces = [[Face.from_template(ARCFACE_TEMPLATE_112, box=(0, 0, 112, 112))] for _ in images]
+    config = replace(get_preset("balanced"), seed=0, models=("dlib", "mobilefacenet"))
+    with Protector(config, store=store, device="cpu", models=config.models) as p:
+        out = p.protect_pixels(images, faces)
+    sface = load_model("sface", store)
+    lpips = load_lpips("alex", store=store)
+
+    def tensor(arrays):
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+
+    def embed(arrays):
+        return sface(F.interpolate(tensor(arrays), size=sface.spec.input_size, mode="bilinear"))
+
+    with torch.no_grad():
+        cos = F.cosine_similarity(embed(images), embed(out)).tolist()
+        distances = lpips(tensor(images), tensor(out)).flatten().tolist()
+    rule = sface.spec.verification.threshold
+    print(f"sface cosine {[round(c, 3) for c in cos]} (rule {rule}), LPIPS {distances}")
+    assert sum(c < rule for c in cos) >= len(images) - 1
+    assert max(distances) <= 0.05
 
 
 def test_measure_reports_every_model_on_the_encoded_output(fast, photos_dir):

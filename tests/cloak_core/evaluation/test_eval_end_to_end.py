@@ -17,31 +17,30 @@ EVALUATORS = {"dlib", "sface", "mobilefacenet", "dlib-bin", "opencv-sface"}
 
 def test_small_attacked_eval_writes_a_consistent_report(faces_dir, store, tmp_path, capsys):
     out = tmp_path / "eval"
-    status = main(
-        [
-            "eval",
-            "--dataset",
-            str(faces_dir),
-            "--identities",
-            "3",
-            "--gallery-per-identity",
-            "1",
-            "--probes-per-identity",
-            "1",
-            "--preset",
-            "fast",
-            "--steps",
-            "3",
-            "--conditions",
-            "png,scale50-jpeg85",
-            "--device",
-            "cpu",
-            "--seed",
-            "7",
-            "--out",
-            str(out),
-        ]
-    )
+    args = [
+        "eval",
+        "--dataset",
+        str(faces_dir),
+        "--identities",
+        "3",
+        "--gallery-per-identity",
+        "1",
+        "--probes-per-identity",
+        "1",
+        "--preset",
+        "fast",
+        "--steps",
+        "3",
+        "--conditions",
+        "png,scale50-jpeg85",
+        "--device",
+        "cpu",
+        "--seed",
+        "7",
+        "--out",
+        str(out),
+    ]
+    status = main(args)
     assert status == 0
     printed = capsys.readouterr().out
     for name in ("report.json", "report.md", "accuracy.png", "grid.png"):
@@ -99,6 +98,20 @@ def test_small_attacked_eval_writes_a_consistent_report(faces_dir, store, tmp_pa
                 f"{100 * r['clean']['rank5']:.1f}%",
                 f"{100 * r['protected']['rank5']:.1f}%",
             ]
+
+    # Every attacked batch was kept; a second run with the same settings reuses them all
+    # and reports the same figures, --fresh attacks again, another seed misses the cache.
+    kept = sorted((out / "attack-cache").glob("*.npz"))
+    assert len(kept) == 3 and not report["notes"]
+    assert main(args) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert again["results"] == report["results"] and again["attack"] == report["attack"]
+    assert sum("taken from" in n for n in again["notes"]) == 3
+    assert main([*args, "--fresh"]) == 0
+    assert not json.loads((out / "report.json").read_text())["notes"]
+    assert main([*args[:-4], "--seed", "8", "--out", str(out)]) == 0
+    assert len(list((out / "attack-cache").glob("*.npz"))) == 6
+    capsys.readouterr()
 
 
 def test_clean_accuracy_on_all_faces(faces_dir, store, tmp_path, capsys):
