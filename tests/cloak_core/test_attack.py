@@ -78,7 +78,7 @@ def test_lpips_budget_bounds_every_face(store, faces_dir):
     ]
     face = Face.from_template(ARCFACE_TEMPLATE_112, box=(0, 0, 112, 112))
     base = replace(
-        get_preset("balanced"), steps=12, step_size=0.01, models=("mobilefacenet",), seed=0
+        get_preset("strong"), steps=12, step_size=0.01, models=("mobilefacenet",), seed=0
     )
     with Protector(base, store=store, device="cpu", models=base.models) as p:
         specs = [p._model("mobilefacenet").spec]
@@ -105,3 +105,23 @@ def test_lpips_budget_bounds_every_face(store, faces_dir):
         bounded = distances(replace(base, lpips_budget=0.01))
     assert min(free) > 0.01
     assert all(0 < d <= 0.01 + 1e-6 for d in bounded), bounded
+
+
+def test_only_regions_shown_larger_than_optimised_get_smoothed():
+    from cloak_core.attack import FaceBatch, _smooth_upscaled
+
+    grad = torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0))
+    batch = FaceBatch(
+        pixels=torch.zeros(2, 3, 24, 24),
+        masks=torch.ones(2, 1, 24, 24),
+        matrices={},
+        area=torch.ones(2),
+        sizes=((24, 24), (24, 24)),
+        measure_sizes=((24, 24), (72, 60)),
+    )
+    assert (batch.upscale(0), batch.upscale(1)) == (1.0, 3.0)
+    out = _smooth_upscaled(grad, batch, 1.0)
+    assert torch.equal(out[0], grad[0])  # shown as optimised: untouched
+    assert torch.allclose(out[1], gaussian_blur(grad[1:], 13, 3.0)[0])
+    assert float(out[1].std()) < 0.3 * float(grad[1].std())
+    assert torch.equal(grad, torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0)))
