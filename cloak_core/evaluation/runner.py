@@ -57,8 +57,9 @@ if TYPE_CHECKING:
 PIPELINES = ("dlib-bin", "opencv-sface")
 ALIGNED_SIZE = (112, 112)
 CACHE_DIR = "attack-cache"
-# The sources whose change makes earlier attacked images stale.
-ATTACK_SOURCES = ("attack.py", "pipeline.py", "presets.py", "align.py", "lpips.py")
+# The sources whose change makes earlier attacked images stale (the presets' values are
+# in the key already, as the attack config, so retuning one preset keeps the others' cache).
+ATTACK_SOURCES = ("attack.py", "pipeline.py", "align.py", "lpips.py")
 
 
 @dataclass(frozen=True)
