@@ -87,9 +87,9 @@ def markdown(report: dict) -> str:
         lines += [
             "## Image quality of the protected gallery images",
             "",
-            "| ensemble | images | s/image | LPIPS mean | median | max "
+            "| ensemble | images | s/image | LPIPS mean | median | max | LPIPS-VGG mean | max "
             "| PSNR mean (dB) | min | SSIM mean | min |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for g in report["attack"]:
             q = g["quality"]
@@ -97,6 +97,7 @@ def markdown(report: dict) -> str:
                 f"| {','.join(g['ensemble'])} | {g['images']} | "
                 f"{_num(g['seconds_per_image'], 2)} | {_num(q['lpips']['mean'], 4)} | "
                 f"{_num(q['lpips']['median'], 4)} | {_num(q['lpips']['max'], 4)} | "
+                f"{_num(q['lpips_vgg']['mean'], 4)} | {_num(q['lpips_vgg']['max'], 4)} | "
                 f"{_num(q['psnr']['mean'], 2)} | {_num(q['psnr']['min'], 2)} | "
                 f"{_num(q['ssim']['mean'], 4)} | {_num(q['ssim']['min'], 4)} |"
             )

@@ -455,13 +455,20 @@ class Evaluation:
         return self.settings.out / CACHE_DIR / f"{digest}.npz"
 
     def _quality(self, originals: Sequence[_Image], protected: Sequence[np.ndarray]) -> dict:
+        """LPIPS with the attack's own network (AlexNet), and with VGG16, which no preset
+        optimises against: an attack can make changes AlexNet barely sees but people do,
+        so the VGG figure (with PSNR and SSIM) is the independent check of the first."""
         from cloak_core.lpips import load_lpips
 
-        lpips = load_lpips(self.config.lpips_net, store=self.store, device=self.device)
+        pixels = [im.pixels for im in originals]
+
+        def distances(net: str) -> list[float]:
+            lpips = load_lpips(net, store=self.store, device=self.device)
+            return lpips_distances(lpips, pixels, protected, device=self.device)
+
         return {
-            "lpips": lpips_distances(
-                lpips, [im.pixels for im in originals], protected, device=self.device
-            ),
+            "lpips": distances(self.config.lpips_net),
+            "lpips_vgg": distances("vgg"),
             "psnr": [psnr(im.pixels, px) for im, px in zip(originals, protected, strict=True)],
             "ssim": [ssim(im.pixels, px) for im, px in zip(originals, protected, strict=True)],
         }
@@ -605,6 +612,7 @@ class Evaluation:
                                 "identity": im.identity,
                                 "path": str(im.path),
                                 "lpips": g.quality["lpips"][k],
+                                "lpips_vgg": g.quality["lpips_vgg"][k],
                                 "psnr": g.quality["psnr"][k],
                                 "ssim": g.quality["ssim"][k],
                             }

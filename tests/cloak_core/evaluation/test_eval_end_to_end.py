@@ -77,8 +77,13 @@ def test_small_attacked_eval_writes_a_consistent_report(faces_dir, store, tmp_pa
         assert g["images"] == 3 and len(g["per_image"]) == 3
         q = g["quality"]
         assert 0 < q["lpips"]["mean"] <= q["lpips"]["max"] < 0.2
+        assert 0 < q["lpips_vgg"]["mean"] <= q["lpips_vgg"]["max"] < 0.4
+        per_image = [r["lpips_vgg"] for r in g["per_image"]]
+        assert sum(per_image) / len(per_image) == pytest.approx(q["lpips_vgg"]["mean"])
+        assert per_image != [r["lpips"] for r in g["per_image"]]  # another network
         assert q["psnr"]["min"] > 25 and 0.8 < q["ssim"]["min"] < 1.0
 
+    assert "| LPIPS-VGG mean | max |" in printed
     assert list(report["results"]) == ["png", "scale50-jpeg85"]
     for cond, rows in report["results"].items():
         assert set(rows) == EVALUATORS
