@@ -46,24 +46,16 @@ class FaceBatch:
     ``masks``: ``(B, 1, H, W)`` feathered masks in 0..1 (0 on padding and region borders).
     ``matrices``: per model name, ``(B, 2, 3)`` maps from region pixels to the model input.
     ``area``: ``(B,)`` fraction of the padded area each region really covers.
-    ``sizes``: each region's own ``(h, w)`` inside the padding. ``measure_sizes``: the
-    ``(h, w)`` each region has where the photo's quality is measured (the whole photo
-    scaled to at most a few megapixels).
+    ``upscale``: per region, how many pixels one working pixel becomes where the photo's
+    quality is measured (the whole photo scaled to at most a few megapixels), at least 1;
+    empty means 1 for all.
     """
 
     pixels: torch.Tensor
     masks: torch.Tensor
     matrices: Mapping[str, torch.Tensor]
     area: torch.Tensor
-    sizes: tuple[tuple[int, int], ...] = ()
-    measure_sizes: tuple[tuple[int, int], ...] = ()
-
-    def upscale(self, k: int) -> float:
-        """How many measured pixels one working pixel of region ``k`` becomes (>= 1)."""
-        if not self.sizes:
-            return 1.0
-        (h, w), (mh, mw) = self.sizes[k], self.measure_sizes[k]
-        return max(1.0, mh / h, mw / w)
+    upscale: tuple[float, ...] = ()
 
 
 def gaussian_blur(images: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
@@ -214,7 +206,7 @@ def lowkey(
             break
         with times.stage("lpips forward"), autocast:
             # LPIPS averages over the padded area: scale back to each region's own area.
-            per_face = lpips(lpips_x, _lpips_view(adv, config.lpips_size)).float() / batch.area
+            per_face = _per_face_lpips(lpips, lpips_x, adv, batch, config)
         with times.stage("lpips backward"):
             (-config.lpips_weight * per_face.sum()).backward()
         with torch.no_grad():
@@ -228,8 +220,7 @@ def lowkey(
                 # Smoothing the gradient before its sign (as translation-invariant attacks
                 # do) gives a smoother perturbation: less visible texture, more of it
                 # surviving JPEG and resizing, and better transfer to unseen models.
-                k = 2 * math.ceil(2 * config.grad_sigma) + 1
-                grad = gaussian_blur(grad, k, config.grad_sigma)
+                grad = _smooth(grad, config.grad_sigma)
             if config.smooth_upscaled:
                 grad = _smooth_upscaled(grad, batch, config.smooth_upscaled)
             if velocity is not None:
@@ -248,9 +239,22 @@ def lowkey(
             # The last step was never measured: undo it where it passed the budget.
             adv = (x + mask * delta).clamp(0.0, 1.0)
             with times.stage("lpips forward"), autocast:
-                per_face = lpips(lpips_x, _lpips_view(adv, config.lpips_size)).float() / batch.area
+                per_face = _per_face_lpips(lpips, lpips_x, adv, batch, config)
             _hold_budget(per_face, config.lpips_budget, delta, previous, active)
         return (x + mask * delta).clamp(0.0, 1.0) - x
+
+
+def _per_face_lpips(
+    lpips: LPIPS, original: torch.Tensor, adv: torch.Tensor, batch: FaceBatch, config: AttackConfig
+) -> torch.Tensor:
+    """``(B,)`` LPIPS of ``adv`` against ``original`` (already in its LPIPS view), each
+    scaled back from the padded area to its region's own."""
+    return lpips(original, _lpips_view(adv, config.lpips_size)).float() / batch.area
+
+
+def _smooth(grad: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``grad`` blurred by a Gaussian of ``sigma`` pixels (kernel out to 2 sigma)."""
+    return gaussian_blur(grad, 2 * math.ceil(2 * sigma) + 1, sigma)
 
 
 def _hold_budget(
@@ -273,13 +277,11 @@ def _smooth_upscaled(grad: torch.Tensor, batch: FaceBatch, factor: float) -> tor
     single working pixels, enlarged, would be a coarse texture that LPIPS at the working
     size does not see."""
     out = grad
-    for k in range(grad.shape[0]):
-        ratio = batch.upscale(k)
+    for k, ratio in enumerate(batch.upscale):
         if ratio > 1.05:
             if out is grad:
                 out = grad.clone()
-            sigma = factor * ratio
-            out[k : k + 1] = gaussian_blur(grad[k : k + 1], 2 * math.ceil(2 * sigma) + 1, sigma)
+            out[k : k + 1] = _smooth(grad[k : k + 1], factor * ratio)
     return out
 
 

@@ -425,12 +425,12 @@ class Protector:
         pixels = torch.zeros(len(regions), 3, hmax, wmax, device=self.device)
         masks = torch.zeros(len(regions), 1, hmax, wmax, device=self.device)
         area = torch.empty(len(regions), device=self.device)
-        measure_sizes = []
+        upscale = []
         for k, r in enumerate(regions):
             h, w = r.work_size
             f = measure_factor(images[r.image].shape[:2])
             bw, bh = r.box[2] - r.box[0], r.box[3] - r.box[1]
-            measure_sizes.append((max(16, round(bh * f)), max(16, round(bw * f))))
+            upscale.append(max(1.0, bh * f / h, bw * f / w))
             region = _to_tensor(images[r.image], r.box, self.device)
             if region.shape[-2:] != (h, w):
                 region = F.interpolate(
@@ -449,8 +449,7 @@ class Protector:
             masks=masks,
             matrices=matrices,
             area=area,
-            sizes=tuple(r.work_size for r in regions),
-            measure_sizes=tuple(measure_sizes),
+            upscale=tuple(upscale),
         )
 
     # -- measurement -------------------------------------------------------------------

@@ -116,10 +116,8 @@ def test_only_regions_shown_larger_than_optimised_get_smoothed():
         masks=torch.ones(2, 1, 24, 24),
         matrices={},
         area=torch.ones(2),
-        sizes=((24, 24), (24, 24)),
-        measure_sizes=((24, 24), (72, 60)),
+        upscale=(1.0, 3.0),
     )
-    assert (batch.upscale(0), batch.upscale(1)) == (1.0, 3.0)
     out = _smooth_upscaled(grad, batch, 1.0)
     assert torch.equal(out[0], grad[0])  # shown as optimised: untouched
     assert torch.allclose(out[1], gaussian_blur(grad[1:], 13, 3.0)[0])
