@@ -336,6 +336,18 @@ class ModelStore:
         # (path, mtime_ns, size) -> sha256, so each file is hashed once per process.
         self._digests: dict[tuple[str, int, int], str] = {}
 
+    def __getstate__(self) -> dict:
+        """Pickled without its lock (a store can be handed to a worker process)."""
+        state = dict(self.__dict__)
+        state["weights"] = dict(self.weights)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.weights = MappingProxyType(state["weights"])
+        self._lock = threading.RLock()
+
     @classmethod
     def from_env(
         cls, environ: Mapping[str, str] | None = None, weights: Mapping[str, WeightFile] = WEIGHTS

@@ -87,6 +87,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--no-attack", action="store_true", help="clean accuracy only")
     p.add_argument(
+        "--jobs",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="attack in N worker processes on a CPU, each with 1/N of the cores (default 1)",
+    )
+    p.add_argument(
         "--fresh",
         action="store_true",
         help="attack again instead of reusing the attacked images kept in OUT/attack-cache",
@@ -115,6 +122,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         joint=args.joint,
         landmarks=args.landmarks,
         resume=not args.fresh,
+        jobs=args.jobs,
     )
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import sys
 import time
@@ -52,6 +53,7 @@ from cloak_core.evaluation.quality import QualityStats, lpips_distances, psnr, s
 
 if TYPE_CHECKING:
     from cloak_core.detect import Face
+    from cloak_core.presets import AttackConfig
     from cloak_core.store import ModelStore
 
 PIPELINES = ("dlib-bin", "opencv-sface")
@@ -75,7 +77,10 @@ class EvalSettings:
     galleries at once instead of one identity at a time. ``attack``: False for clean
     accuracy only. ``resume``: keep every attacked batch in ``out/attack-cache`` as it is
     done and reuse the batches a run with the same settings and attack code already made
-    (a long CPU run can stop and go on); False recomputes and overwrites them.
+    (a long CPU run can stop and go on); False recomputes and overwrites them. ``jobs``:
+    attack in that many worker processes (CPU only; each gets an equal share of the
+    cores), one batch at a time from every ensemble, so a multi-core CPU is kept busy even
+    where one ensemble's batches take longer than another's.
     """
 
     dataset: Path
@@ -98,6 +103,7 @@ class EvalSettings:
     batch_size: int | None = None
     grid_identities: int = 6
     resume: bool = True
+    jobs: int = 1
 
     def as_dict(self) -> dict:
         """JSON-ready form."""
@@ -183,6 +189,52 @@ def _write_cache(path: Path, images: Sequence[np.ndarray], seconds: float) -> No
     partial.replace(path)
 
 
+@dataclass(frozen=True)
+class _Task:
+    """One batch for a worker process: what the attack needs and where its result goes."""
+
+    config: AttackConfig
+    pixels: list[np.ndarray]
+    faces: list[list[Face]]
+    seed: int
+    path: Path
+
+
+# A worker process's store, device and one Protector per ensemble (models load once).
+_WORKER: dict = {}
+
+
+def _worker_start(store: ModelStore, device: str, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    _WORKER.update(store=store, device=device, protectors={})
+
+
+def _worker_attack(task: _Task) -> int:
+    """Attack one batch in a worker process and keep it in the cache; returns its size."""
+    from cloak_core.pipeline import Protector
+
+    ensemble = tuple(task.config.models)
+    protector = _WORKER["protectors"].get(ensemble)
+    if protector is None:
+        protector = Protector(
+            task.config, store=_WORKER["store"], device=_WORKER["device"], models=ensemble
+        )
+        _WORKER["protectors"][ensemble] = protector
+    t = time.perf_counter()
+    pixels = protector.protect_pixels(task.pixels, task.faces, seed=task.seed)
+    _write_cache(task.path, pixels, time.perf_counter() - t)
+    return len(pixels)
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 def _versions() -> dict[str, str | None]:
     """Versions of the software the figures depend on."""
     out: dict[str, str | None] = {
@@ -239,9 +291,14 @@ class Evaluation:
         if settings.steps is not None:
             config = config.with_overrides(steps=settings.steps)
         self.config = config
+        if settings.jobs < 1:
+            raise UsageError("--jobs must be at least 1")
+        if settings.jobs > 1 and self.device.type != "cpu":
+            raise UsageError("--jobs is for CPU runs: on a GPU one process batches the images")
         self.code = _attack_code()
         self.timings: dict[str, float] = {}
         self.notes: list[str] = []
+        self._prefilled: set[Path] = set()  # cache entries this run's workers made
 
     # -- data ----------------------------------------------------------------------------
 
@@ -387,7 +444,6 @@ class Evaluation:
         from cloak_core.pipeline import Protector
 
         targets = [im for im in gallery if im.identity in scored]
-        batch = self.settings.batch_size or (64 if self.device.type == "cuda" else 32)
         protected: list[np.ndarray] = []
         label = "attack -" + ",".join(group.ensemble)
         with (
@@ -400,17 +456,15 @@ class Evaluation:
             tqdm(total=len(targets), desc=label, disable=not self.progress, unit="img") as bar,
         ):
             seconds, resumed = 0.0, 0
-            for b, i in enumerate(range(0, len(targets), batch)):
-                chunk = targets[i : i + batch]
+            for seed, chunk, cached in self._batches(group, targets):
                 done = bar.n
 
                 def step(f: float, done: float = done, n: int = len(chunk)) -> None:
                     bar.n = round(done + f * n, 2)
                     bar.refresh()
 
-                seed = self.settings.seed + b
-                cached = self._cache_path(group, chunk, seed)
-                hit = _read_cache(cached) if self.settings.resume else None
+                reuse = self.settings.resume or cached in self._prefilled
+                hit = _read_cache(cached) if reuse else None
                 if hit is None:
                     t = time.perf_counter()
                     pixels = protector.protect_pixels(
@@ -421,7 +475,7 @@ class Evaluation:
                     )
                     hit = (pixels, time.perf_counter() - t)
                     _write_cache(cached, *hit)
-                else:
+                elif cached not in self._prefilled:
                     resumed += len(chunk)
                 protected += hit[0]
                 seconds += hit[1]
@@ -437,6 +491,64 @@ class Evaluation:
         # Unprotected identities keep their clean pixels (they are never used protected).
         group.protected = [by_path.get(im.path, im.pixels) for im in gallery]
         group.quality = self._quality(targets, protected)
+
+    def _batches(
+        self, group: _Group, targets: Sequence[_Image]
+    ) -> list[tuple[int, Sequence[_Image], Path]]:
+        """``group``'s attack batches: the seed, the images and the cache entry of each."""
+        size = self.settings.batch_size or (64 if self.device.type == "cuda" else 32)
+        out = []
+        for b, i in enumerate(range(0, len(targets), size)):
+            chunk, seed = targets[i : i + size], self.settings.seed + b
+            out.append((seed, chunk, self._cache_path(group, chunk, seed)))
+        return out
+
+    def _prefill(
+        self, groups: Sequence[_Group], gallery: Sequence[_Image], scored: set[str]
+    ) -> None:
+        """Attack every batch not in the cache yet in ``jobs`` worker processes, which keep
+        their results in the cache; :meth:`_protect` then reads them from there."""
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        from tqdm import tqdm
+
+        targets = [im for im in gallery if im.identity in scored]
+        tasks = [
+            _Task(
+                replace(self.config, models=group.ensemble),
+                [im.pixels for im in chunk],
+                [im.faces for im in chunk],
+                seed,
+                path,
+            )
+            for group in groups
+            for seed, chunk, path in self._batches(group, targets)
+            if not (self.settings.resume and _read_cache(path) is not None)
+        ]
+        self.timings["attack_worker_batches"] = len(tasks)
+        if not tasks:
+            return
+        jobs = min(self.settings.jobs, len(tasks))
+        threads = max(1, _cores() // jobs)
+        with (
+            ProcessPoolExecutor(
+                jobs,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_start,
+                initargs=(self.store, str(self.device), threads),
+            ) as pool,
+            tqdm(
+                total=sum(len(t.pixels) for t in tasks),
+                desc=f"attack ({jobs} processes)",
+                disable=not self.progress,
+                unit="img",
+            ) as bar,
+        ):
+            futures = {pool.submit(_worker_attack, task): task.path for task in tasks}
+            for future in as_completed(futures):
+                bar.update(future.result())
+                self._prefilled.add(futures[future])
 
     def _cache_path(self, group: _Group, chunk: Sequence[_Image], seed: int) -> Path:
         """Where the attacked ``chunk`` is kept: named by everything its pixels depend on."""
@@ -493,6 +605,8 @@ class Evaluation:
         self.timings["evaluators_load_seconds"] = time.perf_counter() - t
 
         if s.attack:
+            if s.jobs > 1:
+                self._prefill(groups, gallery, scored)
             for group in groups:
                 self._protect(group, gallery, scored)
             attacked = sum(1 for im in gallery if im.identity in scored) * len(groups)

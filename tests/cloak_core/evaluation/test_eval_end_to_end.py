@@ -152,3 +152,63 @@ def test_clean_accuracy_on_all_faces(faces_dir, store, tmp_path, capsys):
         assert r["protected"] is None
         assert r["clean"]["rank1"] >= 0.95, name
         assert r["clean"]["rank5"] >= 0.98, name
+
+
+def test_worker_processes_attack_every_batch_once(faces_dir, store, tmp_path, capsys):
+    """``--jobs 2``: two processes attack the batches of two ensembles and keep them in the
+    cache, which the run then reads as its own (no "taken from" note); a one-process
+    rerun finds every batch there and reports the same figures."""
+    out = tmp_path / "eval"
+    args = [
+        "eval",
+        "--dataset",
+        str(faces_dir),
+        "--identities",
+        "2",
+        "--gallery-per-identity",
+        "1",
+        "--probes-per-identity",
+        "1",
+        "--preset",
+        "fast",
+        "--steps",
+        "2",
+        "--eval-models",
+        "dlib,mobilefacenet",
+        "--conditions",
+        "png",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+    ]
+    assert main([*args, "--jobs", "2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["settings"]["jobs"] == 2 and not report["notes"]
+    assert report["timings"]["attack_worker_batches"] == 2
+    groups = {tuple(g["ensemble"]): g for g in report["attack"]}
+    assert set(groups) == {("sface", "mobilefacenet"), ("dlib", "sface")}
+    for g in groups.values():
+        assert g["images"] == 2 and g["seconds"] > 0
+        assert all(0 < r["lpips"] < 0.2 for r in g["per_image"])
+    assert len(list((out / "attack-cache").glob("*.npz"))) == 2
+
+    assert main(args) == 0
+    again = json.loads((out / "report.json").read_text())
+    assert sum("taken from" in n for n in again["notes"]) == 2
+    assert again["results"] == report["results"] and again["attack"] == report["attack"]
+    assert "attack_worker_batches" not in again["timings"]
+    assert main([*args, "--jobs", "2", "--fresh"]) == 0
+    fresh = json.loads((out / "report.json").read_text())
+    assert fresh["timings"]["attack_worker_batches"] == 2 and not fresh["notes"]
+    assert len(list((out / "attack-cache").glob("*.npz"))) == 2
+    capsys.readouterr()
+
+
+def test_jobs_must_be_positive(faces_dir, store, tmp_path):
+    from cloak_core.errors import UsageError
+    from cloak_core.evaluation.runner import EvalSettings, Evaluation
+
+    with pytest.raises(UsageError, match="at least 1"):
+        Evaluation(EvalSettings(faces_dir, tmp_path, jobs=0, device="cpu"), store)
+    Evaluation(EvalSettings(faces_dir, tmp_path, jobs=4, device="cpu"), store)
