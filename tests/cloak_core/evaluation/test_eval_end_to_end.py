@@ -15,31 +15,30 @@ pytestmark = pytest.mark.slow
 EVALUATORS = {"dlib", "sface", "mobilefacenet", "dlib-bin", "opencv-sface"}
 
 
-def test_small_attacked_eval_writes_a_consistent_report(faces_dir, store, tmp_path, capsys):
-    out = tmp_path / "eval"
-    args = [
+def _small_eval(faces_dir: Path, identities: int, *flags: str) -> list[str]:
+    """Arguments of a `fast` eval on CPU of one gallery image and one probe per identity."""
+    return [
         "eval",
         "--dataset",
         str(faces_dir),
         "--identities",
-        "3",
+        str(identities),
         "--gallery-per-identity",
         "1",
         "--probes-per-identity",
         "1",
         "--preset",
         "fast",
-        "--steps",
-        "3",
-        "--conditions",
-        "png,scale50-jpeg85",
         "--device",
         "cpu",
-        "--seed",
-        "7",
-        "--out",
-        str(out),
+        *flags,
     ]
+
+
+def test_small_attacked_eval_writes_a_consistent_report(faces_dir, store, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = _small_eval(faces_dir, 3, "--steps", "3", "--conditions", "png,scale50-jpeg85")
+    args += ["--seed", "7", "--out", str(out)]
     status = main(args)
     assert status == 0
     printed = capsys.readouterr().out
@@ -159,29 +158,8 @@ def test_worker_processes_attack_every_batch_once(faces_dir, store, tmp_path, ca
     cache, which the run then reads as its own (no "taken from" note); a one-process
     rerun finds every batch there and reports the same figures."""
     out = tmp_path / "eval"
-    args = [
-        "eval",
-        "--dataset",
-        str(faces_dir),
-        "--identities",
-        "2",
-        "--gallery-per-identity",
-        "1",
-        "--probes-per-identity",
-        "1",
-        "--preset",
-        "fast",
-        "--steps",
-        "2",
-        "--eval-models",
-        "dlib,mobilefacenet",
-        "--conditions",
-        "png",
-        "--device",
-        "cpu",
-        "--out",
-        str(out),
-    ]
+    args = _small_eval(faces_dir, 2, "--steps", "2", "--conditions", "png")
+    args += ["--eval-models", "dlib,mobilefacenet", "--out", str(out)]
     assert main([*args, "--jobs", "2"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["settings"]["jobs"] == 2 and not report["notes"]
