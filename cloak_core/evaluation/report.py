@@ -50,10 +50,11 @@ def markdown(report: dict) -> str:
     ]
     cfg = report.get("attack_config")
     if cfg:
+        jobs = report.get("settings", {}).get("jobs", 1)
         lines.append(
             f"- attack: preset `{cfg['name']}` ({cfg['steps']} steps of {cfg['step_size']}, "
             f"LPIPS weight {cfg['lpips_weight']}); {report['mode']}; seed {report['seed']}; "
-            f"device {report['device']}"
+            f"device {report['device']}" + (f" ({jobs} processes)" if jobs > 1 else "")
         )
     else:
         lines.append("- no attack (clean accuracy only)")

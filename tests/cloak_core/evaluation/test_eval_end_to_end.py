@@ -162,6 +162,7 @@ def test_worker_processes_attack_every_batch_once(faces_dir, store, tmp_path, ca
     args += ["--eval-models", "dlib,mobilefacenet", "--out", str(out)]
     assert main([*args, "--jobs", "2"]) == 0
     report = json.loads((out / "report.json").read_text())
+    assert "device cpu (2 processes)" in (out / "report.md").read_text()
     assert report["settings"]["jobs"] == 2 and not report["notes"]
     assert report["timings"]["attack_worker_batches"] == 2
     groups = {tuple(g["ensemble"]): g for g in report["attack"]}
