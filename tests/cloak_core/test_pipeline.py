@@ -171,6 +171,16 @@ def _fools_every_model_on_every_photo(photos_dir, protector) -> None:
     assert not failures, "\n".join(failures)
 
 
+def _aligned_crops(paths) -> tuple[list[np.ndarray], list[list]]:
+    """RGB arrays of aligned 112x112 crops of data/faces, each with its one template face."""
+    from cloak_core.detect import Face
+    from cloak_core.models.base import ARCFACE_TEMPLATE_112
+
+    images = [np.asarray(Image.open(path).convert("RGB")) for path in paths]
+    faces = [[Face.from_template(ARCFACE_TEMPLATE_112, box=(0, 0, 112, 112))] for _ in images]
+    return images, faces
+
+
 @pytest.mark.slow
 def test_strong_transfers_to_a_model_outside_its_ensemble(store, faces_dir):
     """Black-box on real aligned faces: made with dlib and MobileFaceNet, SFace is fooled.
@@ -178,14 +188,11 @@ def test_strong_transfers_to_a_model_outside_its_ensemble(store, faces_dir):
     SFace never sees the attack; its own rule (cosine >= its threshold) must say "a
     different person" for most faces, at LPIPS (AlexNet, whole crop) under the budget.
     """
-    from cloak_core.detect import Face
     from cloak_core.lpips import load_lpips
     from cloak_core.models import load_model
-    from cloak_core.models.base import ARCFACE_TEMPLATE_112
 
     identities = sorted(d for d in faces_dir.iterdir() if d.is_dir())[::6]
-    images = [np.asarray(Image.open(d / "002.png").convert("RGB")) for d in identities]
-    faces = [[Face.from_template(ARCFACE_TEMPLATE_112, box=(0, 0, 112, 112))] for _ in images]
+    images, faces = _aligned_crops(d / "002.png" for d in identities)
     config = replace(get_preset("strong"), seed=0, models=("dlib", "mobilefacenet"))
     with Protector(config, store=store, device="cpu", models=config.models) as p:
         out = p.protect_pixels(images, faces)
@@ -215,15 +222,12 @@ def test_balanced_stays_under_the_lpips_goal_on_soft_crops(store, faces_dir):
     at 2). Each must stay at LPIPS (AlexNet, whole crop) <= 0.05, the quality goal, and be
     "a different person" white-box for both default models, by their own rules.
     """
-    from cloak_core.detect import Face
     from cloak_core.evaluation.evaluators import RegistryEvaluator
     from cloak_core.lpips import load_lpips
     from cloak_core.models import load_model
-    from cloak_core.models.base import ARCFACE_TEMPLATE_112
 
     names = ["Daniel_Radcliffe/017", "Keanu_Reeves/009", "Hugh_Laurie/018", "Barack_Obama/013"]
-    images = [np.asarray(Image.open(faces_dir / f"{n}.png").convert("RGB")) for n in names]
-    faces = [[Face.from_template(ARCFACE_TEMPLATE_112, box=(0, 0, 112, 112))] for _ in images]
+    images, faces = _aligned_crops(faces_dir / f"{n}.png" for n in names)
     config = replace(get_preset("balanced"), seed=0)
     with Protector(config, store=store, device="cpu") as p:
         out = p.protect_pixels(images, faces)
