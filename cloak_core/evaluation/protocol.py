@@ -44,7 +44,7 @@ def list_identities(root: Path) -> dict[str, list[Path]]:
     """
     root = Path(root)
     if not root.is_dir():
-        raise UsageError(f"--dataset {root}: not a folder")
+        raise UsageError(f"dataset {root}: not a folder")
     found: dict[str, list[Path]] = {}
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         images = sorted(
@@ -53,7 +53,7 @@ def list_identities(root: Path) -> dict[str, list[Path]]:
         if images:
             found[sub.name] = images
     if not found:
-        raise UsageError(f"--dataset {root}: no identity sub-folders with images")
+        raise UsageError(f"dataset {root}: no identity sub-folders with images")
     return found
 
 

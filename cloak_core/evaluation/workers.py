@@ -1,0 +1,138 @@
+"""The ``jobs`` worker processes that attack batches on a CPU and keep them in the cache.
+
+One process attacks one batch at a time, taking batches from every ensemble, so a
+multi-core CPU stays busy even where one ensemble's batches take longer than another's.
+Each process gets an equal share of the cores, and loads each ensemble's models once, at
+its first batch of that ensemble. The workers write their results to the attack cache
+(:mod:`~cloak_core.evaluation.cache`), where the run then reads them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cloak_core.evaluation.cache import write_batch
+
+if TYPE_CHECKING:
+    from cloak_core.detect import Face
+    from cloak_core.pipeline import Protector
+    from cloak_core.presets import AttackConfig
+    from cloak_core.store import ModelStore
+
+
+@dataclass(frozen=True)
+class AttackTask:
+    """One batch for a worker process: what the attack needs and where its result goes.
+
+    ``config``: the attack config, its ``models`` the ensemble. ``pixels``: RGB uint8
+    ``(H, W, 3)`` images; ``faces``: the faces of each. ``path``: the cache entry.
+    """
+
+    config: AttackConfig
+    pixels: list[np.ndarray]
+    faces: list[list[Face]]
+    seed: int
+    path: Path
+
+
+class AttackWorker:
+    """What one worker process keeps between batches: the model store, the device and
+    one :class:`~cloak_core.pipeline.Protector` per ensemble (models load once)."""
+
+    def __init__(self, store: ModelStore, device: str) -> None:
+        self.store = store
+        self.device = device
+        self._protectors: dict[tuple[str, ...], Protector] = {}
+
+    def attack(self, task: AttackTask) -> int:
+        """Attack one batch and keep it in the cache; returns its number of images."""
+        from cloak_core.pipeline import Protector
+
+        ensemble = tuple(task.config.models)
+        protector = self._protectors.get(ensemble)
+        if protector is None:
+            protector = Protector(
+                task.config, store=self.store, device=self.device, models=ensemble
+            )
+            self._protectors[ensemble] = protector
+        t = time.perf_counter()
+        pixels = protector.protect_pixels(task.pixels, task.faces, seed=task.seed)
+        write_batch(task.path, pixels, time.perf_counter() - t)
+        return len(pixels)
+
+
+# This process's worker. A process pool runs module-level functions only, so the one
+# object its tasks share lives here: set by _start in each worker process, never in the
+# process that runs the evaluation.
+_worker: AttackWorker | None = None
+
+
+def _start(store: ModelStore, device: str, threads: int) -> None:
+    import torch
+
+    global _worker
+    torch.set_num_threads(threads)
+    _worker = AttackWorker(store, device)
+
+
+def _attack(task: AttackTask) -> int:
+    if _worker is None:
+        raise RuntimeError("_attack runs in a process that attack_in_workers started")
+    return _worker.attack(task)
+
+
+def cores() -> int:
+    """The number of CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def attack_in_workers(
+    tasks: Sequence[AttackTask],
+    jobs: int,
+    store: ModelStore,
+    device: str,
+    *,
+    progress: bool = False,
+) -> set[Path]:
+    """Attack ``tasks`` in ``jobs`` processes (fewer if there are fewer tasks), each with
+    an equal share of the cores, keeping every batch at its task's ``path``; returns those
+    paths. ``progress``: show a tqdm bar (on stderr)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    from tqdm import tqdm
+
+    done: set[Path] = set()
+    if not tasks:
+        return done
+    jobs = min(jobs, len(tasks))
+    threads = max(1, cores() // jobs)
+    with (
+        ProcessPoolExecutor(
+            jobs,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start,
+            initargs=(store, device, threads),
+        ) as pool,
+        tqdm(
+            total=sum(len(t.pixels) for t in tasks),
+            desc=f"attack ({jobs} processes)",
+            disable=not progress,
+            unit="img",
+        ) as bar,
+    ):
+        futures = {pool.submit(_attack, task): task.path for task in tasks}
+        for future in as_completed(futures):
+            bar.update(future.result())
+            done.add(futures[future])
+    return done
