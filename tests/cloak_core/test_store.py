@@ -452,6 +452,7 @@ def test_the_table_holds_every_file_of_assets() -> None:
         "face_detection_full_range_sparse.tflite",
         "lpips_alexnet.ckpt",
         "lpips_vgg16.ckpt",
+        "dists_alpha_beta.pt",
     }
     for name, spec in WEIGHTS.items():
         assert spec.name == name
