@@ -35,6 +35,7 @@ from cloak_core.models import default_ensemble, get_spec, load_model
 from cloak_core.models.base import FaceModel, ModelSpec
 from cloak_core.presets import AttackConfig
 from cloak_core.store import ModelStore
+from cloak_core.visibility import Visibility, VisibilityMeter
 
 Progress = Callable[[float], None]
 
@@ -61,8 +62,11 @@ class ModelReport:
 class ProtectResult:
     """The protected image and what was done to it.
 
-    ``lpips`` is measured on the whole photo, ``lpips_faces`` on the face crops (mean);
-    ``models`` holds one :class:`ModelReport` per face per model when measured.
+    ``boxes`` are the faces' detector boxes ``(x0, y0, x1, y1)`` in pixels. When measured:
+    ``lpips`` (AlexNet, the attack's own metric) on the whole photo, ``lpips_faces`` on
+    the face crops (mean); ``models`` holds one :class:`ModelReport` per face per model;
+    ``visibility`` one :class:`~cloak_core.visibility.Visibility` panel per face, on the
+    face region at display scale (the independent verdict on how visible the change is).
     """
 
     data: bytes
@@ -75,6 +79,8 @@ class ProtectResult:
     lpips: float | None = None
     lpips_faces: float | None = None
     models: dict[str, list[ModelReport]] = field(default_factory=dict)
+    boxes: tuple[tuple[float, float, float, float], ...] = ()
+    visibility: tuple[Visibility, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,7 @@ class Protector:
         self._models: dict[str, FaceModel] = {}
         self._lpips: dict[str, LPIPS] = {}
         self._detector: FaceDetector | None = None
+        self._meter: VisibilityMeter | None = None
         for name in names:
             self._model(name)
         self._lpips_net(config.lpips_net)
@@ -186,6 +193,13 @@ class Protector:
         if self._detector is None:
             self._detector = FaceDetector(self.store)
         return self._detector
+
+    @property
+    def meter(self) -> VisibilityMeter:
+        """The visibility panel's networks, loaded on first use."""
+        if self._meter is None:
+            self._meter = VisibilityMeter(self.store, self.device)
+        return self._meter
 
     def close(self) -> None:
         """Release the detector; the models go with the object."""
@@ -286,6 +300,7 @@ class Protector:
                 seconds=seconds,
                 width=width,
                 height=height,
+                boxes=tuple(f.box for f in faces[k]),
             )
             if measure:
                 result = self._measure(result, source, faces[k])
@@ -503,11 +518,13 @@ class Protector:
                 a = align_faces(original, landmarks, ref.template, (224, 224))
                 b = align_faces(after, landmarks, ref.template, (224, 224))
                 lpips_faces = lp(a, b).tolist()
+        visibility = self.meter.measure_faces(source.pixels, output.pixels, result.boxes)
         return replace(
             result,
             lpips=whole,
             lpips_faces=float(np.mean(lpips_faces)) if lpips_faces else None,
             models=reports,
+            visibility=tuple(visibility),
         )
 
 

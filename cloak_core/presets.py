@@ -8,7 +8,8 @@ terms are balanced (see :mod:`cloak_core.attack`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
 
 from cloak_core.errors import UsageError
 
@@ -81,6 +82,21 @@ class AttackConfig:
             steps=self.steps if steps is None else steps,
             models=self.models if models is None else models,
         )
+
+    def with_settings(self, overrides: Sequence[tuple[str, float]]) -> AttackConfig:
+        """A copy with each ``(field, value)`` of ``overrides`` set (``steps`` rounded to an
+        int): how a frontier sweep moves one strength setting of a preset."""
+        known = {f.name for f in fields(self)} - {"name", "models"}
+        changes: dict[str, float | int] = {}
+        for name, value in overrides:
+            if name not in known:
+                raise UsageError(
+                    f"{name!r} is not an attack setting; known: {', '.join(sorted(known))}"
+                )
+            changes[name] = int(round(value)) if name == "steps" else value
+        if changes.get("steps", 1) < 1:
+            raise UsageError("steps must be at least 1")
+        return replace(self, **changes)
 
 
 PRESETS: dict[str, AttackConfig] = {

@@ -129,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from cloak_core.attack import StageTimes
+    from cloak_core.imageio import decode_image
     from cloak_core.pipeline import Protector
     from cloak_core.store import ModelStore
 
@@ -165,6 +166,12 @@ def run(args: argparse.Namespace) -> int:
                     runs.append((seconds, times.seconds, mem.peak, result))
                 runs.sort(key=lambda r: r[0])
                 seconds, stages, peak, result = runs[len(runs) // 2]
+                # How visible this run's change is (not part of the timed protection).
+                start = time.perf_counter()
+                panels = protector.meter.measure_faces(
+                    decode_image(data).pixels, decode_image(result.data).pixels, result.boxes
+                )
+                measure_seconds = time.perf_counter() - start
                 row = {
                     **header,
                     "faces_expected": faces,
@@ -179,17 +186,29 @@ def run(args: argparse.Namespace) -> int:
                     ),
                     "stages": {k: round(v, 4) for k, v in stages.items()},
                     "peak_memory_mb": round(peak / 2**20, 1),
+                    "visibility": [_rounded(p.as_dict()) for p in panels],
+                    "visibility_seconds": round(measure_seconds, 3),
                 }
                 if args.json:
                     print(json.dumps(row), flush=True)
                 else:
                     stage_text = ", ".join(f"{k} {v:.2f}s" for k, v in stages.items())
+                    seen = "; ".join(
+                        f"CIEDE2000 {p.de2000_mean:.2f} (p95 {p.de2000_p95:.1f}), "
+                        f"PSNR {p.psnr:.1f} dB, DISTS {p.dists:.3f}"
+                        for p in panels
+                    )
                     print(
                         f"{faces} face(s) {row['size']} ({row['megapixels']} MP): "
                         f"{seconds:.2f} s, {row['seconds_per_step'] * 1000:.0f} ms/step, "
                         f"peak {row['peak_memory_mb']:.0f} MB, found {result.faces} | {stage_text}"
+                        f" | faces: {seen or 'none'} (measured in {measure_seconds:.1f} s)"
                     )
     return 0
+
+
+def _rounded(panel: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in panel.items()}
 
 
 _OUTSIDE_STEPS = {"decode", "detect", "prepare regions", "blend", "encode"}

@@ -16,6 +16,7 @@ from cloak_core.errors import FaceCloakError, UsageError
 
 if TYPE_CHECKING:  # the pipeline pulls in torch: imported only when the command runs
     from cloak_core.pipeline import ProtectResult
+    from cloak_core.visibility import GridRow
 
 _SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}
 
@@ -36,7 +37,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--format", default="same", choices=["same", "png", "jpeg", "webp"], help="output format"
     )
     p.add_argument("--quality", type=int, help="JPEG/WebP quality 1..100 (default: the input's)")
-    p.add_argument("--json", action="store_true", help="one JSON object per image on stdout")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per image on stdout, with each face's similarities and "
+        "visibility panel (CIEDE2000, PSNR, SSIM, DISTS on the face region)",
+    )
+    p.add_argument(
+        "--grid",
+        metavar="PNG",
+        type=Path,
+        help="also write a PNG of every face at display scale: original | protected | "
+        "|difference| x 10",
+    )
     return p
 
 
@@ -78,8 +91,24 @@ def json_line(source: Path, target: Path, result: ProtectResult) -> str:
             "models": {
                 name: [asdict(r) for r in reports] for name, reports in result.models.items()
             },
+            "visibility": [v.as_dict() for v in result.visibility],
         }
     )
+
+
+def grid_rows(source: Path, data: bytes, result: ProtectResult) -> list[GridRow]:
+    """One grid row per face of ``result``: the face region of the input and the output."""
+    from cloak_core.imageio import decode_image
+    from cloak_core.visibility import GridRow, display_pair, face_region
+
+    limit = max(50_000_000, result.width * result.height)
+    original = decode_image(data, max_pixels=limit).pixels
+    protected = decode_image(result.data, max_pixels=limit).pixels
+    rows = []
+    for k, box in enumerate(result.boxes):
+        a, b = display_pair(original, protected, face_region(original.shape[:2], box))
+        rows.append(GridRow(f"{source.name} face {k + 1}", a, {"protected": b}))
+    return rows
 
 
 def run(args: argparse.Namespace) -> int:
@@ -93,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
     config = attack_config(args)
     protector = Protector(config, store=ModelStore.from_env(), device=args.device)
     failed = 0
+    rows: list[GridRow] = []
     bar = progress_bar(len(args.inputs), "protecting")
     with protector, bar:
         for i, name in enumerate(args.inputs):
@@ -113,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
                 )
                 target = output_path(args, source, result)
                 write_atomic(target, result.data)
+                if args.grid:
+                    rows += grid_rows(source, data, result)
             except FaceCloakError as exc:
                 failed += 1
                 print(f"facecloak: {source}: {exc}", file=sys.stderr)
@@ -128,4 +160,12 @@ def run(args: argparse.Namespace) -> int:
                 bar.write(f"{source} -> {target}: {result.faces} face(s), {result.seconds:.1f} s")
             else:
                 print(f"{source} -> {target}: {result.faces} face(s), {result.seconds:.1f} s")
+    if args.grid:
+        if rows:
+            from cloak_core.visibility import write_grid
+
+            write_grid(rows, args.grid)
+            print(f"wrote {args.grid}", file=sys.stderr)
+        else:
+            print(f"facecloak: no face found: {args.grid} not written", file=sys.stderr)
     return 1 if failed else 0

@@ -5,9 +5,18 @@
 - :mod:`~cloak_core.evaluation.evaluators`: the registry's models and the two independent
   pipelines (dlib-bin's, OpenCV's YuNet + SFace) that share no code with the attack;
 - :mod:`~cloak_core.evaluation.conditions`: PNG, JPEG and downscaling, as uploads undergo;
-- :mod:`~cloak_core.evaluation.quality`: PSNR, SSIM, LPIPS of protected images;
-- :mod:`~cloak_core.evaluation.runner`: the run itself (leave-one-out ensembles, batching);
-- :mod:`~cloak_core.evaluation.report`: report.json, report.md, accuracy.png, grid.png.
+- :mod:`cloak_core.visibility` (outside this package: protect uses it too): the
+  visibility panel of each protected face (CIEDE2000, PSNR, SSIM, DISTS, LPIPS) and grids;
+- :mod:`~cloak_core.evaluation.ensembles`: which ensemble attacks for which evaluator
+  (leave-one-out, or one fixed ensemble), grouped into attack runs;
+- :mod:`~cloak_core.evaluation.cache`: attacked batches kept in ``out/attack-cache``, named
+  by everything their pixels depend on, so a stopped run goes on where it was;
+- :mod:`~cloak_core.evaluation.workers`: the ``jobs`` CPU processes that fill that cache;
+- :mod:`~cloak_core.evaluation.versions`: the software versions a report records;
+- :mod:`~cloak_core.evaluation.runner`: the run itself (settings, batching, identification);
+- :mod:`~cloak_core.evaluation.report`: report.json, report.md, accuracy.png, grid.png;
+- :mod:`~cloak_core.evaluation.frontier`: ``facecloak frontier``, protection against
+  visibility over a sweep of one strength setting per preset.
 
 Choices made here, beyond the paper's protocol: the first ``--identities N`` identities
 (in name order) are protected and scored, the others stay clean as distractors; a probe

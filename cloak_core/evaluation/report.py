@@ -1,24 +1,26 @@
 """The files an evaluation leaves in ``--out``: report.json, report.md, a plot and a grid.
 
 - ``report.json``: every figure, the settings, the attack configuration, versions, seed,
-  timings and per-image quality;
-- ``report.md``: a table per condition (evaluator x clean / protected rank-1 and rank-5)
-  and the quality statistics of each attack run;
+  timings and each protected image's visibility panel;
+- ``report.md``: a table per condition (evaluator x clean / protected rank-1 and rank-5),
+  the visibility panel of each attack run beside the JPEG calibration rows, and the most
+  visible images;
 - ``accuracy.png``: rank-1 accuracy per evaluator, clean and protected, one panel per
   condition;
-- ``grid.png``: original gallery images beside their protected versions.
+- ``grid.png``: face regions at display scale, original | protected | |difference| x 10
+  per ensemble.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from cloak_core.evaluation.runner import EvalResult, GridRow
+from cloak_core.evaluation.runner import EvalResult
+from cloak_core.visibility import write_grid
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -85,24 +87,7 @@ def markdown(report: dict) -> str:
             )
         lines.append("")
     if report["attack"]:
-        lines += [
-            "## Image quality of the protected gallery images",
-            "",
-            "| ensemble | images | s/image | LPIPS mean | median | max | LPIPS-VGG mean | max "
-            "| PSNR mean (dB) | min | SSIM mean | min |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for g in report["attack"]:
-            q = g["quality"]
-            lines.append(
-                f"| {','.join(g['ensemble'])} | {g['images']} | "
-                f"{_num(g['seconds_per_image'], 2)} | {_num(q['lpips']['mean'], 4)} | "
-                f"{_num(q['lpips']['median'], 4)} | {_num(q['lpips']['max'], 4)} | "
-                f"{_num(q['lpips_vgg']['mean'], 4)} | {_num(q['lpips_vgg']['max'], 4)} | "
-                f"{_num(q['psnr']['mean'], 2)} | {_num(q['psnr']['min'], 2)} | "
-                f"{_num(q['ssim']['mean'], 4)} | {_num(q['ssim']['min'], 4)} |"
-            )
-        lines.append("")
+        lines += visibility_markdown(report)
     fallbacks = {n: e.get("fallbacks", 0) for n, e in evaluators.items() if e.get("fallbacks")}
     if fallbacks:
         lines.append(
@@ -114,6 +99,64 @@ def markdown(report: dict) -> str:
     for note in report.get("notes", []):
         lines.append(f"- note: {note}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+# Panel columns: metric, heading, digits.
+_PANEL = (
+    ("de2000_mean", "CIEDE2000 mean", 2),
+    ("de2000_p95", "CIEDE2000 p95", 2),
+    ("psnr", "PSNR (dB)", 2),
+    ("ssim", "SSIM", 4),
+    ("dists", "DISTS", 4),
+    ("lpips_vgg", "LPIPS-VGG", 4),
+    ("lpips_alex", "LPIPS-Alex (the attack's own)", 4),
+)
+
+
+def visibility_markdown(report: dict) -> list[str]:
+    """The visibility section: per ensemble and per JPEG calibration row, each panel
+    metric's mean / median / worst on the faces, then the most visible images."""
+    lines = [
+        "## Visibility of the protected faces",
+        "",
+        "Face region at display scale; each cell mean / median / worst. The JPEG rows are the "
+        "same original images only re-encoded, for scale: q90 looks unchanged, q75 barely "
+        "changed. LPIPS-Alex is what the attack optimises against, not a verdict.",
+        "",
+        "| images | n | s/image | " + " | ".join(h for _, h, _ in _PANEL) + " |",
+        "| --- | ---: | ---: | " + " | ".join("---:" for _ in _PANEL) + " |",
+    ]
+    rows = [
+        (f"protected by {','.join(g['ensemble'])}", g["images"], g["seconds_per_image"], g)
+        for g in report["attack"]
+    ]
+    calib = report.get("visibility_calibration") or {}
+    rows += [
+        (f"{name} re-encode (calibration)", None, None, {"visibility": v})
+        for name, v in calib.items()
+    ]
+    for label, n, sec, g in rows:
+        v = g["visibility"]
+        cells = [
+            "{} / {} / {}".format(*(_num(v[key][k], digits) for k in ("mean", "median", "worst")))
+            for key, _, digits in _PANEL
+        ]
+        lines.append(
+            f"| {label} | {'' if n is None else n} | {'' if sec is None else _num(sec, 2)} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += ["", "Most visible protected images (by CIEDE2000 mean):", ""]
+    for g in report["attack"]:
+        for w in g.get("worst", []):
+            lines.append(
+                f"- {','.join(g['ensemble'])}: `{Path(w['path']).parent.name}/"
+                f"{Path(w['path']).name}`: CIEDE2000 {_num(w['de2000_mean'], 2)} "
+                f"(p95 {_num(w['de2000_p95'], 2)}), PSNR {_num(w['psnr'], 2)} dB, "
+                f"SSIM {_num(w['ssim'], 4)}, DISTS {_num(w['dists'], 4)}"
+            )
+    lines.append("")
+    return lines
 
 
 def plot(report: dict, path: Path) -> None:
@@ -149,45 +192,14 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def grid(rows: Sequence[GridRow], path: Path, *, amplify: float = 10.0) -> None:
-    """Originals beside protected versions (one row per identity), plus the amplified change.
-
-    The last column shows ``|protected - original| * amplify`` of the first ensemble.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    labels = list(rows[0].protected)
-    cols = 2 + len(labels)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.8 * cols, 1.9 * len(rows)), squeeze=False)
-    for r, row in enumerate(rows):
-        first = row.protected[labels[0]]
-        diff = np.abs(first.astype(np.int16) - row.original.astype(np.int16)) * amplify
-        panels = [row.original, *row.protected.values(), np.clip(diff, 0, 255).astype(np.uint8)]
-        titles = ["original", *(f"by {lab}" for lab in labels), f"|diff| x{amplify:g}"]
-        for c, (img, title) in enumerate(zip(panels, titles, strict=True)):
-            ax = axes[r][c]
-            ax.imshow(img)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                ax.set_title(title, fontsize=8)
-        axes[r][0].set_ylabel(row.identity.replace("_", " "), fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _finite(value):
+def json_ready(value):
     """``value`` with every non-finite float replaced by None (strict JSON has no inf/NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [json_ready(v) for v in value]
     return value
 
 
@@ -197,7 +209,7 @@ def write_outputs(result: EvalResult, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written = []
     path = out / REPORT_JSON
-    path.write_text(json.dumps(_finite(result.report), indent=2, allow_nan=False) + "\n")
+    path.write_text(json.dumps(json_ready(result.report), indent=2, allow_nan=False) + "\n")
     written.append(path)
     path = out / REPORT_MD
     path.write_text(markdown(result.report))
@@ -207,6 +219,6 @@ def write_outputs(result: EvalResult, out: Path) -> list[Path]:
     written.append(path)
     if result.grid:
         path = out / GRID_PNG
-        grid(result.grid, path)
+        write_grid(result.grid, path, height=result.grid_height)
         written.append(path)
     return written

@@ -9,13 +9,15 @@ The steps, in order:
 2. Find each image's face: aligned 112x112 crops use the ArcFace template's landmarks,
    other images the detector (the largest face is the one evaluated; the attack protects
    every face it finds).
-3. Choose the attack ensembles. Leave-one-out (default): each evaluator is scored on
-   images protected by the ensemble minus every model sharing a weight file with it, so
-   every protected figure is black-box; evaluators that need the same ensemble share one
-   attack run. ``attack_models`` fixes one ensemble for all; evaluators that share
-   weights with it are then marked white-box.
+3. Choose the attack ensembles (:mod:`~cloak_core.evaluation.ensembles`). Leave-one-out
+   (default): each evaluator is scored on images protected by the ensemble minus every
+   model sharing a weight file with it, so every protected figure is black-box;
+   evaluators that need the same ensemble share one attack run. ``attack_models`` fixes
+   one ensemble for all; evaluators that share weights with it are then marked white-box.
 4. Protect the protected users' gallery images with :class:`cloak_core.pipeline.Protector`
-   (many images per call), and measure LPIPS, PSNR and SSIM of each.
+   (many images per call), and measure LPIPS, PSNR and SSIM of each. Attacked batches are
+   kept in the attack cache (:mod:`~cloak_core.evaluation.cache`); with ``jobs`` above 1,
+   worker processes attack them first (:mod:`~cloak_core.evaluation.workers`).
 5. For each condition (PNG, JPEG, downscaling), re-encode clean and protected galleries,
    embed them with every evaluator, and compute rank-1 / rank-5 accuracy, clean and
    protected.
@@ -23,10 +25,6 @@ The steps, in order:
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -40,28 +38,33 @@ from PIL import Image
 from cloak_core import __version__
 from cloak_core.errors import FaceCloakError, ImageError, UsageError
 from cloak_core.evaluation import protocol
+from cloak_core.evaluation.cache import CACHE_DIR, AttackCache, attack_code, read_batch, write_batch
 from cloak_core.evaluation.conditions import DEFAULT_CONDITIONS, Condition, parse_condition
+from cloak_core.evaluation.ensembles import AttackGroup, attack_groups, attack_pool
 from cloak_core.evaluation.evaluators import (
     DlibPipelineEvaluator,
     Evaluator,
     OpenCVPipelineEvaluator,
     RegistryEvaluator,
-    black_box_ensemble,
-    shares_weights,
 )
-from cloak_core.evaluation.quality import QualityStats, lpips_distances, psnr, ssim
+from cloak_core.evaluation.versions import software_versions
+from cloak_core.evaluation.workers import AttackTask, attack_in_workers
+from cloak_core.visibility import (
+    GridRow,
+    Visibility,
+    VisibilityMeter,
+    calibration,
+    display_pair,
+    face_region,
+    summarise,
+)
 
 if TYPE_CHECKING:
     from cloak_core.detect import Face
-    from cloak_core.presets import AttackConfig
     from cloak_core.store import ModelStore
 
 PIPELINES = ("dlib-bin", "opencv-sface")
 ALIGNED_SIZE = (112, 112)
-CACHE_DIR = "attack-cache"
-# The sources whose change makes earlier attacked images stale (the presets' values are
-# in the key already, as the attack config, so retuning one preset keeps the others' cache).
-ATTACK_SOURCES = ("attack.py", "pipeline.py", "align.py", "lpips.py")
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,10 @@ class EvalSettings:
     (a long CPU run can stop and go on); False recomputes and overwrites them. ``jobs``:
     attack in that many worker processes (CPU only; each gets an equal share of the
     cores), one batch at a time from every ensemble, so a multi-core CPU is kept busy even
-    where one ensemble's batches take longer than another's.
+    where one ensemble's batches take longer than another's. ``overrides``: attack
+    settings replacing the preset's, as ``(field, value)`` pairs (the frontier's sweep).
+    ``worst_images``: how many of each ensemble's most visible images the report names
+    (and the grid shows beside the first image of ``grid_identities`` identities).
     """
 
     dataset: Path
@@ -90,6 +96,7 @@ class EvalSettings:
     probes_per_identity: int | None = None
     preset: str = "balanced"
     steps: int | None = None
+    overrides: tuple[tuple[str, float], ...] = ()
     attack_models: tuple[str, ...] | None = None
     eval_models: tuple[str, ...] | None = None
     conditions: tuple[Condition, ...] = field(
@@ -102,6 +109,7 @@ class EvalSettings:
     landmarks: str = "auto"
     batch_size: int | None = None
     grid_identities: int = 6
+    worst_images: int = 3
     resume: bool = True
     jobs: int = 1
 
@@ -129,132 +137,14 @@ class _Image:
 
 
 @dataclass(frozen=True)
-class GridRow:
-    """One row of the comparison grid: an original gallery image and its protected versions.
-
-    ``protected`` maps an ensemble label (e.g. ``"dlib,sface"``) to RGB uint8 ``(H, W, 3)``.
-    """
-
-    identity: str
-    original: np.ndarray
-    protected: dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
 class EvalResult:
-    """The report (JSON-ready dict) and the images of the comparison grid."""
+    """The report (JSON-ready dict) and the face grid: face regions at display scale, each
+    original beside its protected versions (one column pair per ensemble); ``grid_height``
+    is the height rows are shown at (``None``: their own size)."""
 
     report: dict
     grid: list[GridRow]
-
-
-@dataclass
-class _Group:
-    """One attack run: an ensemble and the evaluators scored on its images."""
-
-    ensemble: tuple[str, ...]
-    evaluators: list[str]
-    protected: list[np.ndarray] = field(default_factory=list)
-    seconds: float = 0.0
-    quality: dict[str, list[float]] = field(default_factory=dict)
-
-
-def _attack_code() -> str:
-    """A digest of the attack's source files, read once when the run starts."""
-    import cloak_core
-
-    root = Path(cloak_core.__file__).parent
-    digest = hashlib.sha256()
-    for name in ATTACK_SOURCES:
-        digest.update((root / name).read_bytes())
-    return digest.hexdigest()
-
-
-def _read_cache(path: Path) -> tuple[list[np.ndarray], float] | None:
-    """Attacked images and their attack seconds kept at ``path``; None if absent or unreadable."""
-    try:
-        with np.load(path) as data:
-            n = int(data["count"])
-            return [data[f"image{k}"] for k in range(n)], float(data["seconds"])
-    except (OSError, KeyError, ValueError):
-        return None
-
-
-def _write_cache(path: Path, images: Sequence[np.ndarray], seconds: float) -> None:
-    """Keep attacked images at ``path`` (written aside, then renamed: never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial.npz")
-    arrays = {f"image{k}": im for k, im in enumerate(images)}
-    np.savez_compressed(partial, count=len(images), seconds=seconds, **arrays)
-    partial.replace(path)
-
-
-@dataclass(frozen=True)
-class _Task:
-    """One batch for a worker process: what the attack needs and where its result goes."""
-
-    config: AttackConfig
-    pixels: list[np.ndarray]
-    faces: list[list[Face]]
-    seed: int
-    path: Path
-
-
-# A worker process's store, device and one Protector per ensemble (models load once).
-_WORKER: dict = {}
-
-
-def _worker_start(store: ModelStore, device: str, threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    _WORKER.update(store=store, device=device, protectors={})
-
-
-def _worker_attack(task: _Task) -> int:
-    """Attack one batch in a worker process and keep it in the cache; returns its size."""
-    from cloak_core.pipeline import Protector
-
-    ensemble = tuple(task.config.models)
-    protector = _WORKER["protectors"].get(ensemble)
-    if protector is None:
-        protector = Protector(
-            task.config, store=_WORKER["store"], device=_WORKER["device"], models=ensemble
-        )
-        _WORKER["protectors"][ensemble] = protector
-    t = time.perf_counter()
-    pixels = protector.protect_pixels(task.pixels, task.faces, seed=task.seed)
-    _write_cache(task.path, pixels, time.perf_counter() - t)
-    return len(pixels)
-
-
-def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _versions() -> dict[str, str | None]:
-    """Versions of the software the figures depend on."""
-    out: dict[str, str | None] = {
-        "facecloak": __version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-    }
-    for module, attr in (
-        ("torch", "__version__"),
-        ("numpy", "__version__"),
-        ("mediapipe", "__version__"),
-        ("dlib", "__version__"),
-        ("cv2", "__version__"),
-        ("PIL", "__version__"),
-    ):
-        try:
-            out[module] = str(getattr(__import__(module), attr))
-        except Exception:  # noqa: BLE001 - a missing optional library is reported as None
-            out[module] = None
-    return out
+    grid_height: int | None = None
 
 
 def _load_rgb(path: Path) -> np.ndarray:
@@ -290,15 +180,19 @@ class Evaluation:
         config = get_preset(settings.preset)
         if settings.steps is not None:
             config = config.with_overrides(steps=settings.steps)
-        self.config = config
+        self.config = config.with_settings(settings.overrides)
         if settings.jobs < 1:
-            raise UsageError("--jobs must be at least 1")
+            raise UsageError("jobs must be at least 1")
         if settings.jobs > 1 and self.device.type != "cpu":
-            raise UsageError("--jobs is for CPU runs: on a GPU one process batches the images")
-        self.code = _attack_code()
+            raise UsageError(
+                "jobs above 1 needs device cpu: on a GPU one process batches the images"
+            )
+        self.cache = AttackCache(settings.out / CACHE_DIR, attack_code(), self.device.type)
         self.timings: dict[str, float] = {}
         self.notes: list[str] = []
         self._prefilled: set[Path] = set()  # cache entries this run's workers made
+        self.meter = VisibilityMeter(store, self.device)
+        self.mode = "template"
 
     # -- data ----------------------------------------------------------------------------
 
@@ -308,10 +202,10 @@ class Evaluation:
         names = list(found)
         if s.identities is not None:
             if s.identities < 1:
-                raise UsageError("--identities must be at least 1")
+                raise UsageError("identities must be at least 1")
             if s.identities > len(names):
                 raise UsageError(
-                    f"--identities {s.identities}: the dataset has {len(names)} identities"
+                    f"identities {s.identities}: the dataset has {len(names)} identities"
                 )
         protected = list(names[: s.identities])  # a copy: names is iterated below
         splits = []
@@ -330,7 +224,7 @@ class Evaluation:
                 )
             )
         if not protected:
-            raise UsageError(f"--dataset {s.dataset}: no identity with at least 2 images")
+            raise UsageError(f"dataset {s.dataset}: no identity with at least 2 images")
         return splits, protected
 
     def _load(
@@ -347,7 +241,7 @@ class Evaluation:
             aligned = all(px.shape[:2] == ALIGNED_SIZE for px in pixels.values())
             mode = "template" if aligned else "detect"
         if mode not in ("template", "detect"):
-            raise UsageError(f"--landmarks {mode!r}: use auto, template or detect")
+            raise UsageError(f"landmarks {mode!r}: use auto, template or detect")
         faces: dict[Path, list[Face]] = {}
         if mode == "template":
             template_face = Face.from_template(ARCFACE_TEMPLATE_112)
@@ -375,7 +269,7 @@ class Evaluation:
         unknown = [n for n in names if n not in REGISTRY and n not in PIPELINES]
         if unknown:
             raise UsageError(
-                f"--eval-models: unknown {', '.join(unknown)}; known: "
+                f"eval_models: unknown {', '.join(unknown)}; known: "
                 f"{', '.join([*REGISTRY, *PIPELINES])}"
             )
         out: list[Evaluator] = []
@@ -399,46 +293,9 @@ class Evaluation:
             raise UsageError("no evaluator could be loaded")
         return out
 
-    def _base_ensemble(self) -> tuple[str, ...]:
-        """The attack pool: ``--attack-models``, else every registry model present here.
-
-        Leave-one-out removes from this pool whatever shares weights with an evaluator, so
-        each evaluator is attacked by all the other models available (with only the two
-        default models, each black-box ensemble would be a single model, far weaker than
-        what a user runs); the evaluator outside the default ensemble (MobileFaceNet here)
-        is scored against exactly the default ensemble.
-        """
-        from cloak_core.models import available, get_spec
-
-        names = self.settings.attack_models or self.config.models or available(self.store)
-        for n in names:
-            get_spec(n)  # UsageError for unknown names
-        return tuple(names)
-
-    def _groups(self, evaluators: Sequence[Evaluator]) -> tuple[list[_Group], dict[str, dict]]:
-        """Attack runs, and per evaluator its ensemble and whether it is black-box."""
-        base = self._base_ensemble()
-        fixed = self.settings.attack_models is not None
-        groups: dict[tuple[str, ...], _Group] = {}
-        info: dict[str, dict] = {}
-        for ev in evaluators:
-            ensemble = base if fixed else tuple(black_box_ensemble(base, ev))
-            white = fixed and shares_weights(base, ev)
-            info[ev.name] = {
-                "independent": ev.independent,
-                "weights": sorted(ev.weights),
-                "ensemble": list(ensemble),
-                "white_box": bool(white),
-            }
-            if not ensemble:
-                info[ev.name]["note"] = "every ensemble member shares its weights: not scored"
-                continue
-            groups.setdefault(ensemble, _Group(ensemble, [])).evaluators.append(ev.name)
-        return list(groups.values()), info
-
     # -- attack --------------------------------------------------------------------------
 
-    def _protect(self, group: _Group, gallery: Sequence[_Image], scored: set[str]) -> None:
+    def _protect(self, group: AttackGroup, gallery: Sequence[_Image], scored: set[str]) -> None:
         from tqdm import tqdm
 
         from cloak_core.pipeline import Protector
@@ -464,7 +321,7 @@ class Evaluation:
                     bar.refresh()
 
                 reuse = self.settings.resume or cached in self._prefilled
-                hit = _read_cache(cached) if reuse else None
+                hit = read_batch(cached) if reuse else None
                 if hit is None:
                     t = time.perf_counter()
                     pixels = protector.protect_pixels(
@@ -474,7 +331,7 @@ class Evaluation:
                         progress=step,
                     )
                     hit = (pixels, time.perf_counter() - t)
-                    _write_cache(cached, *hit)
+                    write_batch(cached, *hit)
                 elif cached not in self._prefilled:
                     resumed += len(chunk)
                 protected += hit[0]
@@ -485,37 +342,34 @@ class Evaluation:
         if resumed:
             self.notes.append(
                 f"attack {','.join(group.ensemble)}: {resumed} of {len(targets)} images "
-                f"taken from {self.settings.out / CACHE_DIR} (their recorded attack time counted)"
+                f"taken from {self.cache.directory} (their recorded attack time counted)"
             )
         by_path = {im.path: px for im, px in zip(targets, protected, strict=True)}
         # Unprotected identities keep their clean pixels (they are never used protected).
         group.protected = [by_path.get(im.path, im.pixels) for im in gallery]
-        group.quality = self._quality(targets, protected)
+        group.visibility = self._visibility(targets, protected)
 
     def _batches(
-        self, group: _Group, targets: Sequence[_Image]
+        self, group: AttackGroup, targets: Sequence[_Image]
     ) -> list[tuple[int, Sequence[_Image], Path]]:
         """``group``'s attack batches: the seed, the images and the cache entry of each."""
         size = self.settings.batch_size or (64 if self.device.type == "cuda" else 32)
+        config = replace(self.config, models=group.ensemble)
         out = []
         for b, i in enumerate(range(0, len(targets), size)):
             chunk, seed = targets[i : i + size], self.settings.seed + b
-            out.append((seed, chunk, self._cache_path(group, chunk, seed)))
+            pixels, faces = [im.pixels for im in chunk], [im.faces for im in chunk]
+            out.append((seed, chunk, self.cache.path(config, seed, pixels, faces)))
         return out
 
     def _prefill(
-        self, groups: Sequence[_Group], gallery: Sequence[_Image], scored: set[str]
+        self, groups: Sequence[AttackGroup], gallery: Sequence[_Image], scored: set[str]
     ) -> None:
         """Attack every batch not in the cache yet in ``jobs`` worker processes, which keep
         their results in the cache; :meth:`_protect` then reads them from there."""
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        from tqdm import tqdm
-
         targets = [im for im in gallery if im.identity in scored]
         tasks = [
-            _Task(
+            AttackTask(
                 replace(self.config, models=group.ensemble),
                 [im.pixels for im in chunk],
                 [im.faces for im in chunk],
@@ -524,66 +378,31 @@ class Evaluation:
             )
             for group in groups
             for seed, chunk, path in self._batches(group, targets)
-            if not (self.settings.resume and _read_cache(path) is not None)
+            if not (self.settings.resume and read_batch(path) is not None)
         ]
         self.timings["attack_worker_batches"] = len(tasks)
-        if not tasks:
-            return
-        jobs = min(self.settings.jobs, len(tasks))
-        threads = max(1, _cores() // jobs)
-        with (
-            ProcessPoolExecutor(
-                jobs,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_worker_start,
-                initargs=(self.store, str(self.device), threads),
-            ) as pool,
-            tqdm(
-                total=sum(len(t.pixels) for t in tasks),
-                desc=f"attack ({jobs} processes)",
-                disable=not self.progress,
-                unit="img",
-            ) as bar,
-        ):
-            futures = {pool.submit(_worker_attack, task): task.path for task in tasks}
-            for future in as_completed(futures):
-                bar.update(future.result())
-                self._prefilled.add(futures[future])
+        self._prefilled |= attack_in_workers(
+            tasks, self.settings.jobs, self.store, str(self.device), progress=self.progress
+        )
 
-    def _cache_path(self, group: _Group, chunk: Sequence[_Image], seed: int) -> Path:
-        """Where the attacked ``chunk`` is kept: named by everything its pixels depend on."""
-        import torch
+    def _region(self, im: _Image) -> tuple[int, int, int, int]:
+        """Where ``im``'s visibility is measured: an aligned crop whole, otherwise the
+        evaluated face's box grown as :func:`~cloak_core.visibility.face_region` does."""
+        if self.mode == "template":
+            return (0, 0, im.pixels.shape[1], im.pixels.shape[0])
+        return face_region(im.pixels.shape[:2], im.face.box)
 
-        key = {
-            "config": asdict(replace(self.config, models=group.ensemble)),
-            "seed": seed,
-            "device": self.device.type,
-            "torch": torch.__version__,
-            "code": self.code,
-            "images": [hashlib.sha256(im.pixels.tobytes()).hexdigest() for im in chunk],
-            "faces": [[[list(f.box), f.keypoints.tolist()] for f in im.faces] for im in chunk],
-        }
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-        return self.settings.out / CACHE_DIR / f"{digest}.npz"
-
-    def _quality(self, originals: Sequence[_Image], protected: Sequence[np.ndarray]) -> dict:
-        """LPIPS with the attack's own network (AlexNet), and with VGG16, which no preset
-        optimises against: an attack can make changes AlexNet barely sees but people do,
-        so the VGG figure (with PSNR and SSIM) is the independent check of the first."""
-        from cloak_core.lpips import load_lpips
-
-        pixels = [im.pixels for im in originals]
-
-        def distances(net: str) -> list[float]:
-            lpips = load_lpips(net, store=self.store, device=self.device)
-            return lpips_distances(lpips, pixels, protected, device=self.device)
-
-        return {
-            "lpips": distances(self.config.lpips_net),
-            "lpips_vgg": distances("vgg"),
-            "psnr": [psnr(im.pixels, px) for im, px in zip(originals, protected, strict=True)],
-            "ssim": [ssim(im.pixels, px) for im, px in zip(originals, protected, strict=True)],
-        }
+    def _visibility(
+        self, originals: Sequence[_Image], protected: Sequence[np.ndarray]
+    ) -> list[Visibility]:
+        """The visibility panel of each protected image on its face region (display
+        scale): CIEDE2000, PSNR, SSIM, DISTS and VGG LPIPS, which no preset optimises
+        against, beside AlexNet LPIPS, the attack's own metric."""
+        pairs = [
+            display_pair(im.pixels, px, self._region(im))
+            for im, px in zip(originals, protected, strict=True)
+        ]
+        return self.meter.measure_pairs(pairs)
 
     # -- identification ------------------------------------------------------------------
 
@@ -593,6 +412,7 @@ class Evaluation:
         t0 = time.perf_counter()
         splits, protected_ids = self._splits()
         gallery, probes, mode = self._load(splits)
+        self.mode = mode
         scored = set(protected_ids)
         probes_scored = [p for p in probes if p.identity in scored]
         if not probes_scored:
@@ -601,7 +421,8 @@ class Evaluation:
 
         t = time.perf_counter()
         evaluators = self._evaluators()
-        groups, info = self._groups(evaluators)
+        pool = attack_pool(s.attack_models, self.config.models, self.store)
+        groups, info = attack_groups(evaluators, pool, fixed=s.attack_models is not None)
         self.timings["evaluators_load_seconds"] = time.perf_counter() - t
 
         if s.attack:
@@ -614,6 +435,12 @@ class Evaluation:
             self.timings["attack_images"] = attacked
             if attacked:
                 self.timings["attack_seconds_per_image"] = self.timings["attack_seconds"] / attacked
+            t = time.perf_counter()
+            targets = [im for im in gallery if im.identity in scored]
+            self.calibration = calibration(
+                self.meter, [im.pixels for im in targets], [self._region(im) for im in targets]
+            )
+            self.timings["calibration_seconds"] = time.perf_counter() - t
         group_of = {name: g for g in groups for name in g.evaluators}
 
         t = time.perf_counter()
@@ -624,21 +451,41 @@ class Evaluation:
             info[ev.name]["fallbacks"] = ev.fallbacks
             ev.close()
         report = self._report(splits, protected_ids, gallery, probes, mode, groups, info, results)
-        return EvalResult(report, self._grid(gallery, groups, protected_ids))
+        height = 2 * ALIGNED_SIZE[0] if mode == "template" else None
+        return EvalResult(report, self._grid(gallery, groups, protected_ids), height)
 
     def _grid(
-        self, gallery: Sequence[_Image], groups: Sequence[_Group], protected_ids: Sequence[str]
+        self, gallery: Sequence[_Image], groups: Sequence[AttackGroup], protected_ids: Sequence[str]
     ) -> list[GridRow]:
-        """The first gallery image of the first few protected identities, with its versions."""
-        if not self.settings.attack:
+        """Face regions at display scale: the first gallery image of the first few protected
+        identities, then the first ensemble's most visible images, each with its versions."""
+        if not self.settings.attack or not groups:
             return []
-        rows = []
+        picked: list[tuple[int, str]] = []
         for identity in list(protected_ids)[: self.settings.grid_identities]:
             k = next((k for k, im in enumerate(gallery) if im.identity == identity), None)
-            if k is None:
-                continue
-            versions = {",".join(g.ensemble): g.protected[k] for g in groups}
-            rows.append(GridRow(identity, gallery[k].pixels, versions))
+            if k is not None:
+                picked.append((k, identity.replace("_", " ")))
+        targets = [k for k, im in enumerate(gallery) if im.identity in set(protected_ids)]
+        first = groups[0]
+        by_de = sorted(
+            range(len(targets)), key=lambda j: first.visibility[j].de2000_mean, reverse=True
+        )
+        for j in by_de[: self.settings.worst_images]:
+            k = targets[j]
+            de = first.visibility[j].de2000_mean
+            if all(k != p for p, _ in picked):
+                label = f"{gallery[k].path.parent.name}/{gallery[k].path.name}"
+                picked.append((k, f"{label}: most visible, CIEDE2000 {de:.2f}"))
+        rows = []
+        for k, label in picked:
+            region = self._region(gallery[k])
+            original = display_pair(gallery[k].pixels, gallery[k].pixels, region)[0]
+            versions = {
+                ",".join(g.ensemble): display_pair(gallery[k].pixels, g.protected[k], region)[1]
+                for g in groups
+            }
+            rows.append(GridRow(label, original, versions))
         return rows
 
     def _identify(
@@ -646,7 +493,7 @@ class Evaluation:
         evaluators: Sequence[Evaluator],
         gallery: Sequence[_Image],
         probes_scored: Sequence[_Image],
-        group_of: dict[str, _Group],
+        group_of: dict[str, AttackGroup],
         scored: set[str],
     ) -> dict[str, dict[str, dict]]:
         from tqdm import tqdm
@@ -703,7 +550,7 @@ class Evaluation:
         gallery: Sequence[_Image],
         probes: Sequence[_Image],
         mode: str,
-        groups: Sequence[_Group],
+        groups: Sequence[AttackGroup],
         info: dict[str, dict],
         results: dict[str, dict[str, dict]],
     ) -> dict:
@@ -720,15 +567,24 @@ class Evaluation:
                         "images": len(targets),
                         "seconds": g.seconds,
                         "seconds_per_image": g.seconds / len(targets) if targets else None,
-                        "quality": {k: QualityStats.of(v).as_dict() for k, v in g.quality.items()},
+                        "visibility": summarise(g.visibility),
+                        "worst": [
+                            {
+                                "identity": targets[j].identity,
+                                "path": str(targets[j].path),
+                                **g.visibility[j].as_dict(),
+                            }
+                            for j in sorted(
+                                range(len(targets)),
+                                key=lambda j, g=g: g.visibility[j].de2000_mean,
+                                reverse=True,
+                            )[: s.worst_images]
+                        ],
                         "per_image": [
                             {
                                 "identity": im.identity,
                                 "path": str(im.path),
-                                "lpips": g.quality["lpips"][k],
-                                "lpips_vgg": g.quality["lpips_vgg"][k],
-                                "psnr": g.quality["psnr"][k],
-                                "ssim": g.quality["ssim"][k],
+                                "visibility": g.visibility[k].as_dict(),
                             }
                             for k, im in enumerate(targets)
                         ],
@@ -737,7 +593,7 @@ class Evaluation:
         config = asdict(self.config)
         return {
             "facecloak": __version__,
-            "versions": _versions(),
+            "versions": software_versions(),
             "seed": s.seed,
             "settings": s.as_dict(),
             "device": str(self.device),
@@ -763,6 +619,11 @@ class Evaluation:
             },
             "evaluators": info,
             "attack": attack_groups,
+            "visibility_calibration": (
+                {name: summarise(panels) for name, panels in self.calibration.items()}
+                if s.attack
+                else None
+            ),
             "results": results,
             "timings": self.timings,
             "notes": self.notes,

@@ -47,6 +47,8 @@ def test_protect_json_and_failures(tmp_path, photos_dir, capsys):
             "--steps",
             "2",
             "--json",
+            "--grid",
+            str(tmp_path / "grid.png"),
         ]
     )
     captured = capsys.readouterr()
@@ -60,6 +62,13 @@ def test_protect_json_and_failures(tmp_path, photos_dir, capsys):
     for model in ("dlib", "sface"):
         (face,) = record["models"][model]
         assert {"similarity_before", "similarity_after", "same_person_after"} <= set(face)
+    # The visibility panel of the one face, on its region of the written output.
+    (seen,) = record["visibility"]
+    assert {"de2000_mean", "de2000_p95", "psnr", "ssim", "dists"} <= set(seen)
+    assert 0 < seen["de2000_mean"] < seen["de2000_p95"] and 20 < seen["psnr"] < 60
+    assert 0 < seen["dists"] < 0.5 and 0.5 < seen["ssim"] < 1
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.format == "PNG" and grid.width > 3 * seen["size"][1]
     with Image.open(record["output"]) as im, Image.open(good) as src:
         assert im.size == src.size and im.format == "JPEG"
     errors = captured.err.strip().splitlines()
@@ -115,6 +124,8 @@ def test_console_script_runs_bench_json(tmp_path, photos_dir):
     (row,) = [json.loads(line) for line in proc.stdout.splitlines()]
     assert row["faces_found"] == 1 and row["megapixels"] == pytest.approx(0.2, abs=0.02)
     assert row["peak_memory_mb"] > 0 and row["seconds"] > 0
+    (seen,) = row["visibility"]
+    assert seen["de2000_mean"] > 0 and seen["psnr"] > 20 and row["visibility_seconds"] > 0
     assert {"detect", "dlib forward", "dlib backward", "sface forward", "lpips forward"} <= set(
         row["stages"]
     )

@@ -14,7 +14,7 @@ from cloak_core.evaluation.conditions import (
     conditions_from_flags,
     parse_condition,
 )
-from cloak_core.evaluation.quality import psnr
+from cloak_core.visibility import psnr
 
 
 def _face(faces_dir) -> np.ndarray:

@@ -74,15 +74,20 @@ def test_small_attacked_eval_writes_a_consistent_report(faces_dir, store, tmp_pa
     assert set(groups[("sface", "mobilefacenet")]["evaluators"]) == {"dlib", "dlib-bin"}
     for g in groups.values():
         assert g["images"] == 3 and len(g["per_image"]) == 3
-        q = g["quality"]
-        assert 0 < q["lpips"]["mean"] <= q["lpips"]["max"] < 0.2
-        assert 0 < q["lpips_vgg"]["mean"] <= q["lpips_vgg"]["max"] < 0.4
-        per_image = [r["lpips_vgg"] for r in g["per_image"]]
-        assert sum(per_image) / len(per_image) == pytest.approx(q["lpips_vgg"]["mean"])
-        assert per_image != [r["lpips"] for r in g["per_image"]]  # another network
-        assert q["psnr"]["min"] > 25 and 0.8 < q["ssim"]["min"] < 1.0
-
-    assert "| LPIPS-VGG mean | max |" in printed
+        v = g["visibility"]
+        assert 0 < v["de2000_mean"]["mean"] <= v["de2000_mean"]["worst"] < 10
+        assert v["de2000_mean"]["worst"] <= v["de2000_p95"]["worst"]
+        assert 0 < v["dists"]["mean"] <= v["dists"]["worst"] < 0.5
+        per_image = [r["visibility"]["de2000_mean"] for r in g["per_image"]]
+        assert sum(per_image) / len(per_image) == pytest.approx(v["de2000_mean"]["mean"])
+        assert v["psnr"]["worst"] > 25 and 0.8 < v["ssim"]["worst"] < 1.0
+        worst = g["worst"][0]
+        assert worst["de2000_mean"] == max(per_image) and Path(worst["path"]).is_file()
+    # The calibration rows are measured on these originals: q75 shows more than q90.
+    cal = report["visibility_calibration"]
+    assert 0 < cal["jpeg90"]["de2000_mean"]["mean"] < cal["jpeg75"]["de2000_mean"]["mean"]
+    assert "| jpeg75 re-encode (calibration) |" in printed
+    assert "LPIPS-Alex (the attack's own)" in printed
     assert list(report["results"]) == ["png", "scale50-jpeg85"]
     for cond, rows in report["results"].items():
         assert set(rows) == EVALUATORS
@@ -169,7 +174,7 @@ def test_worker_processes_attack_every_batch_once(faces_dir, store, tmp_path, ca
     assert set(groups) == {("sface", "mobilefacenet"), ("dlib", "sface")}
     for g in groups.values():
         assert g["images"] == 2 and g["seconds"] > 0
-        assert all(0 < r["lpips"] < 0.2 for r in g["per_image"])
+        assert all(0 < r["visibility"]["lpips_alex"] < 0.2 for r in g["per_image"])
     assert len(list((out / "attack-cache").glob("*.npz"))) == 2
 
     assert main(args) == 0

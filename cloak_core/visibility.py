@@ -1,0 +1,496 @@
+"""How visible protection is to a person: a panel of metrics on each face, at display scale.
+
+The attack keeps AlexNet LPIPS small, so AlexNet LPIPS cannot tell whether a face still
+looks the same: the attack finds changes that network misses and people see. The panel
+therefore measures what the attack never optimises:
+
+- CIEDE2000 colour difference per pixel (CIE 2000, in CIELAB from sRGB with a D65 white),
+  its mean and 95th percentile: about 1 is a just-noticeable difference side by side;
+- PSNR (dB) and SSIM on the face region;
+- DISTS (Ding et al. 2020) and VGG16 LPIPS, two learned perceptual distances;
+- AlexNet LPIPS, only as *the attack's own number*, never as the verdict.
+
+Where: each face's box grown :data:`FACE_GROW` times about its centre, in the photo as
+written (a 112x112 aligned crop is measured whole). A region whose longer side exceeds
+:data:`DISPLAY_SIDE` pixels is first scaled down to it (antialiased), since a person sees
+a face at most about that large on a screen; smaller regions are measured as they are.
+The learned metrics see regions of at least :data:`NETWORK_MIN_SIDE` pixels (smaller ones
+are enlarged for them alone: their pooling layers need the room).
+
+Grids (:func:`write_grid`) show the same crops, original | protected | ``|difference| x 10``,
+at one display height, as a PNG.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from cloak_core.errors import UsageError
+
+if TYPE_CHECKING:
+    from cloak_core.store import ModelStore
+
+FACE_GROW = 1.3
+DISPLAY_SIDE = 512
+NETWORK_MIN_SIDE = 64
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+_K1, _K2 = 0.01, 0.03
+# JPEG qualities of the calibration rows: "looks unchanged" and "barely changed".
+CALIBRATION_QUALITIES = (90, 75)
+
+# sRGB (D65) to XYZ, and the D65 reference white (CIE 1931 2-degree observer).
+_RGB_TO_XYZ = np.array(
+    [
+        [0.412453, 0.357580, 0.180423],
+        [0.212671, 0.715160, 0.072169],
+        [0.019334, 0.119193, 0.950227],
+    ]
+)
+_WHITE_D65 = np.array([0.95047, 1.0, 1.08883])
+
+
+# --------------------------------------------------------------------------- colour
+
+
+def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
+    """CIELAB ``(..., 3)`` float64 (L in 0..100) of sRGB pixels ``(..., 3)``.
+
+    ``rgb`` is uint8 (0..255) or float in 0..1; the white point is D65.
+    """
+    rgb = np.asarray(rgb)
+    v = rgb.astype(np.float64) / 255.0 if rgb.dtype == np.uint8 else rgb.astype(np.float64)
+    linear = np.where(v > 0.04045, ((v + 0.055) / 1.055) ** 2.4, v / 12.92)
+    xyz = linear @ _RGB_TO_XYZ.T / _WHITE_D65
+    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
+    fx, fy, fz = f[..., 0], f[..., 1], f[..., 2]
+    return np.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], axis=-1)
+
+
+def ciede2000(lab1: np.ndarray, lab2: np.ndarray) -> np.ndarray:
+    """CIEDE2000 colour difference (Sharma, Wu and Dalal 2005) per pixel: ``(...)`` float64.
+
+    ``lab1``, ``lab2``: CIELAB ``(..., 3)`` of one shape; ``kL = kC = kH = 1``.
+    """
+    lab1, lab2 = np.asarray(lab1, np.float64), np.asarray(lab2, np.float64)
+    if lab1.shape != lab2.shape or lab1.shape[-1] != 3:
+        raise UsageError(f"need two (..., 3) Lab arrays of one shape: {lab1.shape}, {lab2.shape}")
+    l1, a1, b1 = np.moveaxis(lab1, -1, 0)
+    l2, a2, b2 = np.moveaxis(lab2, -1, 0)
+    c_bar = (np.hypot(a1, b1) + np.hypot(a2, b2)) / 2
+    c7 = c_bar**7
+    g = 0.5 * (1 - np.sqrt(c7 / (c7 + 25.0**7)))
+    a1p, a2p = a1 * (1 + g), a2 * (1 + g)
+    c1p, c2p = np.hypot(a1p, b1), np.hypot(a2p, b2)
+    h1p = np.degrees(np.arctan2(b1, a1p)) % 360
+    h2p = np.degrees(np.arctan2(b2, a2p)) % 360
+    chroma_zero = (c1p * c2p) == 0
+
+    dl = l2 - l1
+    dc = c2p - c1p
+    dh = h2p - h1p
+    dh = np.where(dh > 180, dh - 360, np.where(dh < -180, dh + 360, dh))
+    dh = np.where(chroma_zero, 0.0, dh)
+    dh_big = 2 * np.sqrt(c1p * c2p) * np.sin(np.radians(dh) / 2)
+
+    l_bar = (l1 + l2) / 2
+    cp_bar = (c1p + c2p) / 2
+    h_sum = h1p + h2p
+    wrap = np.where(h_sum < 360, h_sum + 360, h_sum - 360)
+    h_bar = np.where(np.abs(h1p - h2p) > 180, wrap, h_sum)
+    h_bar = np.where(chroma_zero, h_sum, h_bar / 2)
+
+    t = (
+        1
+        - 0.17 * np.cos(np.radians(h_bar - 30))
+        + 0.24 * np.cos(np.radians(2 * h_bar))
+        + 0.32 * np.cos(np.radians(3 * h_bar + 6))
+        - 0.20 * np.cos(np.radians(4 * h_bar - 63))
+    )
+    d_theta = 30 * np.exp(-(((h_bar - 275) / 25) ** 2))
+    cp7 = cp_bar**7
+    r_c = 2 * np.sqrt(cp7 / (cp7 + 25.0**7))
+    s_l = 1 + 0.015 * (l_bar - 50) ** 2 / np.sqrt(20 + (l_bar - 50) ** 2)
+    s_c = 1 + 0.045 * cp_bar
+    s_h = 1 + 0.015 * cp_bar * t
+    r_t = -np.sin(np.radians(2 * d_theta)) * r_c
+    tl, tc, th = dl / s_l, dc / s_c, dh_big / s_h
+    return np.sqrt(np.maximum(tl**2 + tc**2 + th**2 + r_t * tc * th, 0.0))
+
+
+# --------------------------------------------------------------------------- pixel metrics
+
+
+def _check_pair(a: np.ndarray, b: np.ndarray) -> None:
+    if a.shape != b.shape or a.ndim != 3 or a.shape[2] != 3:
+        raise UsageError(f"need two (H, W, 3) images of one shape, got {a.shape} and {b.shape}")
+
+
+def psnr(original: np.ndarray, changed: np.ndarray, data_range: float = 255.0) -> float:
+    """Peak signal-to-noise ratio in dB of ``changed`` against ``original`` (both ``(H, W, 3)``).
+
+    Pixels in 0..``data_range``; identical images give ``inf``.
+    """
+    _check_pair(original, changed)
+    mse = float(np.mean((original.astype(np.float64) - changed.astype(np.float64)) ** 2))
+    if mse == 0.0:
+        return float("inf")
+    return float(10.0 * np.log10(data_range**2 / mse))
+
+
+def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
+    """Normalised 1-D Gaussian ``(size,)`` in float64."""
+    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    w = torch.exp(-(x**2) / (2 * sigma**2))
+    return w / w.sum()
+
+
+def ssim(
+    original: np.ndarray,
+    changed: np.ndarray,
+    data_range: float = 255.0,
+    window: int = SSIM_WINDOW,
+    sigma: float = SSIM_SIGMA,
+) -> float:
+    """Mean structural similarity (1 for identical images) of two ``(H, W, 3)`` images.
+
+    Wang et al.'s (2004) index with a Gaussian window (11x11, sigma 1.5), ``K1 = 0.01``,
+    ``K2 = 0.03``, per colour channel, averaged over the pixels whose window lies inside
+    the image and over channels (``skimage.metrics.structural_similarity`` with
+    ``gaussian_weights=True``, ``use_sample_covariance=False``, ``channel_axis=-1``).
+    Pixels in 0..``data_range``; both sides need at least ``window`` pixels.
+    """
+    _check_pair(original, changed)
+    if min(original.shape[:2]) < window:
+        raise UsageError(f"SSIM needs images of at least {window}x{window} pixels")
+    x = torch.from_numpy(original.astype(np.float64)).permute(2, 0, 1)[:, None]  # (3, 1, H, W)
+    y = torch.from_numpy(changed.astype(np.float64)).permute(2, 0, 1)[:, None]
+    g = _gaussian_window(window, sigma)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:  # separable, "valid" (window inside the image)
+        t = F.conv2d(t, g.view(1, 1, 1, -1))
+        return F.conv2d(t, g.view(1, 1, -1, 1))
+
+    mx, my = blur(x), blur(y)
+    vx = blur(x * x) - mx * mx
+    vy = blur(y * y) - my * my
+    cxy = blur(x * y) - mx * my
+    c1, c2 = (_K1 * data_range) ** 2, (_K2 * data_range) ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx * mx + my * my + c1) * (vx + vy + c2))
+    return float(s.mean())
+
+
+# --------------------------------------------------------------------------- face regions
+
+
+def face_region(
+    shape: tuple[int, int], box: Sequence[float], grow: float = FACE_GROW
+) -> tuple[int, int, int, int]:
+    """The face box ``(x0, y0, x1, y1)`` grown ``grow`` times about its centre, as integer
+    pixel bounds clipped to an image of ``shape`` = ``(H, W)``."""
+    height, width = shape
+    x0, y0, x1, y1 = (float(v) for v in box)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    hw, hh = (x1 - x0) * grow / 2, (y1 - y0) * grow / 2
+    bx0, by0 = max(0, int(np.floor(cx - hw))), max(0, int(np.floor(cy - hh)))
+    bx1, by1 = min(width, int(np.ceil(cx + hw))), min(height, int(np.ceil(cy + hh)))
+    if bx1 - bx0 < 2 or by1 - by0 < 2:
+        return (0, 0, width, height)
+    return (bx0, by0, bx1, by1)
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """RGB ``(H, W, 3)`` uint8 of an 8- or 16-bit image (a uint8 input is returned as is)."""
+    if pixels.dtype == np.uint8:
+        return pixels
+    scale = 255.0 / np.iinfo(pixels.dtype).max
+    return np.clip(pixels.astype(np.float64) * scale + 0.5, 0, 255).astype(np.uint8)
+
+
+def _resize(pixels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``pixels`` (uint8 ``(H, W, 3)``) resized to ``size`` = ``(w, h)`` with Lanczos."""
+    if (pixels.shape[1], pixels.shape[0]) == size:
+        return pixels
+    return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.LANCZOS))
+
+
+def display_pair(
+    original: np.ndarray,
+    changed: np.ndarray,
+    region: tuple[int, int, int, int],
+    max_side: int = DISPLAY_SIDE,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``region`` of both images as uint8 ``(h, w, 3)`` at display scale (the longer
+    side at most ``max_side``; never enlarged)."""
+    x0, y0, x1, y1 = region
+    a = to_uint8(np.ascontiguousarray(original[y0:y1, x0:x1, :3]))
+    b = to_uint8(np.ascontiguousarray(changed[y0:y1, x0:x1, :3]))
+    h, w = a.shape[:2]
+    f = max_side / max(h, w)
+    if f < 1.0:
+        size = (max(1, round(w * f)), max(1, round(h * f)))
+        a, b = _resize(a, size), _resize(b, size)
+    return a, b
+
+
+def jpeg_roundtrip(pixels: np.ndarray, quality: int) -> np.ndarray:
+    """``pixels`` (RGB uint8 ``(H, W, 3)``) encoded as baseline JPEG at ``quality`` (4:2:0,
+    Pillow's default) and decoded again: what "re-encoded, unchanged" looks like."""
+    buf = io.BytesIO()
+    Image.fromarray(to_uint8(pixels)).save(buf, format="JPEG", quality=quality)
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+# --------------------------------------------------------------------------- the panel
+
+
+@dataclass(frozen=True)
+class Visibility:
+    """The panel for one face: how far the changed face is from the original.
+
+    ``de2000_mean`` / ``de2000_p95``: CIEDE2000 over the region's pixels (0 identical,
+    about 1 just noticeable side by side, 2-5 noticeable at a glance); ``psnr`` in dB
+    (``inf`` identical); ``ssim`` (1 identical); ``dists`` and ``lpips_vgg`` (0 identical);
+    ``lpips_alex``: the attack's own metric, kept for comparison only. ``size``: the
+    measured region's ``(h, w)`` at display scale.
+    """
+
+    de2000_mean: float
+    de2000_p95: float
+    psnr: float
+    ssim: float
+    dists: float
+    lpips_vgg: float
+    lpips_alex: float
+    size: tuple[int, int]
+
+    def as_dict(self) -> dict:
+        """JSON-ready form: a non-finite value (the ``inf`` PSNR of an unchanged face, the
+        SSIM of a face under 11 pixels) becomes ``None``."""
+        d = {k: (v if np.isfinite(v) else None) for k, v in asdict(self).items() if k != "size"}
+        d["size"] = list(self.size)
+        return d
+
+
+# Which way is worse for each panel metric, for summaries and "worst image" lists.
+HIGHER_IS_WORSE = {
+    "de2000_mean": True,
+    "de2000_p95": True,
+    "psnr": False,
+    "ssim": False,
+    "dists": True,
+    "lpips_vgg": True,
+    "lpips_alex": True,
+}
+PANEL_METRICS = tuple(HIGHER_IS_WORSE)
+
+
+class VisibilityMeter:
+    """Measures the panel; loads DISTS and the two LPIPS networks once from the store.
+
+    ``device``: where the learned metrics run (``"cpu"`` or ``"cuda"``).
+    """
+
+    def __init__(self, store: ModelStore, device: torch.device | str = "cpu") -> None:
+        self.store = store
+        self.device = torch.device(device)
+        self._nets: dict[str, torch.nn.Module] = {}
+
+    def _net(self, name: str) -> torch.nn.Module:
+        net = self._nets.get(name)
+        if net is None:
+            if name == "dists":
+                from cloak_core.dists import load_dists
+
+                net = load_dists(self.store, self.device)
+            else:
+                from cloak_core.lpips import load_lpips
+
+                net = load_lpips(name, store=self.store, device=self.device)
+            self._nets[name] = net
+        return net
+
+    @torch.no_grad()
+    def _learned(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> dict[str, list[float]]:
+        """DISTS and both LPIPS for each pair, batching pairs of one size together."""
+        out: dict[str, list[float]] = {"dists": [], "vgg": [], "alex": []}
+        values: dict[str, dict[int, float]] = {k: {} for k in out}
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for k, (a, _) in enumerate(pairs):
+            by_shape.setdefault(a.shape, []).append(k)
+        for shape, idx in by_shape.items():
+            for start in range(0, len(idx), 32):
+                chunk = idx[start : start + 32]
+                a = torch.from_numpy(np.stack([pairs[k][0] for k in chunk])).permute(0, 3, 1, 2)
+                b = torch.from_numpy(np.stack([pairs[k][1] for k in chunk])).permute(0, 3, 1, 2)
+                a = a.float().div(255).to(self.device)
+                b = b.float().div(255).to(self.device)
+                short = min(shape[0], shape[1])
+                if short < NETWORK_MIN_SIDE:
+                    f = NETWORK_MIN_SIDE / short
+                    size = (round(shape[0] * f), round(shape[1] * f))
+                    a = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
+                    b = F.interpolate(b, size=size, mode="bilinear", align_corners=False)
+                for name in out:
+                    d = self._net(name)(a, b).float().cpu().reshape(-1).tolist()
+                    for k, v in zip(chunk, d, strict=True):
+                        values[name][k] = v
+        for name in out:
+            out[name] = [values[name][k] for k in range(len(pairs))]
+        return out
+
+    def measure_pairs(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> list[Visibility]:
+        """The panel of each ``(original, changed)`` pair of uint8 ``(h, w, 3)`` crops at
+        display scale (as :func:`display_pair` gives)."""
+        for a, b in pairs:
+            _check_pair(a, b)
+        learned = self._learned(pairs)
+        panels = []
+        for k, (a, b) in enumerate(pairs):
+            de = ciede2000(srgb_to_lab(a), srgb_to_lab(b))
+            small = min(a.shape[:2]) < SSIM_WINDOW
+            panels.append(
+                Visibility(
+                    de2000_mean=float(de.mean()),
+                    de2000_p95=float(np.percentile(de, 95)),
+                    psnr=psnr(a, b),
+                    ssim=float("nan") if small else ssim(a, b),
+                    dists=learned["dists"][k],
+                    lpips_vgg=learned["vgg"][k],
+                    lpips_alex=learned["alex"][k],
+                    size=(int(a.shape[0]), int(a.shape[1])),
+                )
+            )
+        return panels
+
+    def measure_faces(
+        self,
+        original: np.ndarray,
+        changed: np.ndarray,
+        boxes: Sequence[Sequence[float]],
+    ) -> list[Visibility]:
+        """The panel of every face of one image: ``boxes`` are detector boxes
+        ``(x0, y0, x1, y1)`` in pixels of ``original`` and ``changed`` (RGB ``(H, W, 3)``,
+        8 or 16 bits, one shape)."""
+        if original.shape != changed.shape:
+            raise UsageError(f"images differ in shape: {original.shape} and {changed.shape}")
+        pairs = [
+            display_pair(original, changed, face_region(original.shape[:2], box)) for box in boxes
+        ]
+        return self.measure_pairs(pairs)
+
+
+def summarise(panels: Sequence[Visibility]) -> dict[str, dict[str, float]]:
+    """Per metric: ``mean``, ``median`` and ``worst`` (the largest, or the smallest where
+    larger is better) over the finite values of ``panels``."""
+    out: dict[str, dict[str, float]] = {}
+    for name in PANEL_METRICS:
+        v = np.asarray([getattr(p, name) for p in panels], dtype=np.float64)
+        v = v[np.isfinite(v)]
+        if v.size == 0:
+            nan = float("nan")
+            out[name] = {"mean": nan, "median": nan, "worst": nan}
+            continue
+        worst = v.max() if HIGHER_IS_WORSE[name] else v.min()
+        out[name] = {"mean": float(v.mean()), "median": float(np.median(v)), "worst": float(worst)}
+    return out
+
+
+def calibration(
+    meter: VisibilityMeter,
+    images: Sequence[np.ndarray],
+    regions: Sequence[tuple[int, int, int, int]],
+    qualities: Sequence[int] = CALIBRATION_QUALITIES,
+) -> dict[str, list[Visibility]]:
+    """The panel of the same images re-encoded as JPEG at each quality (``"jpeg90"``, ...):
+    what "unchanged" and "barely changed" score. ``regions[k]`` is the face region of
+    ``images[k]``, as :func:`face_region` gives (one face per image)."""
+    out: dict[str, list[Visibility]] = {}
+    for q in qualities:
+        pairs = [
+            display_pair(img, jpeg_roundtrip(img, q), region)
+            for img, region in zip(images, regions, strict=True)
+        ]
+        out[f"jpeg{q}"] = meter.measure_pairs(pairs)
+    return out
+
+
+# --------------------------------------------------------------------------- grids
+
+
+@dataclass(frozen=True)
+class GridRow:
+    """One row of a face grid: a face crop and its changed versions, uint8 ``(h, w, 3)``.
+
+    ``changed`` maps a column label (an ensemble, a preset) to the changed crop of the same
+    region; ``label`` names the row (identity, file).
+    """
+
+    label: str
+    original: np.ndarray
+    changed: dict[str, np.ndarray]
+
+
+def write_grid(
+    rows: Sequence[GridRow],
+    path: Path,
+    *,
+    height: int | None = None,
+    amplify: float = 10.0,
+) -> None:
+    """A PNG of face crops: per row the original, then for each changed version the version
+    and ``|version - original| x amplify``.
+
+    ``height``: every row scaled to that many pixels (Lanczos, aspect kept); ``None`` shows
+    each crop at its own size, the display scale :func:`display_pair` gives. Rows are
+    labelled above, columns on top.
+    """
+    if not rows:
+        raise UsageError("a grid needs at least one row")
+    labels = list(rows[0].changed)
+    head, gap, caption = 18, 4, 14
+    cells: list[list[np.ndarray]] = []
+    for row in rows:
+        h, w = row.original.shape[:2]
+        size = (w, h) if height is None else (max(1, round(w * height / h)), height)
+        line = [_resize(row.original, size)]
+        for lab in labels:
+            changed = row.changed[lab]
+            diff = np.abs(changed.astype(np.int16) - row.original.astype(np.int16)) * amplify
+            line += [_resize(changed, size), _resize(np.clip(diff, 0, 255).astype(np.uint8), size)]
+        cells.append(line)
+    widths = [max(line[c].shape[1] for line in cells) for c in range(len(cells[0]))]
+    heights = [line[0].shape[0] for line in cells]
+    total_w = sum(widths) + gap * (len(widths) + 1)
+    total_h = head + sum(caption + h + gap for h in heights) + gap
+    canvas = Image.new("RGB", (total_w, total_h), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    titles = ["original"]
+    for lab in labels:
+        titles += [lab, f"|diff| x{amplify:g}"]
+    x = gap
+    for c, title in enumerate(titles):
+        draw.text((x, 3), title, fill=(0, 0, 0))
+        x += widths[c] + gap
+    y = head
+    for row, line, h in zip(rows, cells, heights, strict=True):
+        draw.text((gap, y), row.label, fill=(60, 60, 60))
+        y += caption
+        x = gap
+        for c, img in enumerate(line):
+            canvas.paste(Image.fromarray(img), (x, y))
+            x += widths[c] + gap
+        y += h + gap
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path, format="PNG", optimize=True)

@@ -1,0 +1,210 @@
+"""The visibility panel against scikit-image, on real faces and photos, and the face grids."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cloak_core.errors import UsageError
+from cloak_core.visibility import (
+    GridRow,
+    Visibility,
+    VisibilityMeter,
+    calibration,
+    ciede2000,
+    display_pair,
+    face_region,
+    jpeg_roundtrip,
+    psnr,
+    srgb_to_lab,
+    ssim,
+    summarise,
+    write_grid,
+)
+
+
+def _rgb(path) -> np.ndarray:
+    with Image.open(path) as im:
+        return np.array(im.convert("RGB"))
+
+
+def _noisy(img: np.ndarray, sigma: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(img + rng.normal(0, sigma, img.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def meter(store) -> VisibilityMeter:
+    return VisibilityMeter(store)
+
+
+def test_lab_and_ciede2000_match_scikit_image(faces_dir, photos_dir) -> None:
+    color = pytest.importorskip("skimage.color")
+    face = _rgb(faces_dir / "Keanu_Reeves" / "009.png")
+    photo = _rgb(photos_dir / "obama.jpg")[:300, :300]
+    for img in (face, photo):
+        assert np.abs(srgb_to_lab(img) - color.rgb2lab(img)).max() < 1e-3
+        for changed in (jpeg_roundtrip(img, 75), _noisy(img, 6)):
+            ours = ciede2000(srgb_to_lab(img), srgb_to_lab(changed))
+            ref = color.deltaE_ciede2000(color.rgb2lab(img), color.rgb2lab(changed))
+            assert np.abs(ours - ref).max() < 1e-3
+            assert ours.mean() > 0.3
+
+
+def test_ciede2000_is_zero_for_identical_images_and_grows_with_noise(faces_dir) -> None:
+    face = _rgb(faces_dir / "Tina_Fey" / "003.png")
+    lab = srgb_to_lab(face)
+    assert np.all(ciede2000(lab, lab) == 0.0)
+    means = [float(ciede2000(lab, srgb_to_lab(_noisy(face, s))).mean()) for s in (1, 4, 16)]
+    assert 0 < means[0] < means[1] < means[2]
+    with pytest.raises(UsageError):
+        ciede2000(lab, lab[:10])
+
+
+def test_psnr_by_hand() -> None:
+    a = np.full((16, 16, 3), 100, np.uint8)
+    b = a + 5
+    assert psnr(a, b) == pytest.approx(10 * math.log10(255**2 / 25))
+    assert psnr(a, a) == math.inf
+    with pytest.raises(UsageError):
+        psnr(a, a[:8])
+
+
+def test_ssim_of_constant_images_by_hand() -> None:
+    # Constant images: no variance, so SSIM = (2 a b + C1) / (a^2 + b^2 + C1) exactly.
+    a, b = 100.0, 120.0
+    c1 = (0.01 * 255) ** 2
+    x = np.full((20, 20, 3), a, np.uint8)
+    y = np.full((20, 20, 3), b, np.uint8)
+    assert ssim(x, y) == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-12)
+    assert ssim(x, x) == pytest.approx(1.0)
+
+
+def test_ssim_falls_with_noise(faces_dir) -> None:
+    img = _rgb(faces_dir / "Barack_Obama" / "000.png")
+    rng = np.random.default_rng(0)
+    values = []
+    for sigma in (2, 8, 32):
+        noisy = np.clip(img + rng.normal(0, sigma, img.shape), 0, 255).astype(np.uint8)
+        values.append(ssim(img, noisy))
+    assert 1.0 > values[0] > values[1] > values[2] > 0.0
+
+
+def test_ssim_and_psnr_match_scikit_image(faces_dir) -> None:
+    metrics = pytest.importorskip("skimage.metrics")
+    img = _rgb(faces_dir / "Barack_Obama" / "000.png")
+    rng = np.random.default_rng(1)
+    for sigma in (3, 12):
+        noisy = np.clip(img + rng.normal(0, sigma, img.shape), 0, 255).astype(np.uint8)
+        ref = metrics.structural_similarity(
+            img,
+            noisy,
+            channel_axis=2,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+            data_range=255,
+        )
+        assert ssim(img, noisy) == pytest.approx(ref, abs=1e-9)
+        ref_psnr = metrics.peak_signal_noise_ratio(img, noisy, data_range=255)
+        assert psnr(img, noisy) == pytest.approx(ref_psnr, abs=1e-9)
+
+
+def test_summary_leaves_out_inf_and_names_the_worst() -> None:
+    def panel(de: float, p: float) -> Visibility:
+        return Visibility(de, de, p, 0.9, 0.1, 0.1, 0.01, (112, 112))
+
+    s = summarise([panel(1.0, 30.0), panel(3.0, math.inf), panel(2.0, 40.0)])
+    assert s["de2000_mean"] == {"mean": 2.0, "median": 2.0, "worst": 3.0}
+    assert s["psnr"] == {"mean": 35.0, "median": 35.0, "worst": 30.0}
+    assert math.isnan(summarise([panel(1.0, math.inf)])["psnr"]["mean"])
+
+
+def test_learned_metrics_batch_like_single_calls(meter, faces_dir) -> None:
+    face = _rgb(faces_dir / "Barack_Obama" / "000.png")
+    small = face[:64, :80].copy()
+    pairs = [
+        (face, _noisy(face, 2)),
+        (small, np.clip(small.astype(int) + 9, 0, 255).astype(np.uint8)),
+        (face, _noisy(face, 20)),
+        (face[:40, :50].copy(), _noisy(face[:40, :50], 5)),
+    ]
+    together = meter.measure_pairs(pairs)
+    alone = [meter.measure_pairs([p])[0] for p in pairs]
+    for a, b in zip(together, alone, strict=True):
+        for key in ("dists", "lpips_vgg", "lpips_alex"):
+            assert getattr(a, key) == pytest.approx(getattr(b, key), rel=1e-4, abs=1e-6)
+    assert 0 < together[0].dists < together[2].dists
+    assert math.isnan(meter.measure_pairs([(face[:8, :8].copy(), face[:8, :8].copy())])[0].ssim)
+
+
+def test_face_region_grows_the_box_and_stays_inside() -> None:
+    assert face_region((100, 200), (50, 20, 90, 60)) == (44, 14, 96, 66)
+    assert face_region((100, 200), (0, 0, 100, 100)) == (0, 0, 115, 100)
+
+
+def test_display_pair_scales_large_regions_down_only(photos_dir) -> None:
+    photo = _rgb(photos_dir / "obama.jpg")
+    a, b = display_pair(photo, photo, (0, 0, photo.shape[1], photo.shape[0]), max_side=256)
+    assert max(a.shape[:2]) == 256 and a.shape == b.shape
+    a, _ = display_pair(photo, photo, (10, 10, 110, 60))
+    assert a.shape == (50, 100, 3)
+
+
+def test_panel_on_real_photos(meter, photos_dir) -> None:
+    from cloak_core.detect import FaceDetector
+    from cloak_core.store import ModelStore
+
+    photo = _rgb(photos_dir / "obama.jpg")
+    with FaceDetector(ModelStore.from_env()) as detector:
+        boxes = [f.box for f in detector.detect(photo)]
+    assert boxes
+    same = meter.measure_faces(photo, photo, boxes)[0]
+    assert same.de2000_mean == 0 and same.psnr == math.inf and same.ssim == pytest.approx(1.0)
+    assert same.dists == pytest.approx(0.0, abs=1e-4) and same.lpips_vgg == pytest.approx(0.0)
+    assert same.as_dict()["psnr"] is None
+    q90 = meter.measure_faces(photo, jpeg_roundtrip(photo, 90), boxes)[0]
+    q75 = meter.measure_faces(photo, jpeg_roundtrip(photo, 75), boxes)[0]
+    noisy = meter.measure_faces(photo, _noisy(photo, 8), boxes)[0]
+    for worse, better in ((q75, q90), (noisy, q75)):
+        assert worse.de2000_mean > better.de2000_mean
+        assert worse.de2000_p95 > better.de2000_p95
+        assert worse.psnr < better.psnr
+        assert worse.ssim < better.ssim
+        assert worse.dists > better.dists
+        assert worse.lpips_vgg > better.lpips_vgg
+    # The panel sees the face region at display scale: PSNR there is that of the crop.
+    region = face_region(photo.shape[:2], boxes[0])
+    a, b = display_pair(photo, jpeg_roundtrip(photo, 75), region)
+    mse = np.mean((a.astype(float) - b.astype(float)) ** 2)
+    assert q75.psnr == pytest.approx(10 * math.log10(255**2 / mse))
+
+
+def test_calibration_rows_are_measured(meter, faces_dir) -> None:
+    faces = [_rgb(p) for p in sorted((faces_dir / "Will_Smith").glob("*.png"))[:3]]
+    regions = [(0, 0, 112, 112)] * len(faces)
+    rows = calibration(meter, faces, regions)
+    assert list(rows) == ["jpeg90", "jpeg75"]
+    direct = meter.measure_pairs([(f, jpeg_roundtrip(f, 75)) for f in faces])
+    assert [p.de2000_mean for p in rows["jpeg75"]] == [p.de2000_mean for p in direct]
+    s90, s75 = summarise(rows["jpeg90"]), summarise(rows["jpeg75"])
+    assert 0 < s90["de2000_mean"]["mean"] < s75["de2000_mean"]["mean"]
+    assert s75["psnr"]["worst"] == min(p.psnr for p in rows["jpeg75"])
+
+
+def test_grid_shows_original_protected_and_amplified_difference(tmp_path, faces_dir) -> None:
+    face = _rgb(faces_dir / "Hugh_Laurie" / "018.png")
+    changed = face.copy()
+    changed[40:60, 40:60] = np.clip(changed[40:60, 40:60].astype(int) + 3, 0, 255)
+    path = tmp_path / "grid.png"
+    write_grid([GridRow("Hugh Laurie", face, {"balanced": changed})], path, height=112)
+    grid = np.array(Image.open(path).convert("RGB"))
+    assert grid.shape[0] == 18 + 14 + 112 + 4 + 4 and grid.shape[1] == 3 * 112 + 4 * 4
+    diff = grid[36:148, 4 + 2 * (112 + 4) : 4 + 2 * (112 + 4) + 112]
+    assert diff[50, 50].min() >= 25  # 3 levels x 10, up to rounding of unchanged edges
+    assert diff[5, 5].max() == 0
+    with pytest.raises(UsageError):
+        write_grid([], path)
