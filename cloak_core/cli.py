@@ -19,6 +19,7 @@ from cloak_core.errors import FaceCloakError, UsageError
 COMMAND_MODULES = (
     "cloak_core.commands.protect",
     "cloak_core.commands.eval",
+    "cloak_core.commands.frontier",
     "cloak_core.commands.bench",
     "backend.commands.serve",
     "backend.commands.pair",

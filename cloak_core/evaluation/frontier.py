@@ -1,0 +1,395 @@
+"""The protection-visibility frontier: black-box rank-1 against CIEDE2000, per preset.
+
+For each preset, one strength setting (``steps``, ``step_size``, ``lpips_budget`` or
+``lpips_weight``) is scaled by each factor, and every such point is a leave-one-out
+evaluation (:class:`~cloak_core.evaluation.runner.Evaluation`): each evaluator, the two
+independent pipelines included, is scored on images protected by an ensemble without its
+weights. A point's visibility is the mean face-region CIEDE2000 of the images its
+evaluator was scored on. Every point keeps its attacked images in one shared attack cache,
+so a rerun, or another sweep through the same point, costs no attack.
+
+Two calibration points per evaluator mark what plain JPEG re-encoding (quality 90 and 75)
+does: its CIEDE2000 on the same faces, and the rank-1 of a gallery that was only
+re-encoded (no protection).
+
+Modes: ``quick`` scores the first :data:`QUICK_IDENTITIES` identities with
+:data:`QUICK_GALLERY` protected gallery images and :data:`QUICK_PROBES` probes each
+(32 protected faces; the other identities stay in, clean, as distractors), for tuning in
+minutes; ``full`` uses the whole dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from cloak_core.errors import UsageError
+from cloak_core.evaluation.conditions import Condition, parse_condition
+from cloak_core.presets import get_preset
+
+if TYPE_CHECKING:
+    from cloak_core.store import ModelStore
+
+QUICK_IDENTITIES = 8
+QUICK_GALLERY = 4
+QUICK_PROBES = 2
+SWEEPS = ("steps", "step_size", "lpips_budget", "lpips_weight")
+DEFAULT_PRESETS = ("balanced", "strong", "paper")
+DEFAULT_FACTORS = (0.5, 1.0, 2.0)
+FRONTIER_JSON = "frontier.json"
+FRONTIER_MD = "frontier.md"
+FRONTIER_PNG = "frontier.png"
+CALIBRATION_QUALITIES = (90, 75)
+# The colour of each preset's curve (others cycle through matplotlib's defaults).
+_COLOURS = {"balanced": "#1f77b4", "strong": "#d62728", "paper": "#2ca02c", "fast": "#9467bd"}
+
+
+@dataclass(frozen=True)
+class FrontierSettings:
+    """One frontier sweep.
+
+    ``sweep`` names the :class:`~cloak_core.presets.AttackConfig` field scaled by each of
+    ``factors`` (``steps`` is rounded, at least 1; a preset without an ``lpips_budget``
+    cannot sweep it). ``mode``: ``"quick"`` or ``"full"``; ``identities``,
+    ``gallery_per_identity`` and ``probes_per_identity`` replace the mode's own when given.
+    ``conditions``: how the gallery reaches the recogniser (a row of the plot each).
+    """
+
+    dataset: Path
+    out: Path
+    presets: tuple[str, ...] = DEFAULT_PRESETS
+    sweep: str = "step_size"
+    factors: tuple[float, ...] = DEFAULT_FACTORS
+    mode: str = "quick"
+    conditions: tuple[Condition, ...] = field(
+        default_factory=lambda: (parse_condition("png"), parse_condition("scale50-jpeg85"))
+    )
+    eval_models: tuple[str, ...] | None = None
+    identities: int | None = None
+    gallery_per_identity: int | None = None
+    probes_per_identity: int | None = None
+    seed: int = 0
+    device: str = "auto"
+    jobs: int = 1
+
+    def __post_init__(self) -> None:
+        if self.sweep not in SWEEPS:
+            raise UsageError(f"sweep {self.sweep!r}: choose one of {', '.join(SWEEPS)}")
+        if self.mode not in ("quick", "full"):
+            raise UsageError(f"mode {self.mode!r}: use quick or full")
+        if not self.factors or any(f <= 0 for f in self.factors):
+            raise UsageError("factors must be positive numbers")
+        if not self.presets:
+            raise UsageError("name at least one preset")
+        for name in self.presets:
+            config = get_preset(name)
+            if getattr(config, self.sweep) is None:
+                raise UsageError(f"preset {name} has no {self.sweep} to sweep")
+
+
+def point_value(preset: str, sweep: str, factor: float) -> float:
+    """The swept setting's value at ``factor`` times the preset's own."""
+    base = getattr(get_preset(preset), sweep)
+    if sweep == "steps":
+        return float(max(1, round(base * factor)))
+    return float(base * factor)
+
+
+class Frontier:
+    """Runs the sweep; :meth:`run` returns the JSON-ready frontier (also written to ``out``)."""
+
+    def __init__(
+        self,
+        settings: FrontierSettings,
+        store: ModelStore,
+        *,
+        progress: bool = False,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.progress = progress
+        self.log = log or (lambda message: print(message, file=sys.stderr))
+
+    def _eval_settings(self, **changes):
+        from cloak_core.evaluation.runner import EvalSettings
+
+        s = self.settings
+        quick = s.mode == "quick"
+        base = EvalSettings(
+            dataset=s.dataset,
+            out=s.out,
+            identities=s.identities or (QUICK_IDENTITIES if quick else None),
+            gallery_per_identity=s.gallery_per_identity or (QUICK_GALLERY if quick else None),
+            probes_per_identity=s.probes_per_identity or (QUICK_PROBES if quick else None),
+            eval_models=s.eval_models,
+            conditions=s.conditions,
+            seed=s.seed,
+            device=s.device,
+            jobs=s.jobs,
+            grid_identities=0,
+        )
+        return replace(base, **changes)
+
+    def run(self) -> dict:
+        """Evaluate every point and the calibration; the frontier as a JSON-ready dict."""
+        from cloak_core.evaluation.runner import Evaluation
+
+        s = self.settings
+        points = []
+        for preset in s.presets:
+            for factor in s.factors:
+                value = point_value(preset, s.sweep, factor)
+                self.log(f"frontier: {preset}, {s.sweep} = {value:g} (x{factor:g})")
+                settings = self._eval_settings(preset=preset, overrides=((s.sweep, value),))
+                result = Evaluation(settings, self.store, progress=self.progress, log=self.log)
+                report = result.run().report
+                points.append(_point(report, preset, factor, s.sweep, value))
+        # The calibration: galleries only re-encoded, scored clean under those JPEGs.
+        jpegs = tuple(parse_condition(f"jpeg{q}") for q in CALIBRATION_QUALITIES)
+        clean = (
+            Evaluation(
+                self._eval_settings(attack=False, conditions=jpegs),
+                self.store,
+                progress=self.progress,
+                log=self.log,
+            )
+            .run()
+            .report
+        )
+        calibration = _calibration(points[0]["visibility_calibration"], clean)
+        return {
+            "settings": {
+                **asdict(s),
+                "dataset": str(s.dataset),
+                "out": str(s.out),
+                "conditions": [c.name for c in s.conditions],
+            },
+            "evaluators": list(clean["evaluators"]),
+            "scored": points[0]["scored"],
+            "points": points,
+            "calibration": calibration,
+        }
+
+
+def _point(report: dict, preset: str, factor: float, sweep: str, value: float) -> dict:
+    """One frontier point from an evaluation report: rank-1 and visibility per evaluator."""
+    groups = report["attack"]
+    by_evaluator = {}
+    for group in groups:
+        for name in group["evaluators"]:
+            by_evaluator[name] = group
+    evaluators = {}
+    for name, group in by_evaluator.items():
+        evaluators[name] = {
+            "ensemble": group["ensemble"],
+            "visibility": group["visibility"],
+            "rank1": {
+                cond: rows[name]["protected"]["rank1"]
+                for cond, rows in report["results"].items()
+                if name in rows and rows[name]["protected"] is not None
+            },
+        }
+    everything = [p for g in groups for p in g["per_image"]]
+    return {
+        "preset": preset,
+        "factor": factor,
+        "sweep": sweep,
+        "value": value,
+        "evaluators": evaluators,
+        "visibility": _mean_panel(everything),
+        "seconds_per_image": float(np.mean([g["seconds_per_image"] or 0.0 for g in groups])),
+        "visibility_calibration": report["visibility_calibration"],
+        "scored": {
+            "identities": len(report["dataset"]["protected_identities"]),
+            "protected_gallery_images": report["dataset"]["protected_gallery_images"],
+            "probes": report["dataset"]["probe_images"],
+        },
+    }
+
+
+def _mean_panel(per_image: Sequence[dict]) -> dict[str, float]:
+    """The mean of each panel metric over images (non-finite values left out)."""
+    out = {}
+    for key in ("de2000_mean", "de2000_p95", "psnr", "ssim", "dists", "lpips_vgg", "lpips_alex"):
+        v = np.asarray(
+            [p["visibility"][key] for p in per_image if p["visibility"][key] is not None], float
+        )
+        v = v[np.isfinite(v)]
+        out[key] = float(v.mean()) if v.size else float("nan")
+    return out
+
+
+def _calibration(visibility: dict, clean: dict) -> dict:
+    """Per JPEG quality: its visibility summary and each evaluator's clean rank-1 under it."""
+    out = {}
+    for q in CALIBRATION_QUALITIES:
+        name = f"jpeg{q}"
+        rows = clean["results"][name]
+        out[name] = {
+            "visibility": {k: v["mean"] for k, v in visibility[name].items()},
+            "rank1": {ev: rows[ev]["clean"]["rank1"] for ev in rows},
+        }
+    return out
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def markdown(frontier: dict) -> str:
+    """The frontier as a Markdown table: one row per point, one column per evaluator."""
+    s = frontier["settings"]
+    evaluators = frontier["evaluators"]
+    conditions = s["conditions"]
+    sc = frontier["scored"]
+    lines = [
+        "# FaceCloak protection-visibility frontier",
+        "",
+        f"- dataset `{s['dataset']}`, mode {s['mode']}: {sc['identities']} protected "
+        f"identities, {sc['protected_gallery_images']} protected faces, {sc['probes']} probes",
+        f"- sweep: `{s['sweep']}` x {', '.join(f'{f:g}' for f in s['factors'])} of each "
+        "preset's own value; leave-one-out (every rank-1 is black-box)",
+        "- visibility on the face region at display scale: CIEDE2000 mean (p95), PSNR, "
+        "DISTS; LPIPS-Alex is the attack's own metric",
+        "",
+    ]
+    for cond in conditions:
+        lines += [
+            f"## Protected rank-1, condition `{cond}`",
+            "",
+            "| preset | "
+            + s["sweep"]
+            + " | "
+            + " | ".join(evaluators)
+            + " | worst | CIEDE2000 | PSNR | SSIM | DISTS | LPIPS-VGG | LPIPS-Alex (attack's) "
+            "| s/image |",
+            "| --- | ---: | " + " | ".join("---:" for _ in evaluators) + " | ---: " * 8 + "|",
+        ]
+        for p in frontier["points"]:
+            ranks = [p["evaluators"].get(e, {}).get("rank1", {}).get(cond) for e in evaluators]
+            known = [r for r in ranks if r is not None]
+            v = p["visibility"]
+            lines.append(
+                f"| {p['preset']} | {p['value']:g} | "
+                + " | ".join(_pct(r) for r in ranks)
+                + f" | {_pct(max(known) if known else None)} | {v['de2000_mean']:.2f} "
+                f"({v['de2000_p95']:.1f}) | {v['psnr']:.1f} | {v['ssim']:.3f} | "
+                f"{v['dists']:.3f} | {v['lpips_vgg']:.3f} | {v['lpips_alex']:.4f} | "
+                f"{p['seconds_per_image']:.2f} |"
+            )
+        lines.append("")
+    lines += [
+        "## Calibration: the same faces only re-encoded as JPEG (clean rank-1)",
+        "",
+        "| re-encoding | "
+        + " | ".join(evaluators)
+        + " | CIEDE2000 | PSNR | SSIM | DISTS | LPIPS-VGG |",
+        "| --- | " + " | ".join("---:" for _ in evaluators) + " | ---: " * 5 + "|",
+    ]
+    for name, c in frontier["calibration"].items():
+        v = c["visibility"]
+        lines.append(
+            f"| {name} | "
+            + " | ".join(_pct(c["rank1"].get(e)) for e in evaluators)
+            + f" | {v['de2000_mean']:.2f} ({v['de2000_p95']:.1f}) | {v['psnr']:.1f} | "
+            f"{v['ssim']:.3f} | {v['dists']:.3f} | {v['lpips_vgg']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(frontier: dict, path: Path) -> None:
+    """Rank-1 against CIEDE2000 mean: a panel per evaluator (and the worst of them), a row
+    per condition, a curve per preset, the JPEG calibration points as grey crosses."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    evaluators = [*frontier["evaluators"], "worst"]
+    conditions = frontier["settings"]["conditions"]
+    fig, axes = plt.subplots(
+        len(conditions),
+        len(evaluators),
+        figsize=(2.9 * len(evaluators), 2.9 * len(conditions) + 0.6),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+    )
+    presets = list(dict.fromkeys(p["preset"] for p in frontier["points"]))
+    for r, cond in enumerate(conditions):
+        for c, ev in enumerate(evaluators):
+            ax = axes[r][c]
+            for preset in presets:
+                xs, ys = [], []
+                for p in frontier["points"]:
+                    if p["preset"] != preset:
+                        continue
+                    if ev == "worst":
+                        ranks = [e["rank1"].get(cond) for e in p["evaluators"].values()]
+                        ranks = [x for x in ranks if x is not None]
+                        y, x = (max(ranks) if ranks else None), p["visibility"]["de2000_mean"]
+                    else:
+                        e = p["evaluators"].get(ev)
+                        if e is None:
+                            continue
+                        y, x = e["rank1"].get(cond), e["visibility"]["de2000_mean"]["mean"]
+                    if y is not None:
+                        xs.append(x)
+                        ys.append(100 * y)
+                order = np.argsort(xs)
+                ax.plot(
+                    np.asarray(xs)[order],
+                    np.asarray(ys)[order],
+                    "o-",
+                    color=_COLOURS.get(preset),
+                    label=preset,
+                    ms=4,
+                )
+            for name, cal in frontier["calibration"].items():
+                ranks = list(cal["rank1"].values()) if ev == "worst" else [cal["rank1"].get(ev)]
+                ranks = [x for x in ranks if x is not None]
+                if ranks:
+                    x = cal["visibility"]["de2000_mean"]
+                    ax.plot([x], [100 * max(ranks)], "x", color="grey", ms=7)
+                    ax.annotate(name, (x, 100 * max(ranks)), fontsize=6, color="grey")
+            ax.axhline(10, color="black", lw=0.5, ls=":")
+            ax.set_ylim(-3, 103)
+            if r == 0:
+                ax.set_title(ev, fontsize=9)
+            if c == 0:
+                ax.set_ylabel(f"{cond}\nprotected rank-1 (%)", fontsize=8)
+            if r == len(conditions) - 1:
+                ax.set_xlabel("face CIEDE2000 mean", fontsize=8)
+            ax.tick_params(labelsize=7)
+    axes[0][-1].legend(fontsize=7, loc="upper right")
+    fig.suptitle(
+        f"protection vs visibility, sweep of {frontier['settings']['sweep']} "
+        f"({frontier['settings']['mode']} mode); grey x: JPEG only",
+        fontsize=9,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(frontier: dict, out: Path) -> list[Path]:
+    """frontier.json, frontier.md and frontier.png in ``out``; returns their paths."""
+    from cloak_core.evaluation.report import json_ready
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / FRONTIER_JSON, out / FRONTIER_MD, out / FRONTIER_PNG]
+    paths[0].write_text(json.dumps(json_ready(frontier), indent=2, allow_nan=False) + "\n")
+    paths[1].write_text(markdown(frontier))
+    plot(frontier, paths[2])
+    return paths
