@@ -16,7 +16,7 @@ from cloak_core.errors import FaceCloakError, UsageError
 
 if TYPE_CHECKING:  # the pipeline pulls in torch: imported only when the command runs
     from cloak_core.pipeline import ProtectResult
-    from cloak_core.visibility import GridRow
+    from cloak_core.visibility import GridRow, VisibilityMeter
 
 _SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}
 
@@ -42,6 +42,12 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="one JSON object per image on stdout, with each face's similarities and "
         "visibility panel (CIEDE2000, PSNR, SSIM, DISTS on the face region)",
+    )
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="with --json: also the panel of each face after plain JPEG q90 and q75 "
+        "re-encoding of the input, for scale (q90 looks unchanged)",
     )
     p.add_argument(
         "--grid",
@@ -75,25 +81,40 @@ def write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-def json_line(source: Path, target: Path, result: ProtectResult) -> str:
-    """The ``--json`` record of DESIGN.md for one image."""
-    return json.dumps(
-        {
-            "input": str(source),
-            "output": str(target),
-            "faces": result.faces,
-            "seconds": round(result.seconds, 3),
-            "lpips": result.lpips,
-            "lpips_faces": result.lpips_faces,
-            "width": result.width,
-            "height": result.height,
-            "format": result.format,
-            "models": {
-                name: [asdict(r) for r in reports] for name, reports in result.models.items()
-            },
-            "visibility": [v.as_dict() for v in result.visibility],
+def json_line(
+    source: Path, target: Path, result: ProtectResult, calibration: dict | None = None
+) -> str:
+    """The ``--json`` record of DESIGN.md for one image; ``calibration`` maps ``jpeg90`` /
+    ``jpeg75`` to one visibility panel per face (``--calibrate``)."""
+    record = {
+        "input": str(source),
+        "output": str(target),
+        "faces": result.faces,
+        "seconds": round(result.seconds, 3),
+        "lpips": result.lpips,
+        "lpips_faces": result.lpips_faces,
+        "width": result.width,
+        "height": result.height,
+        "format": result.format,
+        "models": {name: [asdict(r) for r in reports] for name, reports in result.models.items()},
+        "visibility": [v.as_dict() for v in result.visibility],
+    }
+    if calibration is not None:
+        record["calibration"] = {
+            name: [v.as_dict() for v in panels] for name, panels in calibration.items()
         }
-    )
+    return json.dumps(record)
+
+
+def calibrate(meter: VisibilityMeter, data: bytes, result: ProtectResult) -> dict:
+    """The panel of each face of the input after plain JPEG re-encoding (q90, q75)."""
+    from cloak_core.imageio import decode_image
+    from cloak_core.visibility import calibration, face_region
+
+    original = decode_image(data, max_pixels=max(50_000_000, result.width * result.height))
+    pixels = original.pixels
+    regions = [face_region(pixels.shape[:2], box) for box in result.boxes]
+    return calibration(meter, [pixels] * len(regions), regions)
 
 
 def grid_rows(source: Path, data: bytes, result: ProtectResult) -> list[GridRow]:
@@ -114,6 +135,8 @@ def grid_rows(source: Path, data: bytes, result: ProtectResult) -> list[GridRow]
 def run(args: argparse.Namespace) -> int:
     if args.output and len(args.inputs) > 1:
         raise UsageError("-o/--output takes one input; use --out-dir for several")
+    if args.calibrate and not args.json:
+        raise UsageError("--calibrate adds to the --json records: give --json too")
     if args.quality is not None and not 1 <= args.quality <= 100:
         raise UsageError(f"--quality must be within 1..100, got {args.quality}")
     from cloak_core.pipeline import Protector
@@ -155,7 +178,8 @@ def run(args: argparse.Namespace) -> int:
                 continue
             bar.update(i + 1 - bar.n)
             if args.json:
-                print(json_line(source, target, result), flush=True)
+                cal = calibrate(protector.meter, data, result) if args.calibrate else None
+                print(json_line(source, target, result, cal), flush=True)
             elif not bar.disable:
                 bar.write(f"{source} -> {target}: {result.faces} face(s), {result.seconds:.1f} s")
             else:

@@ -47,6 +47,7 @@ def test_protect_json_and_failures(tmp_path, photos_dir, capsys):
             "--steps",
             "2",
             "--json",
+            "--calibrate",
             "--grid",
             str(tmp_path / "grid.png"),
         ]
@@ -67,11 +68,15 @@ def test_protect_json_and_failures(tmp_path, photos_dir, capsys):
     assert {"de2000_mean", "de2000_p95", "psnr", "ssim", "dists"} <= set(seen)
     assert 0 < seen["de2000_mean"] < seen["de2000_p95"] and 20 < seen["psnr"] < 60
     assert 0 < seen["dists"] < 0.5 and 0.5 < seen["ssim"] < 1
+    # For scale, the same face only re-encoded: measured, so q75 shows more than q90.
+    (q90,), (q75,) = record["calibration"]["jpeg90"], record["calibration"]["jpeg75"]
+    assert 0 < q90["de2000_mean"] < q75["de2000_mean"] and q90["psnr"] > q75["psnr"]
     with Image.open(tmp_path / "grid.png") as grid:
         assert grid.format == "PNG" and grid.width > 3 * seen["size"][1]
     with Image.open(record["output"]) as im, Image.open(good) as src:
         assert im.size == src.size and im.format == "JPEG"
     errors = captured.err.strip().splitlines()
+    assert errors.pop() == f"wrote {tmp_path / 'grid.png'}"
     assert len(errors) == 3
     assert all(line.startswith("facecloak: ") for line in errors)
     assert str(broken) in errors[0] and str(text) in errors[1] and "missing.jpg" in errors[2]
