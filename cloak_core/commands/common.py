@@ -24,6 +24,14 @@ def add_attack_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def positive_int(text: str) -> int:
+    """Parse a count of at least 1 (an argparse type)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def model_list(text: str) -> tuple[str, ...]:
     """Parse ``a,b,c`` into a tuple of model names."""
     names = tuple(n.strip() for n in text.split(",") if n.strip())

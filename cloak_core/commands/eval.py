@@ -7,19 +7,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cloak_core.commands.common import model_list
+from cloak_core.commands.common import model_list, positive_int
 from cloak_core.evaluation.conditions import DEFAULT_CONDITIONS, conditions_from_flags
 from cloak_core.presets import DEFAULT_PRESET, PRESETS
 
 if TYPE_CHECKING:  # the runner pulls in torch: imported only when the command runs
     from cloak_core.evaluation.runner import EvalSettings
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -30,21 +23,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "(every tenth image) and gallery (the rest); protect the galleries of the first N "
         "identities (the others stay clean as distractors); identify every probe by its "
         "nearest gallery embeddings and report rank-1/rank-5 accuracy, clean and protected, "
-        "per evaluator and condition, with LPIPS/PSNR/SSIM of the protected images. By "
+        "per evaluator and condition, with the visibility panel of the protected faces "
+        "(CIEDE2000, PSNR, SSIM, DISTS, LPIPS; JPEG q90/q75 for scale) and a face grid. By "
         "default each evaluator is scored on images protected by an ensemble without its "
         "weights (leave-one-out, black-box).",
     )
     p.add_argument("--dataset", required=True, type=Path, metavar="DIR", help="dataset folder")
     p.add_argument(
         "--identities",
-        type=_positive,
+        type=positive_int,
         metavar="N",
         help="protect and score the first N identities (default: all)",
     )
-    p.add_argument("--gallery-per-identity", type=_positive, metavar="K", help="cap the gallery")
-    p.add_argument("--probes-per-identity", type=_positive, metavar="P", help="cap the probes")
+    p.add_argument("--gallery-per-identity", type=positive_int, metavar="K", help="cap the gallery")
+    p.add_argument("--probes-per-identity", type=positive_int, metavar="P", help="cap the probes")
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help="attack preset")
-    p.add_argument("--steps", type=_positive, help="override the preset's number of steps")
+    p.add_argument("--steps", type=positive_int, help="override the preset's number of steps")
     p.add_argument(
         "--attack-models",
         type=model_list,
@@ -66,7 +60,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--jpeg", type=int, metavar="Q", help="add the condition jpegQ")
     p.add_argument(
-        "--resize", type=_positive, metavar="PX", help="add resizePX-jpegQ (Q: --jpeg or 85)"
+        "--resize", type=positive_int, metavar="PX", help="add resizePX-jpegQ (Q: --jpeg or 85)"
     )
     p.add_argument(
         "--landmarks",
@@ -88,7 +82,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--no-attack", action="store_true", help="clean accuracy only")
     p.add_argument(
         "--jobs",
-        type=_positive,
+        type=positive_int,
         default=1,
         metavar="N",
         help="attack in N worker processes on a CPU, each with 1/N of the cores (default 1)",

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from cloak_core.commands.common import model_list
+from cloak_core.commands.common import model_list, positive_int
 from cloak_core.evaluation.conditions import parse_condition
 from cloak_core.evaluation.frontier import (
     DEFAULT_FACTORS,
@@ -35,13 +35,6 @@ def _factors(text: str) -> tuple[float, ...]:
     if not values or any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError("factors must be positive")
     return values
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -102,7 +95,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--device", default="auto", choices=["auto", "cpu", "cuda"], help="where to compute"
     )
     p.add_argument(
-        "--jobs", type=_positive, default=1, metavar="N", help="attack in N processes (CPU)"
+        "--jobs", type=positive_int, default=1, metavar="N", help="attack in N processes (CPU)"
     )
     return p
 
