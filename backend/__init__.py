@@ -13,6 +13,7 @@ Where things are:
 - :mod:`backend.pairing`, :mod:`backend.settings`, :mod:`backend.storage`: pairing codes,
   tokens and settings in owner-only files of the config folder.
 - :mod:`backend.config`: ``DaemonConfig``, the frozen configuration.
+- :mod:`backend.logs`: the access log and the redaction of aiohttp's own log records.
 
 The HTTP API is described in ``backend/README.md``. Nothing here imports torch.
 """

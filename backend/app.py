@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 
 from backend import handlers
 from backend.config import DaemonConfig
@@ -27,6 +26,7 @@ from backend.keys import (
     TOKENS_KEY,
     WORKER_KEY,
 )
+from backend.logs import ACCESS_LOGGER, AccessLogger, ServerLog
 from backend.middleware import add_cors_headers, error_middleware, security_middleware
 from backend.pairing import FailureLimiter, PairingCodes, TokenStore
 from backend.protection import ProtectorFactory, load_protector
@@ -82,25 +82,15 @@ def runner_options() -> dict[str, Any]:
 
     ``handler_cancellation``: a client that disconnects cancels its handler, which
     cancels its job. The access log writes one line per request without query strings,
-    job ids, tokens or image content.
+    job ids, tokens or image content; ``logger`` replaces aiohttp's server log, which
+    would quote a malformed request's raw headers (see :mod:`backend.logs`).
     """
     return {
         "handler_cancellation": True,
         "access_log_class": AccessLogger,
-        "access_log": logging.getLogger("facecloak.access"),
+        "access_log": logging.getLogger(ACCESS_LOGGER),
+        "logger": ServerLog(),
     }
-
-
-class AccessLogger(AbstractAccessLogger):
-    """One line per request: method, route template, status, faces, seconds."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        resource = getattr(request.match_info.route, "resource", None)
-        route = resource.canonical if resource is not None else "(no route)"
-        faces = response.headers.get("X-FaceCloak-Faces", "-")
-        self.logger.info(
-            "%s %s %d faces=%s %.3fs", request.method, route, response.status, faces, time
-        )
 
 
 async def _worker_ctx(app: web.Application) -> AsyncIterator[None]:

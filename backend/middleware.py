@@ -19,6 +19,7 @@ from backend.errors import (
     log_unexpected,
 )
 from backend.keys import CONFIG_KEY, TOKENS_KEY
+from backend.logs import ROUTE_KEY
 from backend.pairing import EXTENSION_ORIGIN
 from cloak_core.errors import FaceCloakError
 
@@ -35,7 +36,12 @@ def _json_error(status: int, code: str, message: str) -> web.Response:
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer every error as JSON ``{"error", "message"}`` with its status (see backend.errors)."""
+    """Answer every error as JSON ``{"error", "message"}`` with its status (see backend.errors).
+
+    Also notes the route's template for the access log (never the path itself).
+    """
+    resource = request.match_info.route.resource
+    request[ROUTE_KEY] = resource.canonical if resource is not None else "(no route)"
     try:
         return await handler(request)
     except web.HTTPException as exc:  # aiohttp's own: unknown route, method, body too large

@@ -145,8 +145,9 @@ class SettingsStore:
             if isinstance(raw, dict) and "sites" in raw:
                 base = replace(base, sites={})
             return base.updated(raw)
-        except BadRequestError as exc:
-            log.warning("ignoring %s: %s", SETTINGS_FILE, exc)
+        except BadRequestError:
+            # Not the reason: it could quote a site, and no site may reach the log.
+            log.warning("ignoring %s: it holds invalid settings; fix or delete it", SETTINGS_FILE)
             return self.defaults
 
     def update(self, patch: object) -> Settings:

@@ -16,6 +16,7 @@ from backend.config import (
     DaemonConfig,
     default_config_dir,
 )
+from backend.logs import configure_logging
 from backend.protection import ProtectorFactory, load_protector
 from cloak_core.errors import FaceCloakError
 from cloak_core.presets import DEFAULT_PRESET, PRESETS
@@ -98,7 +99,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
 def run(args: argparse.Namespace, protector_factory: ProtectorFactory = load_protector) -> int:
     """Serve until SIGTERM or SIGINT, then shut down gracefully; returns the exit status."""
     config = build_config(args)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging()
     app = create_app(config, protector_factory)
     try:
         web.run_app(

@@ -239,24 +239,24 @@ class DaemonProcess:
             return json.loads(resp.read())
 
 
-def start_daemon(workdir: Path, *flags: str, ready_timeout: float = 600.0) -> DaemonProcess:
-    """Start ``python -m cloak_core.cli serve`` (the real Protector) and wait until it is ready."""
+def start_daemon(
+    workdir: Path, *flags: str, ready_timeout: float = 600.0, reencoding: bool = False
+) -> DaemonProcess:
+    """Start ``python -m cloak_core.cli serve`` (the real Protector) and wait until it is ready.
+
+    ``reencoding``: serve with :class:`ReencodingProtector` instead (reencoding_serve.py),
+    for tests of the process's sockets and log that need no models.
+    """
     config_dir = workdir / "config"
     port = free_port()
     log_path = workdir / "daemon.log"
+    if reencoding:
+        command = [sys.executable, str(Path(__file__).with_name("reencoding_serve.py"))]
+    else:
+        command = [sys.executable, "-m", "cloak_core.cli", "serve"]
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "cloak_core.cli",
-                "serve",
-                "--port",
-                str(port),
-                "--config-dir",
-                str(config_dir),
-                *flags,
-            ],
+            [*command, "--port", str(port), "--config-dir", str(config_dir), *flags],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=cli_env(config_dir),

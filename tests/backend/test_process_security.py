@@ -1,0 +1,77 @@
+"""Against a real ``facecloak serve`` process, where behaviour depends on sockets and the log.
+
+The process is the production command with the re-encoding test double as its protector
+(reencoding_serve.py), so it starts in about a second and needs no models.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.request
+
+import pytest
+from daemon_helpers import DaemonProcess, jpeg_bytes, start_daemon
+
+from backend.pairing import PairingCodes
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    process = start_daemon(tmp_path, "--preset", "fast", reencoding=True, ready_timeout=120)
+    yield process
+    assert process.stop() == 0
+
+
+def raw_request(daemon: DaemonProcess, data: bytes) -> bytes:
+    """Send ``data`` as it is on a fresh connection; the daemon's whole answer."""
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as conn:
+        conn.sendall(data)
+        answer = b""
+        while chunk := conn.recv(65536):
+            answer += chunk
+    return answer
+
+
+def submit_job(daemon: DaemonProcess, token: str, site: str) -> str:
+    request = urllib.request.Request(
+        daemon.url(f"/v1/jobs?site={site}"),
+        data=jpeg_bytes(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "image/jpeg"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as resp:
+        return json.loads(resp.read())["id"]
+
+
+def test_malformed_requests_leave_no_secret_in_the_log(daemon):
+    token = daemon.pair()
+    site = "secret-site.example"
+    job_id = submit_job(daemon, token, site)
+    code = PairingCodes(daemon.config_dir).issue()  # pending: must not show either
+    host = f"Host: 127.0.0.1:{daemon.port}"
+    bearer = f"Authorization: Bearer {token}"
+    target = f"/v1/jobs/{job_id}?site={site}&code={code}"
+
+    def request(*lines: str) -> bytes:
+        return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+    malformed = {
+        # The parser's error quotes the offending line: here, the token's own line.
+        "control character in the token": request(f"GET {target} HTTP/1.1", host, bearer + "\x01"),
+        "bad Content-Length": request(
+            "PUT /v1/settings HTTP/1.1", host, bearer, f"Content-Length: {code}"
+        ),
+        "space in the target": request(f"GET {target} {code} HTTP/1.1", host, bearer),
+        "header without a colon": request(f"GET {target} HTTP/1.1", host, bearer, code),
+        "header too long": request(f"GET {target} HTTP/1.1", host, bearer + "x" * 9000),
+    }
+    for name, data in malformed.items():
+        answer = raw_request(daemon, data)
+        assert answer.startswith((b"HTTP/1.0 4", b"HTTP/1.1 4")), (name, answer[:200])
+    assert daemon.health()["status"] == "ready"  # and the daemon goes on
+
+    log = daemon.log()
+    for secret in [token, token[:16], code, job_id, site]:
+        assert secret not in log, secret
+    assert "Traceback" not in log  # neither aiohttp's nor one from the access logger
+    assert log.count("(malformed request) 400") == len(malformed)
