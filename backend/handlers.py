@@ -14,6 +14,7 @@ from aiohttp import web
 
 from backend.errors import (
     BadRequestError,
+    DaemonError,
     ForbiddenError,
     NotReadyError,
     TooLargeError,
@@ -33,6 +34,12 @@ from backend.protection import inspect_image
 from backend.settings import normalize_site
 from cloak_core import __version__
 from cloak_core.presets import PRESETS
+
+# Bodies of the JSON routes. A pairing body is a code and an origin (under 100 bytes);
+# a settings body is at most 500 sites, about 30 bytes each in practice (64 KiB holds
+# 500 names of 100 characters).
+PAIR_BODY_LIMIT = 4 * 1024
+SETTINGS_BODY_LIMIT = 64 * 1024
 
 
 async def health(request: web.Request) -> web.Response:
@@ -58,17 +65,22 @@ async def pair(request: web.Request) -> web.Response:
     """
     limiter = request.app[PAIRING_LIMITER_KEY]
     limiter.check()
-    body = await _json_object(request, allowed={"code", "origin"})
-    code, origin = body.get("code"), body.get("origin", request.headers.get("Origin"))
-    if not isinstance(code, str):
-        raise BadRequestError("'code' must be the code that `facecloak pair` printed")
-    if origin is not None and (not isinstance(origin, str) or not EXTENSION_ORIGIN.match(origin)):
-        raise BadRequestError("'origin' must be an extension origin, chrome-extension://<id>")
-    if request.headers.get("Origin", origin) != origin:
-        raise ForbiddenError("'origin' differs from the request's Origin")
-    if not request.app[CODES_KEY].redeem(code):
+    try:
+        body = await _json_object(request, limit=PAIR_BODY_LIMIT, allowed={"code", "origin"})
+        code, origin = body.get("code"), body.get("origin", request.headers.get("Origin"))
+        if not isinstance(code, str):
+            raise BadRequestError("'code' must be the code that `facecloak pair` printed")
+        if origin is not None and (
+            not isinstance(origin, str) or not EXTENSION_ORIGIN.match(origin)
+        ):
+            raise BadRequestError("'origin' must be an extension origin, chrome-extension://<id>")
+        if request.headers.get("Origin", origin) != origin:
+            raise ForbiddenError("'origin' differs from the request's Origin")
+        if not request.app[CODES_KEY].redeem(code):
+            raise UnauthorizedError("the pairing code is wrong, expired or already used")
+    except DaemonError:  # every failed attempt counts, malformed ones included
         limiter.record_failure()
-        raise UnauthorizedError("the pairing code is wrong, expired or already used")
+        raise
     return web.json_response({"token": request.app[TOKENS_KEY].issue(origin)})
 
 
@@ -118,7 +130,7 @@ async def get_settings(request: web.Request) -> web.Response:
 
 async def put_settings(request: web.Request) -> web.Response:
     """``PUT /v1/settings``: any subset of the settings' keys; answers the saved settings."""
-    body = await _json_object(request)
+    body = await _json_object(request, limit=SETTINGS_BODY_LIMIT)
     return web.json_response(request.app[SETTINGS_KEY].update(body).to_json())
 
 
@@ -177,13 +189,34 @@ def _result_response(job: Job) -> web.Response:
     )
 
 
-async def _json_object(request: web.Request, allowed: set[str] | None = None) -> dict[str, Any]:
+async def _json_object(
+    request: web.Request, *, limit: int, allowed: set[str] | None = None
+) -> dict[str, Any]:
+    """The body as a JSON object of at most ``limit`` bytes (413 past it, 400 if malformed)."""
+    data = await _read_small_body(request, limit)
     try:
-        body = json.loads(await request.read() or b"null")
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise BadRequestError("the body is not valid JSON") from None
+        body = json.loads(data or b"null")
+    except (ValueError, RecursionError):  # bad UTF-8 or JSON, a 5000-digit number, deep nesting
+        raise BadRequestError("the body is not valid JSON (or is nested too deeply)") from None
     if not isinstance(body, dict):
         raise BadRequestError("the body must be a JSON object")
     if allowed is not None and set(body) - allowed:
         raise BadRequestError(f"unknown key(s): {', '.join(sorted(set(body) - allowed))}")
     return body
+
+
+async def _read_small_body(request: web.Request, limit: int) -> bytes:
+    """The body if it is at most ``limit`` bytes; :class:`TooLargeError` as soon as it is not.
+
+    A ``Content-Length`` over the limit is refused before any of the body is read, a body
+    without one once ``limit + 1`` bytes have come (aiohttp then discards the rest).
+    """
+    too_large = TooLargeError(f"the body is over this route's limit of {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    data = bytearray()
+    while chunk := await request.content.read(limit + 1 - len(data)):
+        data += chunk
+        if len(data) > limit:
+            raise too_large
+    return bytes(data)

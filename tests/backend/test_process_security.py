@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import socket
+import urllib.error
 import urllib.request
 
+import psutil
 import pytest
 from daemon_helpers import DaemonProcess, jpeg_bytes, start_daemon
 
@@ -75,3 +77,35 @@ def test_malformed_requests_leave_no_secret_in_the_log(daemon):
         assert secret not in log, secret
     assert "Traceback" not in log  # neither aiohttp's nor one from the access logger
     assert log.count("(malformed request) 400") == len(malformed)
+
+
+def test_pairing_refuses_a_big_body_without_reading_it(daemon):
+    """No token is needed to pair, so its body is capped small and refused unread."""
+    host = f"Host: 127.0.0.1:{daemon.port}\r\n"
+    announced = (
+        f"POST /v1/pair HTTP/1.1\r\n{host}Content-Type: application/json\r\n"
+        f"Content-Length: {39 * 2**20}\r\n\r\n"
+    )
+    chunked = (
+        f"POST /v1/pair HTTP/1.1\r\n{host}Content-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+        f"{64 * 1024:x}\r\n"
+    )
+    for head in [announced, chunked]:
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as conn:
+            # Send the head and 64 KB of the body, then wait: the answer must not need the rest.
+            conn.sendall(head.encode() + b'{"code": "' + b"A" * (64 * 1024 - 10))
+            answer = conn.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "too_large"
+
+    # A whole 39 MB body costs the daemon neither time nor memory.
+    process = psutil.Process(daemon.proc.pid)
+    before = process.memory_info().rss
+    big = b'{"code": "' + b"A" * (39 * 2**20) + b'"}'
+    request = urllib.request.Request(daemon.url("/v1/pair"), data=big)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 413
+    assert daemon.health()["status"] == "ready"
+    assert process.memory_info().rss - before < 16 * 2**20

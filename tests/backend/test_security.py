@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from daemon_helpers import EXTENSION, auth, jpeg_bytes, pair, serve
+from daemon_helpers import EXTENSION, auth, jpeg_bytes, pair, serve, with_changes
 
+from backend.handlers import PAIR_BODY_LIMIT
 from backend.pairing import PairingCodes, TokenStore
 
 OTHER_EXTENSION = "chrome-extension://" + "p" * 32
@@ -165,12 +166,48 @@ async def test_wrong_codes_are_rate_limited(config):
 
 
 async def test_bad_pairing_bodies(config):
-    async with serve(config) as client:
-        for body in [b"not json", b"[1]", b'{"code": 5}', b'{"code": "A", "extra": 1}']:
+    malformed = [
+        b"not json",
+        b"[1]",
+        b'{"code": 5}',
+        b'{"code": "A", "extra": 1}',
+        b'{"code": "A"',
+        b"[" * 4000 + b"]" * 4,  # nested past Python's recursion limit
+        b"\xff\xfe{}",
+    ]
+    async with serve(with_changes(config, pairing_failures_per_minute=100)) as client:
+        for body in malformed:
             resp = await client.post("/v1/pair", data=body)
             assert resp.status == 400, body
+            error = await resp.json()
+            assert error["error"] == "bad_request" and error["message"], body
         resp = await client.post("/v1/pair", json={"code": "X", "origin": "https://a.example"})
         assert resp.status == 400
+
+
+async def test_pairing_body_over_its_small_limit_is_413(config):
+    async with serve(config) as client:
+        code = PairingCodes(config.config_dir).issue()
+        padded = b'{"code": "' + code.encode() + b'"' + b" " * PAIR_BODY_LIMIT + b"}"
+        resp = await client.post("/v1/pair", data=padded)
+        assert resp.status == 413
+        assert (await resp.json())["error"] == "too_large"
+
+        async def chunks():  # no Content-Length: refused once past the limit
+            yield padded
+
+        resp = await client.post("/v1/pair", data=chunks())
+        assert resp.status == 413
+        ok = await client.post("/v1/pair", json={"code": code})
+        assert ok.status == 200
+
+
+async def test_malformed_pairing_attempts_count_as_failures(config):
+    async with serve(config) as client:
+        for _ in range(config.pairing_failures_per_minute):
+            assert (await client.post("/v1/pair", data=b"{")).status == 400
+        resp = await client.post("/v1/pair", json={"code": "WRONG234"})
+        assert resp.status == 429
 
 
 async def test_revoke_all_takes_effect_on_the_running_daemon(config):

@@ -7,7 +7,8 @@ import json
 import pytest
 from daemon_helpers import EXTENSION, auth, pair, serve
 
-from backend.settings import DEFAULT_SITES, SettingsStore
+from backend.handlers import SETTINGS_BODY_LIMIT
+from backend.settings import DEFAULT_SITES, MAX_SITES, SettingsStore
 
 
 async def test_defaults_list_the_major_social_sites(config):
@@ -72,6 +73,10 @@ async def test_changes_persist_across_restarts_in_an_owner_only_file(config):
         b'{"sites": {"127.0.0.1": true}}',
         b'{"sites": {"localhost": true}}',
         b'{"sites": {"a..b": true}}',
+        b'{"sites": ' + b"[" * 5000 + b"]" * 5000 + b"}",  # nested past Python's recursion limit
+        b'{"enabled": ' + b"1" * 5000 + b"}",  # past Python's limit on an integer's digits
+        b'{"enabled": true',
+        b'\xff{"enabled": true}',
     ],
 )
 async def test_invalid_changes_are_400_and_change_nothing(config, body):
@@ -91,3 +96,16 @@ def test_a_damaged_settings_file_falls_back_to_defaults(tmp_path):
     (tmp_path / "settings.json").write_text('{"enabled": "maybe"}')
     settings = SettingsStore(tmp_path, default_preset="balanced").load()
     assert settings.enabled is True and set(settings.sites) == set(DEFAULT_SITES)
+
+
+async def test_a_settings_body_over_its_limit_is_413(config):
+    async with serve(config) as client:
+        token = await pair(client, config)
+        padded = b'{"enabled": false' + b" " * SETTINGS_BODY_LIMIT + b"}"
+        resp = await client.put("/v1/settings", data=padded, headers=auth(token))
+        assert resp.status == 413
+        assert (await resp.json())["error"] == "too_large"
+        # The largest settings a user can have fit: 500 sites with long names.
+        sites = {f"{'s' * 50}-{i}.{'example' * 5}.org": True for i in range(MAX_SITES - 9)}
+        resp = await client.put("/v1/settings", json={"sites": sites}, headers=auth(token))
+        assert resp.status == 200, await resp.text()
