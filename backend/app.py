@@ -21,14 +21,14 @@ from backend.jobs import Worker
 from backend.keys import (
     CODES_KEY,
     CONFIG_KEY,
-    PAIRING_LIMITER_KEY,
+    PAIRING_THROTTLE_KEY,
     SETTINGS_KEY,
     TOKENS_KEY,
     WORKER_KEY,
 )
 from backend.logs import ACCESS_LOGGER, AccessLogger, ServerLog
 from backend.middleware import add_cors_headers, error_middleware, security_middleware
-from backend.pairing import FailureLimiter, PairingCodes, TokenStore
+from backend.pairing import PairingCodes, PairingThrottle, TokenStore
 from backend.protection import ProtectorFactory, load_protector
 from backend.settings import SettingsStore
 from backend.storage import ensure_private_dir
@@ -51,7 +51,7 @@ def create_app(
     app[WORKER_KEY] = Worker(config, protector_factory)
     app[TOKENS_KEY] = TokenStore(config.config_dir)
     app[CODES_KEY] = PairingCodes(config.config_dir)
-    app[PAIRING_LIMITER_KEY] = FailureLimiter(config.pairing_failures_per_minute, 60.0)
+    app[PAIRING_THROTTLE_KEY] = PairingThrottle(free=config.pairing_failures_per_minute)
     app[SETTINGS_KEY] = SettingsStore(config.config_dir, default_preset=config.preset)
 
     app.cleanup_ctx.append(_worker_ctx)

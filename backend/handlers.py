@@ -24,7 +24,7 @@ from backend.jobs import Job
 from backend.keys import (
     CODES_KEY,
     CONFIG_KEY,
-    PAIRING_LIMITER_KEY,
+    PAIRING_THROTTLE_KEY,
     SETTINGS_KEY,
     TOKENS_KEY,
     WORKER_KEY,
@@ -60,11 +60,10 @@ async def pair(request: web.Request) -> web.Response:
     """``POST /v1/pair {"code", "origin"}``: a valid code, once, for ``{"token"}``.
 
     ``origin`` is the extension's origin (``chrome-extension://ID``), which then gets CORS;
-    it defaults to the request's ``Origin`` and must match it when both are given. Wrong
-    codes count against a per-minute limit (429 past it).
+    it defaults to the request's ``Origin`` and must match it when both are given. A
+    correct code is accepted at once; failed attempts (wrong codes, malformed bodies) are
+    answered ever more slowly, one at a time (see :class:`backend.pairing.PairingThrottle`).
     """
-    limiter = request.app[PAIRING_LIMITER_KEY]
-    limiter.check()
     try:
         body = await _json_object(request, limit=PAIR_BODY_LIMIT, allowed={"code", "origin"})
         code, origin = body.get("code"), body.get("origin", request.headers.get("Origin"))
@@ -79,7 +78,8 @@ async def pair(request: web.Request) -> web.Response:
         if not request.app[CODES_KEY].redeem(code):
             raise UnauthorizedError("the pairing code is wrong, expired or already used")
     except DaemonError:  # every failed attempt counts, malformed ones included
-        limiter.record_failure()
+        # The wait goes on if the client hangs up: its place in the line stays taken.
+        await asyncio.sleep(request.app[PAIRING_THROTTLE_KEY].failed())
         raise
     return web.json_response({"token": request.app[TOKENS_KEY].issue(origin)})
 

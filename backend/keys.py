@@ -6,12 +6,12 @@ from aiohttp import web
 
 from backend.config import DaemonConfig
 from backend.jobs import Worker
-from backend.pairing import FailureLimiter, PairingCodes, TokenStore
+from backend.pairing import PairingCodes, PairingThrottle, TokenStore
 from backend.settings import SettingsStore
 
 CONFIG_KEY = web.AppKey("config", DaemonConfig)
 WORKER_KEY = web.AppKey("worker", Worker)
 TOKENS_KEY = web.AppKey("tokens", TokenStore)
 CODES_KEY = web.AppKey("codes", PairingCodes)
-PAIRING_LIMITER_KEY = web.AppKey("pairing_limiter", FailureLimiter)
+PAIRING_THROTTLE_KEY = web.AppKey("pairing_throttle", PairingThrottle)
 SETTINGS_KEY = web.AppKey("settings", SettingsStore)

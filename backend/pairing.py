@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
+import math
 import re
 import secrets
 import time
@@ -24,6 +26,8 @@ from pathlib import Path
 
 from backend.errors import RateLimitedError
 from backend.storage import file_signature, locked, read_json, write_json_atomic
+
+log = logging.getLogger(__name__)
 
 PAIRING_FILE = "pairing.json"
 TOKENS_FILE = "tokens.json"
@@ -137,26 +141,63 @@ class TokenStore:
         return self._records
 
 
-class FailureLimiter:
-    """At most ``limit`` failures in any ``window`` seconds; past that, attempts are refused."""
+class PairingThrottle:
+    """Slows failed pairing attempts down without ever refusing the right code.
+
+    Pairing needs no token and every local program may try it, so the code is what guards
+    the token: 8 characters of 31, 31**8 = 8.5e11 codes, each valid 5 minutes. Refusing
+    every attempt after a few failures (a lockout) would let anyone keep the user from
+    pairing, so this slows only failures down, and a correct code is accepted as soon as
+    it arrives (backend/README.md gives the numbers).
+
+    Every failed attempt counts. The first ``free`` failures within ``window`` seconds are
+    answered at once. Past them, failures are answered one at a time: each answer waits
+    until ``delay`` after the previous one, the delay doubling with each further failure
+    from ``base`` up to ``cap`` seconds. A failure whose answer would wait more than
+    ``max_wait`` seconds is answered at once with :class:`RateLimitedError` (429) instead,
+    so that a flood holds few connections open. Times are in seconds.
+    """
 
     def __init__(
-        self, limit: int, window: float = 60.0, *, clock: Callable[[], float] = time.monotonic
+        self,
+        free: int = 5,
+        window: float = 60.0,
+        *,
+        base: float = 0.5,
+        cap: float = 4.0,
+        max_wait: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.limit = limit
+        self.free = free
         self.window = window
+        self.base = base
+        self.cap = cap
+        self.max_wait = max_wait
         self.clock = clock
-        self._failures: deque[float] = deque()
+        # Failures past ``free + steps`` all wait ``cap``: older ones need not be kept.
+        steps = max(1, math.ceil(math.log2(max(cap / base, 1.0))) + 1)
+        self._failures: deque[float] = deque(maxlen=free + steps)
+        self._last_answer = -math.inf
 
-    def check(self) -> None:
-        """Raise :class:`RateLimitedError` while the window holds ``limit`` failures."""
+    def failed(self) -> float:
+        """Count one failed attempt; return how many seconds its answer must wait.
+
+        Raises :class:`RateLimitedError` when that wait would be over ``max_wait``.
+        """
         now = self.clock()
         while self._failures and self._failures[0] <= now - self.window:
             self._failures.popleft()
-        if len(self._failures) >= self.limit:
-            wait = self._failures[0] + self.window - now
-            raise RateLimitedError(f"too many wrong pairing codes; try again in {wait:.0f} s")
-
-    def record_failure(self) -> None:
-        """Count one wrong attempt."""
-        self._failures.append(self.clock())
+        self._failures.append(now)
+        past_free = len(self._failures) - self.free
+        if past_free <= 0:
+            return 0.0
+        if past_free == 1:
+            log.warning("more than %d failed pairing attempts within a minute", self.free)
+        answer_at = max(now, self._last_answer) + min(self.cap, self.base * 2 ** (past_free - 1))
+        if answer_at - now > self.max_wait:
+            raise RateLimitedError(
+                "too many wrong pairing codes; check the code `facecloak pair` printed "
+                "and try again in a minute"
+            )
+        self._last_answer = answer_at
+        return answer_at - now

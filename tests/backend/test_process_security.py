@@ -6,14 +6,19 @@ The process is the production command with the re-encoding test double as its pr
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import itertools
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 
+import aiohttp
 import psutil
 import pytest
-from daemon_helpers import DaemonProcess, jpeg_bytes, start_daemon
+from daemon_helpers import EXTENSION, DaemonProcess, jpeg_bytes, start_daemon
 
 from backend.pairing import PairingCodes
 
@@ -109,3 +114,35 @@ def test_pairing_refuses_a_big_body_without_reading_it(daemon):
     assert refused.value.code == 413
     assert daemon.health()["status"] == "ready"
     assert process.memory_info().rss - before < 16 * 2**20
+
+
+async def test_a_flood_of_wrong_codes_does_not_lock_the_user_out(daemon):
+    code = PairingCodes(daemon.config_dir).issue()  # as `facecloak pair` does
+    url = daemon.url("/v1/pair")
+    answers: collections.Counter[int] = collections.Counter()
+
+    async def guess(http: aiohttp.ClientSession, worker: int) -> None:
+        for i in itertools.count():
+            resp = await http.post(url, json={"code": f"WRONG{worker:02d}{i}"})
+            answers[resp.status] += 1
+
+    async with aiohttp.ClientSession() as http:
+        flood = [asyncio.create_task(guess(http, worker)) for worker in range(16)]
+        try:
+            await asyncio.sleep(2.0)
+            started = time.monotonic()
+            resp = await http.post(url, json={"code": code, "origin": EXTENSION})
+            elapsed = time.monotonic() - started
+            assert resp.status == 200, await resp.text()
+            assert "token" in await resp.json()
+        finally:
+            for task in flood:
+                task.cancel()
+            await asyncio.gather(*flood, return_exceptions=True)
+    print(f"\nright code answered in {elapsed:.2f} s during a flood: {dict(answers)}")
+    assert elapsed < 2.0
+    assert set(answers) <= {401, 429}
+    # Wrong codes past the 5 free ones were answered one at a time, 0.5, 1, 2 s apart;
+    # the others were refused at once (429) rather than held.
+    assert answers[401] <= 5 + 4
+    assert answers[429] > 0

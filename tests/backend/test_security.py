@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
+import pytest
 from daemon_helpers import EXTENSION, auth, jpeg_bytes, pair, serve, with_changes
 
+from backend.errors import RateLimitedError
 from backend.handlers import PAIR_BODY_LIMIT
-from backend.pairing import PairingCodes, TokenStore
+from backend.pairing import PairingCodes, PairingThrottle, TokenStore
 
 OTHER_EXTENSION = "chrome-extension://" + "p" * 32
 
@@ -150,19 +153,38 @@ async def test_expired_code_is_refused(config):
         assert resp.status == 401
 
 
-async def test_wrong_codes_are_rate_limited(config):
+async def test_wrong_codes_slow_down_but_the_right_code_is_accepted_at_once(config):
     async with serve(config) as client:
         good = PairingCodes(config.config_dir).issue()
-        statuses = []
-        for i in range(config.pairing_failures_per_minute + 2):
+        for i in range(config.pairing_failures_per_minute):  # a user's typos: answered at once
             resp = await client.post("/v1/pair", json={"code": f"WRONG{i:03d}"})
-            statuses.append(resp.status)
-        assert statuses[: config.pairing_failures_per_minute] == [401] * 5
-        assert set(statuses[config.pairing_failures_per_minute :]) == {429}
-        # Even the right code waits out the window: no guessing while limited.
+            assert resp.status == 401
+            assert (await resp.json())["error"] == "unauthorized"
+        started = time.monotonic()
+        resp = await client.post("/v1/pair", json={"code": "WRONG999"})
+        assert resp.status == 401
+        assert time.monotonic() - started >= 0.45  # past them, each failure waits
+        started = time.monotonic()
         resp = await client.post("/v1/pair", json={"code": good})
-        assert resp.status == 429
-        assert (await resp.json())["error"] == "rate_limited"
+        assert resp.status == 200
+        assert time.monotonic() - started < 0.4  # the right code does not
+
+
+def test_throttle_answers_failures_one_at_a_time_ever_more_slowly():
+    now = [0.0]
+    throttle = PairingThrottle(
+        free=2, window=60, base=0.5, cap=2.0, max_wait=5, clock=lambda: now[0]
+    )
+    assert [throttle.failed() for _ in range(2)] == [0.0, 0.0]
+    # Failures arriving together: each answer waits for the previous one, plus its delay.
+    assert [throttle.failed() for _ in range(3)] == [0.5, 1.5, 3.5]
+    with pytest.raises(RateLimitedError):
+        throttle.failed()  # its answer would wait 5.5 s: 429 at once
+    now[0] = 3.5
+    assert throttle.failed() == 2.0  # the delay stops growing at ``cap``
+    now[0] = 200.0  # a quiet minute later, failures are free again
+    assert [throttle.failed() for _ in range(2)] == [0.0, 0.0]
+    assert throttle.failed() == 0.5
 
 
 async def test_bad_pairing_bodies(config):
@@ -206,8 +228,10 @@ async def test_malformed_pairing_attempts_count_as_failures(config):
     async with serve(config) as client:
         for _ in range(config.pairing_failures_per_minute):
             assert (await client.post("/v1/pair", data=b"{")).status == 400
-        resp = await client.post("/v1/pair", json={"code": "WRONG234"})
-        assert resp.status == 429
+        started = time.monotonic()
+        resp = await client.post("/v1/pair", data=b"[" * 3000)
+        assert resp.status == 400
+        assert time.monotonic() - started >= 0.45
 
 
 async def test_revoke_all_takes_effect_on_the_running_daemon(config):
