@@ -19,12 +19,22 @@ from cloak_core.evaluation.frontier import (
 from cloak_core.presets import PRESETS
 
 
-def _names(text: str) -> tuple[str, ...]:
-    names = tuple(n.strip() for n in text.split(",") if n.strip())
-    unknown = [n for n in names if n not in PRESETS]
-    if not names or unknown:
-        raise argparse.ArgumentTypeError(f"presets among {', '.join(PRESETS)}, comma-separated")
-    return names
+def _presets(text: str) -> tuple[tuple[str, tuple[float, ...] | None], ...]:
+    """``balanced,strong,paper@1``: preset names, each optionally with factors of its own
+    (``@F/G``)."""
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        name, _, own = item.partition("@")
+        if name not in PRESETS:
+            raise argparse.ArgumentTypeError(
+                f"unknown preset {name!r}; presets: {', '.join(PRESETS)}"
+            )
+        out.append((name, _factors(own.replace("/", ",")) if own else None))
+    if not out:
+        raise argparse.ArgumentTypeError("name at least one preset")
+    return tuple(out)
 
 
 def _factors(text: str) -> tuple[float, ...]:
@@ -51,10 +61,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--dataset", required=True, type=Path, metavar="DIR", help="dataset folder")
     p.add_argument(
         "--presets",
-        type=_names,
-        default=DEFAULT_PRESETS,
-        metavar="A,B",
-        help=f"presets to sweep (default: {','.join(DEFAULT_PRESETS)})",
+        type=_presets,
+        default=tuple((name, None) for name in DEFAULT_PRESETS),
+        metavar="A,B@F/G",
+        help=f"presets to sweep (default: {','.join(DEFAULT_PRESETS)}); PRESET@F/G sweeps "
+        "that preset by its own factors, e.g. paper@1 for the published setting alone",
     )
     p.add_argument(
         "--sweep",
@@ -108,9 +119,10 @@ def run(args: argparse.Namespace) -> int:
     settings = FrontierSettings(
         dataset=args.dataset,
         out=args.out,
-        presets=args.presets,
+        presets=tuple(name for name, _ in args.presets),
         sweep=args.sweep,
         factors=args.factors,
+        only=tuple((name, own) for name, own in args.presets if own is not None),
         mode=args.mode,
         conditions=conditions,
         eval_models=args.eval_models,

@@ -56,8 +56,10 @@ class FrontierSettings:
 
     ``sweep`` names the :class:`~cloak_core.presets.AttackConfig` field scaled by each of
     ``factors`` (``steps`` is rounded, at least 1; a preset without an ``lpips_budget``
-    cannot sweep it). ``mode``: ``"quick"`` or ``"full"``; ``identities``,
-    ``gallery_per_identity`` and ``probes_per_identity`` replace the mode's own when given.
+    cannot sweep it); ``only`` gives some presets factors of their own, as
+    ``(preset, factors)`` pairs (a reference preset can be one point). ``mode``:
+    ``"quick"`` or ``"full"``; ``identities``, ``gallery_per_identity`` and
+    ``probes_per_identity`` replace the mode's own when given.
     ``conditions``: how the gallery reaches the recogniser (a row of the plot each).
     """
 
@@ -66,6 +68,7 @@ class FrontierSettings:
     presets: tuple[str, ...] = DEFAULT_PRESETS
     sweep: str = "step_size"
     factors: tuple[float, ...] = DEFAULT_FACTORS
+    only: tuple[tuple[str, tuple[float, ...]], ...] = ()
     mode: str = "quick"
     conditions: tuple[Condition, ...] = field(
         default_factory=lambda: (parse_condition("png"), parse_condition("scale50-jpeg85"))
@@ -83,14 +86,19 @@ class FrontierSettings:
             raise UsageError(f"sweep {self.sweep!r}: choose one of {', '.join(SWEEPS)}")
         if self.mode not in ("quick", "full"):
             raise UsageError(f"mode {self.mode!r}: use quick or full")
-        if not self.factors or any(f <= 0 for f in self.factors):
-            raise UsageError("factors must be positive numbers")
+        for factors in (self.factors, *(f for _, f in self.only)):
+            if not factors or any(f <= 0 for f in factors):
+                raise UsageError("factors must be positive numbers")
         if not self.presets:
             raise UsageError("name at least one preset")
         for name in self.presets:
             config = get_preset(name)
             if getattr(config, self.sweep) is None:
                 raise UsageError(f"preset {name} has no {self.sweep} to sweep")
+
+    def preset_factors(self, preset: str) -> tuple[float, ...]:
+        """The factors ``preset`` is swept by."""
+        return dict(self.only).get(preset, self.factors)
 
 
 def point_value(preset: str, sweep: str, factor: float) -> float:
@@ -143,12 +151,19 @@ class Frontier:
 
         s = self.settings
         points = []
+        embeddings: dict = {}  # unprotected images' embeddings, shared by every point
         for preset in s.presets:
-            for factor in s.factors:
+            for factor in s.preset_factors(preset):
                 value = point_value(preset, s.sweep, factor)
                 self.log(f"frontier: {preset}, {s.sweep} = {value:g} (x{factor:g})")
                 settings = self._eval_settings(preset=preset, overrides=((s.sweep, value),))
-                result = Evaluation(settings, self.store, progress=self.progress, log=self.log)
+                result = Evaluation(
+                    settings,
+                    self.store,
+                    progress=self.progress,
+                    log=self.log,
+                    embeddings=embeddings,
+                )
                 report = result.run().report
                 points.append(_point(report, preset, factor, s.sweep, value))
         # The calibration: galleries only re-encoded, scored clean under those JPEGs.
@@ -159,6 +174,7 @@ class Frontier:
                 self.store,
                 progress=self.progress,
                 log=self.log,
+                embeddings=embeddings,
             )
             .run()
             .report

@@ -159,6 +159,9 @@ class Evaluation:
     """One evaluation run; :meth:`run` returns the report as a JSON-ready dict.
 
     ``progress``: show tqdm progress bars (on stderr). ``log`` receives one-line notes.
+    ``embeddings``: a dict shared by runs on one dataset (the frontier's points), where
+    the embeddings of unprotected images are kept and reused; the evaluators' detector
+    fallbacks are then counted for the images embedded in this run only.
     """
 
     def __init__(
@@ -168,6 +171,7 @@ class Evaluation:
         *,
         progress: bool = False,
         log: Callable[[str], None] | None = None,
+        embeddings: dict | None = None,
     ) -> None:
         from cloak_core.pipeline import resolve_device
         from cloak_core.presets import get_preset
@@ -176,6 +180,7 @@ class Evaluation:
         self.store = store
         self.progress = progress
         self.log = log or (lambda message: print(message, file=sys.stderr))
+        self.embeddings = embeddings
         self.device = resolve_device(settings.device)
         config = get_preset(settings.preset)
         if settings.steps is not None:
@@ -506,27 +511,26 @@ class Evaluation:
         total = len(evaluators) * (1 + len(s.conditions))
         with tqdm(total=total, desc="identify", disable=not self.progress) as bar:
             for ev in evaluators:
-                probe_emb = ev.embed(
-                    [im.pixels for im in probes_scored], [im.face for im in probes_scored]
+                probe_emb = self._embed(
+                    ev, "probe", probes_scored, [im.pixels for im in probes_scored]
                 )
                 bar.update(1)
                 group = group_of.get(ev.name) if s.attack else None
                 for cond in s.conditions:
                     clean_px = [cond.apply(im.pixels) for im in gallery]
-                    clean_emb = ev.embed(clean_px, g_faces)
+                    clean_emb = self._embed(ev, cond.name, gallery, clean_px)
                     s_clean = protocol.cosine_similarity_matrix(probe_emb, clean_emb)
                     entry: dict = {
                         "clean": protocol.accuracy(s_clean, p_labels, g_labels).as_dict(),
                         "protected": None,
                     }
                     if group is not None:
-                        prot_px = [
-                            cond.apply(px) if im.identity in scored else clean
-                            for im, px, clean in zip(
-                                gallery, group.protected, clean_px, strict=True
-                            )
-                        ]
-                        prot_emb = ev.embed(prot_px, g_faces)
+                        # Only the protected identities' images change: embed those alone.
+                        idx = [k for k, im in enumerate(gallery) if im.identity in scored]
+                        prot_emb = clean_emb.copy()
+                        prot_emb[idx] = ev.embed(
+                            [cond.apply(group.protected[k]) for k in idx], [g_faces[k] for k in idx]
+                        )
                         sim = protocol.protected_similarity(
                             probe_emb,
                             p_labels,
@@ -540,6 +544,23 @@ class Evaluation:
                     results[cond.name][ev.name] = entry
                     bar.update(1)
         return results
+
+    def _embed(
+        self, ev: Evaluator, key: str, images: Sequence[_Image], pixels: Sequence[np.ndarray]
+    ) -> np.ndarray:
+        """``ev``'s embeddings ``(N, D)`` of unprotected ``pixels`` (one per image of
+        ``images``), taken from the shared ``embeddings`` store where an earlier run of the
+        same dataset already made them (``key`` names the condition, or ``"probe"``)."""
+        memo = self.embeddings
+        if memo is None:
+            return ev.embed(pixels, [im.face for im in images])
+        keys = [(ev.name, key, str(im.path)) for im in images]
+        todo = [k for k, name in enumerate(keys) if name not in memo]
+        if todo:
+            new = ev.embed([pixels[k] for k in todo], [images[k].face for k in todo])
+            for k, e in zip(todo, new, strict=True):
+                memo[keys[k]] = e
+        return np.stack([memo[name] for name in keys])
 
     # -- report --------------------------------------------------------------------------
 

@@ -32,8 +32,9 @@ def test_frontier_on_a_tiny_set(faces_dir, store, tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(module, "QUICK_GALLERY", 1)
     monkeypatch.setattr(module, "QUICK_PROBES", 1)
     out = tmp_path / "frontier"
-    args = ["frontier", "--dataset", str(faces_dir), "--presets", "fast", "--sweep", "steps"]
-    args += ["--factors", "0.1,0.3", "--eval-models", "dlib,mobilefacenet", "--device", "cpu"]
+    args = ["frontier", "--dataset", str(faces_dir), "--presets", "fast@0.1/0.3,paper@0.02"]
+    args += ["--sweep", "steps", "--factors", "0.5,1"]
+    args += ["--eval-models", "dlib,mobilefacenet", "--device", "cpu"]
     args += ["--conditions", "png", "--out", str(out)]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -43,7 +44,11 @@ def test_frontier_on_a_tiny_set(faces_dir, store, tmp_path, monkeypatch, capsys)
         assert im.format == "PNG" and im.width > 300
 
     points = frontier["points"]
-    assert [(p["preset"], p["value"]) for p in points] == [("fast", 1.0), ("fast", 3.0)]
+    assert [(p["preset"], p["value"]) for p in points] == [
+        ("fast", 1.0),
+        ("fast", 3.0),
+        ("paper", 1.0),
+    ]
     assert frontier["evaluators"] == ["dlib", "mobilefacenet"]
     for p in points:
         assert set(p["evaluators"]) == {"dlib", "mobilefacenet"}
@@ -54,6 +59,7 @@ def test_frontier_on_a_tiny_set(faces_dir, store, tmp_path, monkeypatch, capsys)
     # Three steps change the faces more than one step.
     assert points[1]["visibility"]["de2000_mean"] > points[0]["visibility"]["de2000_mean"]
     assert points[1]["visibility"]["psnr"] < points[0]["visibility"]["psnr"]
+    assert "| paper | 1 |" in printed
     # The calibration: measured on the same faces, JPEG q75 shows more than q90, and the
     # re-encoded galleries are still identified (clean rank-1).
     cal = frontier["calibration"]
