@@ -26,6 +26,7 @@ from backend.keys import (
     CONFIG_KEY,
     PAIRING_THROTTLE_KEY,
     SETTINGS_KEY,
+    TOKEN_KEY,
     TOKENS_KEY,
     WORKER_KEY,
 )
@@ -103,21 +104,25 @@ async def protect(request: web.Request) -> web.Response:
 
 
 async def create_job(request: web.Request) -> web.Response:
-    """``POST /v1/jobs?site=HOST&preset=P``: queue the image, answer 202 ``{"id"}`` at once."""
+    """``POST /v1/jobs?site=HOST&preset=P``: queue the image, answer 202 ``{"id"}`` at once.
+
+    The job belongs to the token that created it; other tokens get 404 for it.
+    """
     data, preset = await _image_request(request)
-    job = request.app[WORKER_KEY].submit(data, preset, register=True)
+    owner = request[TOKEN_KEY].digest
+    job = request.app[WORKER_KEY].submit(data, preset, register=True, owner=owner)
     return web.json_response({"id": job.id}, status=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
 async def job_status(request: web.Request) -> web.Response:
     """``GET /v1/jobs/{id}``: ``{"id", "state", "progress", "faces", "error"}``."""
-    job = request.app[WORKER_KEY].get(request.match_info["id"])
+    job = request.app[WORKER_KEY].get(request.match_info["id"], owner=request[TOKEN_KEY].digest)
     return web.json_response(job.to_json())
 
 
 async def job_result(request: web.Request) -> web.Response:
     """``GET /v1/jobs/{id}/result``: the protected bytes once done (409 before; its error)."""
-    job = request.app[WORKER_KEY].get(request.match_info["id"])
+    job = request.app[WORKER_KEY].get(request.match_info["id"], owner=request[TOKEN_KEY].digest)
     if not job.finished:
         raise NotReadyError(f"the job is {job.state.value}; ask again when it is done")
     return _result_response(job)

@@ -20,6 +20,7 @@ import ctypes
 import ctypes.util
 import enum
 import functools
+import hmac
 import logging
 import secrets
 import threading
@@ -63,6 +64,7 @@ class Job:
     id: str
     data: bytes | None
     preset: str
+    owner: str | None = None  # the digest of the token that created it (``/v1/jobs``)
     state: JobState = JobState.QUEUED
     progress: float = 0.0  # 0..1, written by the worker thread
     result: Any = None  # the protector's result (``data``, ``mime``, ``faces``, ``seconds``)
@@ -174,13 +176,14 @@ class Worker:
 
     # -- the queue --------------------------------------------------------------------
 
-    def submit(self, data: bytes, preset: str, *, register: bool) -> Job:
-        """Queue ``data`` for protection with ``preset``; ``register`` makes it a ``/v1/jobs`` job.
+    def submit(self, data: bytes, preset: str, *, register: bool, owner: str | None = None) -> Job:
+        """Queue ``data`` for protection with ``preset``; ``register`` makes it a ``/v1/jobs`` job,
+        which only ``owner`` (a token's digest) may then :meth:`get`.
 
         Raises as :meth:`check_accepting` does.
         """
         self.check_accepting()
-        job = Job(id=secrets.token_urlsafe(16), data=data, preset=preset)
+        job = Job(id=secrets.token_urlsafe(16), data=data, preset=preset, owner=owner)
         if register:
             self.expire()
             self._jobs[job.id] = job
@@ -200,11 +203,12 @@ class Worker:
                 f"{len(self._queue)} images are already waiting; try again in a moment"
             )
 
-    def get(self, job_id: str) -> Job:
-        """A registered job; :class:`NotFoundError` when unknown or expired."""
+    def get(self, job_id: str, *, owner: str | None = None) -> Job:
+        """A registered job of ``owner``; :class:`NotFoundError` when unknown, expired or
+        another token's (which is not told apart from unknown)."""
         self.expire()
         job = self._jobs.get(job_id)
-        if job is None:
+        if job is None or not hmac.compare_digest(job.owner or "", owner or ""):
             raise NotFoundError("no such job (it may have expired)")
         return job
 

@@ -1,4 +1,5 @@
-"""Typed application state: the keys under which :func:`backend.app.create_app` stores things."""
+"""Typed state: the keys under which :func:`backend.app.create_app` stores things in the app,
+and the gate (:mod:`backend.middleware`) in each request."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from aiohttp import web
 
 from backend.config import DaemonConfig
 from backend.jobs import Worker
-from backend.pairing import PairingCodes, PairingThrottle, TokenStore
+from backend.pairing import PairingCodes, PairingThrottle, TokenRecord, TokenStore
 from backend.settings import SettingsStore
 
 CONFIG_KEY = web.AppKey("config", DaemonConfig)
@@ -15,3 +16,6 @@ TOKENS_KEY = web.AppKey("tokens", TokenStore)
 CODES_KEY = web.AppKey("codes", PairingCodes)
 PAIRING_THROTTLE_KEY = web.AppKey("pairing_throttle", PairingThrottle)
 SETTINGS_KEY = web.AppKey("settings", SettingsStore)
+
+# The token a request was let in with (set by the gate on every route that needs one).
+TOKEN_KEY = web.RequestKey("token", TokenRecord)

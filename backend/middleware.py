@@ -18,7 +18,7 @@ from backend.errors import (
     describe,
     log_unexpected,
 )
-from backend.keys import CONFIG_KEY, TOKENS_KEY
+from backend.keys import CONFIG_KEY, TOKEN_KEY, TOKENS_KEY
 from backend.logs import ROUTE_KEY
 from backend.pairing import EXTENSION_ORIGIN
 from cloak_core.errors import FaceCloakError
@@ -71,7 +71,10 @@ async def security_middleware(request: web.Request, handler: Handler) -> web.Str
     """Refuse foreign ``Host`` (403, DNS rebinding) and ``Origin`` (403), require the token (401).
 
     Requests without ``Origin`` (command line, curl) are allowed; with one, it must be an
-    extension origin that holds a token, or any extension origin on the pairing route.
+    extension origin that holds a token, or any extension origin on the pairing route. A
+    token works only with the ``Origin`` it was issued to: an extension's token only from
+    that extension, a command-line token only without one. The token's record is kept in
+    ``request[TOKEN_KEY]`` (jobs belong to the token that created them).
     """
     if request.headers.get("Host", "").lower() not in _allowed_hosts(request):
         raise ForbiddenError("the Host header is not this daemon's loopback address")
@@ -87,8 +90,12 @@ async def security_middleware(request: web.Request, handler: Handler) -> web.Str
         record = tokens.lookup(token.strip()) if scheme.lower() == "bearer" else None
         if record is None:
             raise UnauthorizedError("missing or invalid token; pair with `facecloak pair`")
-        if origin is not None and record.origin != origin:
-            raise ForbiddenError("this token was issued to another origin")
+        if record.origin != origin:
+            raise ForbiddenError(
+                "this token was issued to another origin (or to the extension, whose "
+                "requests carry its Origin)"
+            )
+        request[TOKEN_KEY] = record
     return await handler(request)
 
 

@@ -68,6 +68,13 @@ class PairingCodes:
             write_json_atomic(self.path, {"codes": pending})
         return code
 
+    def revoke_all(self) -> int:
+        """Forget every pending code; returns how many there were."""
+        with locked(self.folder):
+            count = len(self._pending(self.clock()))
+            write_json_atomic(self.path, {"codes": []})
+        return count
+
     def redeem(self, code: str) -> bool:
         """True, once, for a pending unexpired code (which is then removed); False otherwise."""
         wanted = _digest(normalize_code(code))
@@ -90,8 +97,10 @@ class PairingCodes:
 
 @dataclass(frozen=True)
 class TokenRecord:
-    """What is known of an issued token: its origin (``None`` for a command-line client)."""
+    """What is known of an issued token: its digest (SHA-256, hex), which identifies it
+    without being it, and its origin (``None`` for a command-line client)."""
 
+    digest: str
     origin: str | None
     created: float
 
@@ -134,7 +143,9 @@ class TokenStore:
         if signature != self._signature:
             tokens = read_json(self.path, {}).get("tokens", [])
             self._records = {
-                t["sha256"]: TokenRecord(origin=t.get("origin"), created=t.get("created", 0.0))
+                t["sha256"]: TokenRecord(
+                    digest=t["sha256"], origin=t.get("origin"), created=t.get("created", 0.0)
+                )
                 for t in tokens
             }
             self._signature = signature

@@ -22,7 +22,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument(
         "--revoke-all",
         action="store_true",
-        help="revoke every token issued so far (the extension must pair again)",
+        help="revoke every token issued so far and every code not yet used "
+        "(the extension must pair again)",
     )
     p.add_argument(
         "--config-dir",
@@ -34,11 +35,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    """Issue a code, or revoke every token; returns the exit status."""
+    """Issue a code, or revoke every token and pending code; returns the exit status."""
     folder = args.config_dir or default_config_dir()
     if args.revoke_all:
+        # Codes first: a code redeemed meanwhile gives a token that the second step revokes.
+        codes = PairingCodes(folder).revoke_all()
         count = TokenStore(folder).revoke_all()
-        print(json.dumps({"revoked": count}) if args.json else f"revoked {count} token(s)")
+        if args.json:
+            print(json.dumps({"revoked": count, "codes_dropped": codes}))
+        else:
+            print(f"revoked {count} token(s); dropped {codes} pairing code(s) not yet used")
         return 0
     code = PairingCodes(folder).issue()
     if args.json:

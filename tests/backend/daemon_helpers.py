@@ -159,8 +159,12 @@ async def pair(client: TestClient, config: DaemonConfig, origin: str | None = EX
     return (await resp.json())["token"]
 
 
-def auth(token: str, origin: str | None = None) -> dict[str, str]:
-    """Request headers carrying the token (and an Origin, as the extension sends)."""
+def auth(token: str, origin: str | None = EXTENSION) -> dict[str, str]:
+    """Request headers carrying the token and, as the extension sends, its Origin.
+
+    A token is bound to the origin it was paired with: ``origin=None`` for a token paired
+    without one (a command-line client).
+    """
     headers = {"Authorization": f"Bearer {token}"}
     if origin:
         headers["Origin"] = origin

@@ -45,10 +45,14 @@ def test_pair_human_output_and_revoke_all(tmp_path):
     tokens = TokenStore(tmp_path)
     token = tokens.issue("chrome-extension://" + "a" * 32)
     assert tokens.lookup(token) is not None
+    pending = PairingCodes(tmp_path).issue()  # printed before, typed in after: refused
     out = facecloak("pair", "--revoke-all", "--json", config_dir=tmp_path)
-    assert out.returncode == 0 and json.loads(out.stdout) == {"revoked": 1}
+    assert out.returncode == 0 and json.loads(out.stdout) == {"revoked": 1, "codes_dropped": 2}
     assert tokens.lookup(token) is None
     assert tokens.origins() == frozenset()
+    assert not PairingCodes(tmp_path).redeem(pending)
+    out = facecloak("pair", "--revoke-all", config_dir=tmp_path)
+    assert out.returncode == 0 and "revoked 0 token(s); dropped 0" in out.stdout
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "192.168.1.10", "example.com", "::"])

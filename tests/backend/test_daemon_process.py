@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from daemon_helpers import EXTENSION, jpeg_bytes, start_daemon
+from daemon_helpers import EXTENSION, auth, jpeg_bytes, start_daemon
 from PIL import Image
 from test_limits import BAD_INPUTS
 
@@ -67,7 +67,7 @@ async def test_security_against_the_running_daemon(daemon, token):
         url = daemon.url("/v1/settings")
         assert (await http.get(url)).status == 401
         assert (await http.get(url, headers={"Authorization": "Bearer nope"})).status == 401
-        good = {"Authorization": f"Bearer {token}"}
+        good = auth(token)
         assert (await http.get(url, headers=good)).status == 200
         evil_host = {**good, "Host": f"attacker.example:{daemon.port}"}
         assert (await http.get(url, headers=evil_host)).status == 403
@@ -78,7 +78,7 @@ async def test_security_against_the_running_daemon(daemon, token):
 
 
 async def test_bad_input_against_the_running_daemon(daemon, token):
-    headers = {"Authorization": f"Bearer {token}"}
+    headers = auth(token)
     faceless = jpeg_bytes(160, 120, seed=7)
     async with aiohttp.ClientSession() as http:
         for name, (body, content_type, status, code) in BAD_INPUTS.items():
@@ -141,7 +141,7 @@ async def test_disconnect_and_sigterm_on_a_real_daemon(tmp_path, photos_dir):
     try:
         token = daemon.pair()
         photo = (photos_dir / PHOTO).read_bytes()
-        headers = {"Authorization": f"Bearer {token}"}
+        headers = auth(token)
         async with aiohttp.ClientSession() as http:
 
             async def queue():

@@ -16,7 +16,7 @@ import time
 import aiohttp
 import psutil
 import pytest
-from daemon_helpers import start_daemon
+from daemon_helpers import auth, start_daemon
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ async def test_200_requests_from_20_clients(tmp_path, photos_dir):
     try:
         token = daemon.pair()
         photos = [(photos_dir / name).read_bytes() for name in PHOTOS]
-        headers = {"Authorization": f"Bearer {token}"}
+        headers = auth(token)
         url = daemon.url("/v1/protect?preset=fast")
         rss = psutil.Process(daemon.proc.pid).memory_info
 

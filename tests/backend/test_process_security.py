@@ -18,7 +18,7 @@ import urllib.request
 import aiohttp
 import psutil
 import pytest
-from daemon_helpers import EXTENSION, DaemonProcess, jpeg_bytes, start_daemon
+from daemon_helpers import EXTENSION, DaemonProcess, auth, jpeg_bytes, start_daemon
 
 from backend.pairing import PairingCodes
 
@@ -44,7 +44,7 @@ def submit_job(daemon: DaemonProcess, token: str, site: str) -> str:
     request = urllib.request.Request(
         daemon.url(f"/v1/jobs?site={site}"),
         data=jpeg_bytes(),
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "image/jpeg"},
+        headers={**auth(token), "Content-Type": "image/jpeg"},
     )
     with urllib.request.urlopen(request, timeout=30) as resp:
         return json.loads(resp.read())["id"]

@@ -234,12 +234,58 @@ async def test_malformed_pairing_attempts_count_as_failures(config):
         assert time.monotonic() - started >= 0.45
 
 
+async def test_an_extensions_token_is_refused_without_its_origin(config):
+    async with serve(config) as client:
+        token = await pair(client, config)  # issued to EXTENSION
+        assert (await client.get("/v1/settings", headers=auth(token, EXTENSION))).status == 200
+        bare = await client.get("/v1/settings", headers=auth(token, origin=None))
+        assert bare.status == 403
+        assert (await bare.json())["error"] == "forbidden"
+        # A token paired without an origin (curl, scripts) works only without one.
+        cli = await pair(client, config, origin=None)
+        assert (await client.get("/v1/settings", headers=auth(cli, origin=None))).status == 200
+        assert (await client.get("/v1/settings", headers=auth(cli, EXTENSION))).status == 403
+
+
+async def test_jobs_belong_to_the_token_that_created_them(config):
+    async with serve(config) as client:
+        mine = await pair(client, config)
+        other = await pair(client, config)  # the same extension, paired again
+        cli = await pair(client, config, origin=None)
+        resp = await client.post("/v1/jobs", data=jpeg_bytes(), headers=auth(mine))
+        assert resp.status == 202
+        job_id = (await resp.json())["id"]
+        for _ in range(500):
+            status = await client.get(f"/v1/jobs/{job_id}", headers=auth(mine))
+            assert status.status == 200
+            if (await status.json())["state"] == "done":
+                break
+            await asyncio.sleep(0.01)
+        for stranger in [auth(other), auth(cli, origin=None)]:
+            for path in [f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/result"]:
+                resp = await client.get(path, headers=stranger)
+                assert resp.status == 404, path
+                assert (await resp.json())["error"] == "not_found"
+        result = await client.get(f"/v1/jobs/{job_id}/result", headers=auth(mine))
+        assert result.status == 200
+
+
+async def test_revoke_all_drops_codes_not_yet_used(config):
+    async with serve(config) as client:
+        codes = PairingCodes(config.config_dir)
+        pending = codes.issue()
+        assert codes.revoke_all() == 1  # as `facecloak pair --revoke-all`
+        resp = await client.post("/v1/pair", json={"code": pending})
+        assert resp.status == 401
+        assert (await pair(client, config)) is not None  # a code issued later works
+
+
 async def test_revoke_all_takes_effect_on_the_running_daemon(config):
     async with serve(config) as client:
         token = await pair(client, config)
         assert (await client.get("/v1/settings", headers=auth(token, EXTENSION))).status == 200
         assert TokenStore(config.config_dir).revoke_all() == 1  # as `facecloak pair --revoke-all`
-        resp = await client.get("/v1/settings", headers=auth(token))
+        resp = await client.get("/v1/settings", headers=auth(token, origin=None))
         assert resp.status == 401
         # The origin lost its CORS rights with its token.
         resp = await client.get("/v1/settings", headers=auth(token, EXTENSION))
