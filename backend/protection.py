@@ -9,16 +9,13 @@ worker thread, so that the daemon answers ``/v1/health`` ("starting") while mode
 
 from __future__ import annotations
 
-import io
 import threading
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from PIL import Image, UnidentifiedImageError
-
 from backend.config import DaemonConfig
-from cloak_core.errors import ImageError, ImageTooLargeError, UnsupportedImageError
+from cloak_core.errors import ImageError
+from cloak_core.imageio import probe_image
 
 
 class ProtectorLike(Protocol):
@@ -66,32 +63,14 @@ def load_protector(config: DaemonConfig) -> ProtectorLike:
 def inspect_image(data: bytes, *, max_pixels: int) -> tuple[str, int, int]:
     """``(format, width, height)`` from the image's header only, before the job is queued.
 
-    Decodes no pixels, so it is cheap enough for the event loop; the protector decodes
-    fully later and reports damage past the header (a truncated JPEG) itself.
-    Raises :class:`ImageError` for an empty body, :class:`UnsupportedImageError` when the
-    bytes are no image format Pillow knows, :class:`ImageTooLargeError` when the header
-    announces more than ``max_pixels`` pixels.
+    The library's own check (:func:`cloak_core.imageio.probe_image`), so the daemon refuses
+    at once what the protector would refuse later: formats it does not read (415), images
+    of several frames (415), more than ``max_pixels`` pixels (413). It decodes no pixels, so
+    it is cheap enough for the event loop; the protector decodes fully later and reports
+    damage past the header (a truncated JPEG) itself. An empty body is an
+    :class:`ImageError` (400).
     """
     if not data:
         raise ImageError("the request body is empty; send the image's bytes")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                fmt, (width, height) = image.format or "", image.size
-    except Image.DecompressionBombError:
-        raise ImageTooLargeError(
-            f"the image has more pixels than the limit of {max_pixels / 1e6:.0f} megapixels"
-        ) from None
-    except UnidentifiedImageError:
-        raise UnsupportedImageError(
-            "the body is not an image in a format FaceCloak reads"
-        ) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"the image header cannot be read ({type(exc).__name__})") from None
-    if width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"the image is {width}x{height} pixels, over the limit of "
-            f"{max_pixels / 1e6:.0f} megapixels"
-        )
-    return fmt, width, height
+    header = probe_image(data, max_pixels=max_pixels)
+    return header.format, header.width, header.height

@@ -6,11 +6,18 @@ profile, 1-bit) and keeps 16-bit images in 16 bits (greyscale, and 48/64-bit RGB
 PNGs, which Pillow alone would reduce to 8 bits). Sizes are checked from the header
 before any pixel is decoded, so a decompression bomb costs nothing.
 
+Only still images in :data:`READABLE_FORMATS` are read; anything else (PCX, ICO, TGA, ...)
+and images of several frames (animated GIF, PNG, WebP or AVIF, multi-page TIFF), whose
+frames but the first would be lost, are refused with :class:`UnsupportedImageError`, from
+the header alone (:func:`probe_image`). A phone's multi-picture JPEG (MPO) is read as the
+photo it shows: its extra pictures (previews, depth maps) are dropped, since they would
+carry the face unprotected.
+
 Encoding writes, by default, the input's format: JPEG at a quality close to the input's
 (estimated from its quantization tables), PNG losslessly (16-bit kept), WebP lossy or
 lossless like the input, BMP and TIFF losslessly. GIF is written as PNG: a 256-colour
-palette would erase much of the perturbation (and only the first frame of an animation
-is protected). HEIF and AVIF are written as JPEG (PNG when they have alpha). Greyscale
+palette would erase much of the perturbation. HEIF and AVIF are written as JPEG (PNG when
+they have alpha). Greyscale
 inputs stay greyscale. Metadata: the orientation is baked into the pixels, all EXIF
 (GPS, camera, dates, thumbnails) and text chunks are dropped, the ICC profile is kept.
 """
@@ -31,6 +38,16 @@ from cloak_core.errors import ImageError, ImageTooLargeError, UnsupportedImageEr
 
 # Formats decoded; MPO is how Pillow names many phones' multi-picture JPEGs.
 READABLE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "AVIF", "HEIF")
+
+# How a refused image of several frames is named, by format.
+_SEVERAL_FRAMES = {
+    "GIF": "an animated GIF",
+    "PNG": "an animated PNG",
+    "WEBP": "an animated WebP",
+    "AVIF": "an animated AVIF",
+    "HEIF": "a HEIF file of several images",
+    "TIFF": "a multi-page TIFF",
+}
 OUTPUT_FORMATS = ("same", "png", "jpeg", "jpg", "webp")
 
 MIME = {
@@ -113,11 +130,39 @@ class DecodedImage:
 # -- decoding -------------------------------------------------------------------------
 
 
-def decode_image(data: bytes, *, max_pixels: int = 50_000_000) -> DecodedImage:
-    """Decode ``data`` (JPEG, PNG, WebP, GIF's first frame, BMP, TIFF, AVIF; HEIC with
-    pillow-heif installed) into upright RGB pixels.
+@dataclass(frozen=True)
+class ImageHeader:
+    """What a readable image's header says: Pillow's format name and its size in pixels."""
 
-    Raises :class:`UnsupportedImageError` for bytes that are no image FaceCloak reads,
+    format: str
+    width: int
+    height: int
+
+
+def probe_image(data: bytes, *, max_pixels: int = 50_000_000) -> ImageHeader:
+    """Check ``data`` from its header alone, decoding no pixels: a still image, in a
+    format FaceCloak reads, of at most ``max_pixels`` pixels.
+
+    Cheap enough to run before queueing work (the daemon does, for every upload); damage
+    past the header (a truncated JPEG) shows only when :func:`decode_image` decodes. Raises
+    as :func:`decode_image` does.
+    """
+    data = bytes(data)
+    if not data:
+        raise UnsupportedImageError(
+            "the input is empty (0 bytes); choose a photo file (JPEG, PNG, WebP, ...)"
+        )
+    _register_heif()
+    with _open(data, max_pixels) as im:
+        return ImageHeader(format=im.format or "unknown", width=im.width, height=im.height)
+
+
+def decode_image(data: bytes, *, max_pixels: int = 50_000_000) -> DecodedImage:
+    """Decode ``data`` (a still JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF; HEIC with pillow-heif
+    installed) into upright RGB pixels.
+
+    Raises :class:`UnsupportedImageError` for bytes that are no image FaceCloak reads or an
+    image of several frames (animations, multi-page TIFF),
     :class:`ImageTooLargeError` when width x height exceeds ``max_pixels`` (checked from
     the header, before decoding), :class:`ImageError` for truncated or corrupt files.
     """
@@ -183,7 +228,8 @@ def _register_heif() -> None:
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
-    """Open (header only) with the readable formats' plugins; check the pixel count."""
+    """Open (header only) with the readable formats' plugins; check the pixel count and
+    that the image is a still one."""
     limit = "error" if max_pixels <= (Image.MAX_IMAGE_PIXELS or math.inf) else "ignore"
     with warnings.catch_warnings():
         warnings.simplefilter(limit, Image.DecompressionBombWarning)
@@ -211,7 +257,33 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         )
     if w <= 0 or h <= 0:
         raise ImageError(f"the image has no pixels ({w}x{h}); export it again")
+    _refuse_several_frames(im)
     return im
+
+
+def _refuse_several_frames(im: Image.Image) -> None:
+    """Refuse an image of several frames: all but the first would be silently lost.
+
+    MPO is let through: its extra pictures are a phone's previews and depth maps of the one
+    photo, rightly dropped (they would carry the face unprotected).
+    """
+    if im.format == "MPO":
+        return
+    try:
+        several = bool(getattr(im, "is_animated", False))  # reads frame headers, no pixels
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+        raise ImageError(
+            f"could not read the image: the file is truncated or corrupt ({exc}); "
+            f"download or export it again"
+        ) from exc
+    if several:
+        frames = getattr(im, "n_frames", None)
+        count = f" ({frames} frames)" if isinstance(frames, int) and im.format != "GIF" else ""
+        what = _SEVERAL_FRAMES.get(im.format or "", f"a {im.format} image of several frames")
+        raise UnsupportedImageError(
+            f"the input is {what}{count}; FaceCloak protects still images only and would "
+            f"keep only the first frame: export the frame you want as a PNG or JPEG"
+        )
 
 
 def _describe_unsupported(data: bytes) -> str:

@@ -26,6 +26,27 @@ def png_header_claiming(width: int, height: int) -> bytes:
     )
 
 
+def image_bytes(fmt: str, frames: int = 1) -> bytes:
+    """A small real image in Pillow's ``fmt``, of ``frames`` frames (pages)."""
+    first = Image.open(io.BytesIO(jpeg_bytes(64, 48)))
+    images = [first.rotate(90 * i) for i in range(frames)]
+    buf = io.BytesIO()
+    images[0].save(buf, format=fmt, save_all=frames > 1, append_images=images[1:])
+    return buf.getvalue()
+
+
+# Images Pillow reads but FaceCloak does not: other formats, and several frames (all but
+# the first would be lost).
+UNREAD_IMAGES = {
+    "PCX": image_bytes("PCX"),
+    "ICO": image_bytes("ICO"),
+    "TGA": image_bytes("TGA"),
+    "animated GIF": image_bytes("GIF", frames=2),
+    "animated PNG": image_bytes("PNG", frames=3),
+    "animated WebP": image_bytes("WEBP", frames=2),
+    "multi-page TIFF": image_bytes("TIFF", frames=2),
+}
+
 BAD_INPUTS = {
     # name: (body, content type, status, error code)
     "empty body": (b"", "image/jpeg", 400, "bad_image"),
@@ -38,6 +59,8 @@ BAD_INPUTS = {
         "too_large",
     ),
     "text as an image": (b"hello, I am not a photo\n" * 20, "image/jpeg", 415, "unsupported_image"),
+    "PCX image": (UNREAD_IMAGES["PCX"], "image/x-pcx", 415, "unsupported_image"),
+    "animated GIF": (UNREAD_IMAGES["animated GIF"], "image/gif", 415, "unsupported_image"),
 }
 
 
@@ -63,6 +86,21 @@ async def test_bad_input_is_refused_and_the_daemon_goes_on(config, name, route):
         ok = await client.post("/v1/protect", data=good, headers=auth(token))
         assert ok.status == 200
         assert Image.open(io.BytesIO(await ok.read())).size == (80, 60)
+
+
+@pytest.mark.parametrize("name", list(UNREAD_IMAGES))
+async def test_images_not_read_are_refused_at_submission(config, name):
+    async with serve(config) as client:
+        token = await pair(client, config)
+        for route in ["/v1/jobs", "/v1/protect"]:
+            resp = await client.post(route, data=UNREAD_IMAGES[name], headers=auth(token))
+            assert resp.status == 415, (route, await resp.text())  # not 202, not later
+            error = await resp.json()
+            assert error["error"] == "unsupported_image"
+            assert "export" in error["message"]
+        for still in ["GIF", "PNG", "WEBP", "TIFF"]:  # one frame of the same formats is fine
+            ok = await client.post("/v1/protect", data=image_bytes(still), headers=auth(token))
+            assert ok.status == 200, still
 
 
 async def _wait_finished(client, token, job_id):

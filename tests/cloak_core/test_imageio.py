@@ -15,7 +15,7 @@ import pytest
 from PIL import Image, ImageCms, ImageOps
 
 from cloak_core.errors import ImageError, ImageTooLargeError, UnsupportedImageError, UsageError
-from cloak_core.imageio import decode_image, encode_image, estimate_jpeg_quality
+from cloak_core.imageio import decode_image, encode_image, estimate_jpeg_quality, probe_image
 
 ACTIONS = ("try again", "export", "choose", "download", "install", "resize")
 
@@ -112,9 +112,7 @@ def make(photo: Image.Image, rgba: Image.Image, kind: str) -> tuple[bytes, np.nd
         return data, ref[..., :3], ref[..., 3]
     if kind == "GIF":
         im = photo.quantize(128)
-        frames = [im, photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT).quantize(128)]
-        data = save(frames[0], "GIF", save_all=True, append_images=frames[1:])
-        return data, np.asarray(im.convert("RGB")), None
+        return save(im, "GIF"), np.asarray(im.convert("RGB")), None
     if kind == "RGBA":
         a = np.asarray(rgba)
         return save(rgba, "PNG"), a[..., :3], a[..., 3]
@@ -396,6 +394,61 @@ def test_not_images(data, named):
 def test_other_image_formats_are_named(photo):
     with pytest.raises(UnsupportedImageError, match="PPM"):
         decode_image(save(photo, "PPM"))
+
+
+@pytest.mark.parametrize("fmt", ["PCX", "ICO", "TGA", "PPM", "SGI", "QOI"])
+def test_formats_outside_the_readable_set_are_refused_from_the_header(photo, fmt):
+    data = save(photo.resize((64, 48)), fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt  # Pillow reads it; FaceCloak does not
+    for check in (probe_image, decode_image):
+        with pytest.raises(UnsupportedImageError, match=fmt) as exc:
+            check(data)
+        assert_actionable(exc)
+
+
+def several_frames(photo: Image.Image, fmt: str, **options) -> bytes:
+    """``photo`` and its mirror image as two frames (pages) of one ``fmt`` file."""
+    frames = [photo, photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    if fmt == "GIF":
+        frames = [f.quantize(128) for f in frames]
+    return save(frames[0], fmt, save_all=True, append_images=frames[1:], **options)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "named"),
+    [
+        ("GIF", "animated GIF"),
+        ("PNG", "animated PNG"),
+        ("WEBP", "animated WebP"),
+        ("TIFF", "multi-page TIFF"),
+        ("AVIF", "animated AVIF"),
+    ],
+)
+def test_images_of_several_frames_are_refused_not_cut_to_the_first(photo, fmt, named):
+    if fmt not in Image.SAVE:
+        pytest.skip(f"this Pillow cannot write {fmt}")
+    data = several_frames(photo, fmt)
+    assert Image.open(io.BytesIO(data)).n_frames == 2
+    for check in (probe_image, decode_image):
+        with pytest.raises(UnsupportedImageError, match=named) as exc:
+            check(data)
+        assert "still images only" in str(exc.value)
+        assert_actionable(exc)
+    # One frame of the same format is a still image.
+    header = probe_image(save(photo if fmt != "GIF" else photo.quantize(128), fmt))
+    assert (header.format, header.width, header.height) == (fmt, photo.width, photo.height)
+
+
+def test_a_phones_multi_picture_jpeg_is_read_as_its_main_photo(photo):
+    preview = photo.resize((photo.width // 4, photo.height // 4))
+    data = save(photo, "MPO", save_all=True, append_images=[preview], quality=95)
+    assert Image.open(io.BytesIO(data)).n_frames == 2
+    assert probe_image(data).format == "MPO"
+    decoded = decode_image(data)
+    assert decoded.pixels.shape == (photo.height, photo.width, 3)
+    assert np.abs(decoded.pixels.astype(int) - np.asarray(photo)).mean() < 3
+    out, mime = encode_image(decoded.pixels, decoded)
+    assert mime == "image/jpeg" and Image.open(io.BytesIO(out)).format == "JPEG"
 
 
 def test_decompression_bombs_refused_from_the_header():
