@@ -79,7 +79,7 @@ async def pair(request: web.Request) -> web.Response:
         if not request.app[CODES_KEY].redeem(code):
             raise UnauthorizedError("the pairing code is wrong, expired or already used")
     except DaemonError:  # every failed attempt counts, malformed ones included
-        # The wait goes on if the client hangs up: its place in the line stays taken.
+        # A client that hangs up meanwhile does not give its place in the line back.
         await asyncio.sleep(request.app[PAIRING_THROTTLE_KEY].failed())
         raise
     return web.json_response({"token": request.app[TOKENS_KEY].issue(origin)})
