@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from cloak_core.errors import ModelStoreError, UsageError
+from cloak_core.errors import CancelledError, ModelStoreError, UsageError
 
 if TYPE_CHECKING:
     from cloak_core.store import ModelStore
@@ -221,10 +221,12 @@ class FaceDetector:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def detect(self, rgb: np.ndarray) -> list[Face]:
+    def detect(self, rgb: np.ndarray, *, cancel: threading.Event | None = None) -> list[Face]:
         """Every face in ``rgb`` ``(H, W, 3)`` uint8 RGB (0..255), best score first.
 
-        16-bit photos must be reduced to uint8 first (detection needs no more).
+        16-bit photos must be reduced to uint8 first (detection needs no more). Setting
+        ``cancel`` stops the detection before its next view (a large photo has a hundred
+        or so) with :class:`~cloak_core.errors.CancelledError`.
         """
         if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3:
             shape = getattr(rgb, "shape", None)
@@ -235,9 +237,9 @@ class FaceDetector:
             if not self._detectors:
                 raise UsageError("this FaceDetector is closed; create a new one")
             cfg = self.config
-            proposals = self._proposals(rgb)
+            proposals = self._proposals(rgb, cancel)
             proposals = _nms(proposals, cfg.nms_iou)
-            faces = [c for c in (self._verify(rgb, p) for p in proposals) if c is not None]
+            faces = [c for c in (self._verify(rgb, p, cancel) for p in proposals) if c is not None]
         faces = [c for c in faces if c.score >= cfg.min_score]
         faces = _nms(faces, cfg.nms_iou)
         out = []
@@ -249,7 +251,7 @@ class FaceDetector:
 
     # -- stages ---------------------------------------------------------------------
 
-    def _proposals(self, rgb: np.ndarray) -> list[_Candidate]:
+    def _proposals(self, rgb: np.ndarray, cancel: threading.Event | None) -> list[_Candidate]:
         """First-stage boxes: both models on the whole photo, full range on the tiles."""
         h, w = rgb.shape[:2]
         cfg = self.config
@@ -259,17 +261,19 @@ class FaceDetector:
         source = Image.fromarray(rgb) if big else None
         whole, sx, sy = _downscaled(rgb, source, min(1.0, cfg.view_size / max(w, h)))
         for key in ("short", "full"):
-            found += self._detect(key, whole, 0.0, 0.0, sx, sy)
+            found += self._detect(key, whole, 0.0, 0.0, sx, sy, cancel)
         smallest = max(cfg.smallest_face, cfg.smallest_fraction * max(w, h))
         for side in _tile_sides(max(w, h), smallest):
             level, sx, sy = _downscaled(rgb, source, min(1.0, cfg.view_size / side))
             tile = max(1, round(side * sx))
             for u0, v0 in _tile_origins(level.shape[1], level.shape[0], tile):
                 view = np.ascontiguousarray(level[v0 : v0 + tile, u0 : u0 + tile])
-                found += self._detect("full", view, u0 / sx, v0 / sy, sx, sy)
+                found += self._detect("full", view, u0 / sx, v0 / sy, sx, sy, cancel)
         return [c for c in found if c.score >= cfg.proposal_score]
 
-    def _verify(self, rgb: np.ndarray, proposal: _Candidate) -> _Candidate | None:
+    def _verify(
+        self, rgb: np.ndarray, proposal: _Candidate, cancel: threading.Event | None
+    ) -> _Candidate | None:
         """Second look at a proposal in three views centred on it; ``None`` if not a face."""
         cx, cy = (proposal.box[:2] + proposal.box[2:]) / 2
         side = float(max(proposal.box[2] - proposal.box[0], proposal.box[3] - proposal.box[1]))
@@ -279,7 +283,7 @@ class FaceDetector:
             crop = int(math.ceil(side * factor))
             x0, y0 = int(math.floor(cx - crop / 2)), int(math.floor(cy - crop / 2))
             view, scale = _view(rgb, x0, y0, crop, crop, self.config.view_size)
-            seen = self._detect(key, view, float(x0), float(y0), scale, scale)
+            seen = self._detect(key, view, float(x0), float(y0), scale, scale, cancel)
             best = max(
                 (c for c in seen if _iou(c.box, expected) >= self.config.nms_iou),
                 key=lambda c: c.score,
@@ -304,11 +308,21 @@ class FaceDetector:
         return _Candidate(box=box, keypoints=keypoints, score=float(score))
 
     def _detect(
-        self, key: str, view: np.ndarray, x0: float, y0: float, sx: float, sy: float
+        self,
+        key: str,
+        view: np.ndarray,
+        x0: float,
+        y0: float,
+        sx: float,
+        sy: float,
+        cancel: threading.Event | None = None,
     ) -> list[_Candidate]:
         """Run model ``key`` on ``view``, whose pixel ``u`` covers source pixels
         ``[x0 + u / sx, x0 + (u + 1) / sx)`` (likewise in y); candidates in source pixels."""
         import mediapipe as mp
+
+        if cancel is not None and cancel.is_set():
+            raise CancelledError("face detection was stopped (cancelled or past its time limit)")
 
         vh, vw = view.shape[:2]
         image = mp.Image(image_format=mp.ImageFormat.SRGB, data=view)

@@ -4,7 +4,12 @@ Decoding applies the EXIF orientation to the pixels, sets any alpha channel asid
 untouched, converts every mode to RGB (palette, greyscale, CMYK through its ICC
 profile, 1-bit) and keeps 16-bit images in 16 bits (greyscale, and 48/64-bit RGB(A)
 PNGs, which Pillow alone would reduce to 8 bits). Sizes are checked from the header
-before any pixel is decoded, so a decompression bomb costs nothing.
+before any pixel is decoded, so a decompression bomb costs nothing: the pixel count, and
+the decoded bytes (pixels x channels x bytes per sample, so that a 16-bit RGBA image counts
+for what it takes in memory); and so is the decoder's work where it does not follow from the
+size (JPEG scans, segments, PNG chunks, TIFF strips: :mod:`cloak_core.imagecheck`).
+Decoding and encoding take a ``cancel`` event, checked between blocks of input read or
+output written, so that a deadline stops them part way.
 
 Only still images in :data:`READABLE_FORMATS` are read; anything else (PCX, ICO, TGA, ...)
 and images of several frames (animated GIF, PNG, WebP or AVIF, multi-page TIFF), whose
@@ -27,6 +32,7 @@ from __future__ import annotations
 import io
 import math
 import struct
+import threading
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -34,7 +40,14 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageCms, UnidentifiedImageError
 
-from cloak_core.errors import ImageError, ImageTooLargeError, UnsupportedImageError, UsageError
+from cloak_core.errors import (
+    CancelledError,
+    ImageError,
+    ImageTooLargeError,
+    UnsupportedImageError,
+    UsageError,
+)
+from cloak_core.imagecheck import check_structure
 
 # Formats decoded; MPO is how Pillow names many phones' multi-picture JPEGs.
 READABLE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "DIB", "TIFF", "AVIF", "HEIF")
@@ -57,6 +70,14 @@ MIME = {
     "BMP": "image/bmp",
     "TIFF": "image/tiff",
 }
+
+DEFAULT_MAX_PIXELS = 50_000_000
+# Decoded bytes allowed per pixel of the pixel limit when no byte limit is given: 8-bit RGBA
+# (or CMYK) at the pixel limit passes, a 16-bit RGBA image up to half of it.
+DEFAULT_BYTES_PER_PIXEL = 4
+
+# Encoded bytes fed to a decoder, or written by an encoder, between two looks at ``cancel``.
+_BLOCK = 4 * 1024
 
 DEFAULT_JPEG_QUALITY = 92
 JPEG_QUALITY_RANGE = (70, 95)  # an estimated input quality is clamped to this for output
@@ -132,16 +153,22 @@ class DecodedImage:
 
 @dataclass(frozen=True)
 class ImageHeader:
-    """What a readable image's header says: Pillow's format name and its size in pixels."""
+    """What a readable image's header says: Pillow's format name, its size in pixels, and
+    ``decoded_bytes``, the bytes its decoded pixels take (see :func:`decoded_bytes`)."""
 
     format: str
     width: int
     height: int
+    decoded_bytes: int
 
 
-def probe_image(data: bytes, *, max_pixels: int = 50_000_000) -> ImageHeader:
+def probe_image(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_decoded_bytes: int | None = None
+) -> ImageHeader:
     """Check ``data`` from its header alone, decoding no pixels: a still image, in a
-    format FaceCloak reads, of at most ``max_pixels`` pixels.
+    format FaceCloak reads, of at most ``max_pixels`` pixels and ``max_decoded_bytes``
+    decoded bytes (default: 4 bytes per pixel of ``max_pixels``), whose decoding work is
+    within :mod:`cloak_core.imagecheck`'s limits.
 
     Cheap enough to run before queueing work (the daemon does, for every upload); damage
     past the header (a truncated JPEG) shows only when :func:`decode_image` decodes. Raises
@@ -153,18 +180,35 @@ def probe_image(data: bytes, *, max_pixels: int = 50_000_000) -> ImageHeader:
             "the input is empty (0 bytes); choose a photo file (JPEG, PNG, WebP, ...)"
         )
     _register_heif()
-    with _open(data, max_pixels) as im:
-        return ImageHeader(format=im.format or "unknown", width=im.width, height=im.height)
+    with _open(data, max_pixels, max_decoded_bytes) as im:
+        return ImageHeader(
+            format=im.format or "unknown",
+            width=im.width,
+            height=im.height,
+            decoded_bytes=decoded_bytes(im),
+        )
 
 
-def decode_image(data: bytes, *, max_pixels: int = 50_000_000) -> DecodedImage:
+def decode_image(
+    data: bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decoded_bytes: int | None = None,
+    cancel: threading.Event | None = None,
+) -> DecodedImage:
     """Decode ``data`` (a still JPEG, PNG, WebP, GIF, BMP, TIFF, AVIF; HEIC with pillow-heif
     installed) into upright RGB pixels.
 
     Raises :class:`UnsupportedImageError` for bytes that are no image FaceCloak reads or an
     image of several frames (animations, multi-page TIFF),
-    :class:`ImageTooLargeError` when width x height exceeds ``max_pixels`` (checked from
-    the header, before decoding), :class:`ImageError` for truncated or corrupt files.
+    :class:`ImageTooLargeError` when width x height exceeds ``max_pixels`` or the decoded
+    pixels would take more than ``max_decoded_bytes`` (default: 4 bytes per pixel of
+    ``max_pixels``), both checked from the header before decoding, or when the file would
+    cost the decoder more work than :mod:`cloak_core.imagecheck` allows,
+    :class:`ImageError` for truncated or corrupt files, and
+    :class:`~cloak_core.errors.CancelledError` once ``cancel`` is set (it is checked at every
+    block of input the decoder reads; a JPEG or PNG stops within a few milliseconds, formats
+    decoded in one call, WebP, AVIF, compressed TIFF, only after it).
     """
     data = bytes(data)
     if not data:
@@ -172,7 +216,7 @@ def decode_image(data: bytes, *, max_pixels: int = 50_000_000) -> DecodedImage:
             "the input is empty (0 bytes); choose a photo file (JPEG, PNG, WebP, ...)"
         )
     _register_heif()
-    im = _open(data, max_pixels)
+    im = _open(data, max_pixels, max_decoded_bytes, cancel)
     fmt = im.format or "unknown"
     mode = im.mode
     info = dict(im.info)
@@ -181,9 +225,10 @@ def decode_image(data: bytes, *, max_pixels: int = 50_000_000) -> DecodedImage:
     wide = _is_wide_png(im)  # before anything loads the pixels (PNG's getexif does)
     try:
         if wide:
-            pixels, alpha, orientation = _load_wide_png(data, im)
+            pixels, alpha, orientation = _load_wide_png(data, im, cancel)
             mode = "RGBA;16" if alpha is not None else "RGB;16"
         else:
+            im.decodermaxblock = _BLOCK
             im.load()
             orientation = _orientation(im)
             pixels, alpha, info = _to_rgb(im, info)
@@ -227,16 +272,81 @@ def _register_heif() -> None:
     pillow_heif.register_heif_opener()
 
 
-def _open(data: bytes, max_pixels: int) -> Image.Image:
-    """Open (header only) with the readable formats' plugins; check the pixel count and
-    that the image is a still one."""
+class _Source(io.BytesIO):
+    """The encoded bytes as Pillow reads them; every read first looks at ``cancel``."""
+
+    def __init__(self, data: bytes, cancel: threading.Event | None) -> None:
+        super().__init__(data)
+        self._cancel = cancel
+
+    def read(self, size: int | None = -1) -> bytes:
+        _check_cancel(self._cancel, "decoding")
+        return super().read(size)
+
+
+class _Sink(io.BytesIO):
+    """Where Pillow writes an encoded image; every write first looks at ``cancel``."""
+
+    def __init__(self, cancel: threading.Event | None) -> None:
+        super().__init__()
+        self._cancel = cancel
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        _check_cancel(self._cancel, "encoding")
+        return super().write(data)
+
+
+def _check_cancel(cancel: threading.Event | None, what: str) -> None:
+    if cancel is not None and cancel.is_set():
+        raise CancelledError(f"{what} was stopped (cancelled or past its time limit)")
+
+
+def decoded_bytes(im: Image.Image) -> int:
+    """The bytes an opened (not loaded) image's decoded pixels take, from its header:
+    width x height x channels x bytes per sample.
+
+    Channels: the file's, but at least 3 (greyscale and palettes are decoded to RGB) plus
+    one for alpha (a palette's transparency included). Bytes per sample: 2 for 16-bit
+    greyscale and 48/64-bit PNG, 4 for 32-bit samples, else 1.
+    """
+    mode = im.mode
+    try:
+        bands = Image.getmodebands(mode)
+    except KeyError:  # a mode Pillow knows no bands for: count the most an image has
+        bands = 4
+    alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
+        mode == "P" and ("transparency" in im.info)
+    )
+    if mode.startswith("I;16"):
+        sample = 2
+    elif mode in ("I", "F"):
+        sample = 4
+    elif _is_wide_png(im):
+        sample = 2
+    else:
+        sample = 1
+    return im.width * im.height * max(bands, 3 + int(alpha)) * sample
+
+
+def _open(
+    data: bytes,
+    max_pixels: int,
+    max_decoded_bytes: int | None = None,
+    cancel: threading.Event | None = None,
+) -> Image.Image:
+    """Open (header only) with the readable formats' plugins; check the decoder's work
+    from the file's structure, the pixel count, the decoded bytes, and that the image is
+    a still one."""
+    if max_decoded_bytes is None:
+        max_decoded_bytes = max_pixels * DEFAULT_BYTES_PER_PIXEL
     limit = "error" if max_pixels <= (Image.MAX_IMAGE_PIXELS or math.inf) else "ignore"
+    check_structure(data)
     with warnings.catch_warnings():
         warnings.simplefilter(limit, Image.DecompressionBombWarning)
         try:
             Image.init()
             formats = [f for f in READABLE_FORMATS if f in Image.OPEN]
-            im = Image.open(io.BytesIO(data), formats=formats)
+            im = Image.open(_Source(data, cancel), formats=formats)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageTooLargeError(
                 f"the image is too large ({exc}); the limit is {max_pixels:,} pixels: "
@@ -257,6 +367,17 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
         )
     if w <= 0 or h <= 0:
         raise ImageError(f"the image has no pixels ({w}x{h}); export it again")
+    if im.mode == "F":
+        raise UnsupportedImageError(
+            "floating-point images are not supported; export it as an 8- or 16-bit image"
+        )
+    size = decoded_bytes(im)
+    if size > max_decoded_bytes:
+        raise ImageTooLargeError(
+            f"the image is {w}x{h} with {size // (w * h)} bytes per pixel once decoded: "
+            f"{size / 1e6:,.0f} MB, over the limit of {max_decoded_bytes / 1e6:,.0f} MB; "
+            f"resize it, or save it with 8 bits per channel, and try again"
+        )
     _refuse_several_frames(im)
     return im
 
@@ -396,23 +517,38 @@ def _tile_rawmode(tile: object) -> str | None:
     return args if isinstance(args, str) else (args[0] if args else None)
 
 
-def _load_wide_png(data: bytes, im: Image.Image) -> tuple[np.ndarray, np.ndarray | None, int]:
+def _load_wide_png(
+    data: bytes, im: Image.Image, cancel: threading.Event | None
+) -> tuple[np.ndarray, np.ndarray | None, int]:
     """Decode a 48/64-bit PNG in full precision: Pillow's zip decoder unfilters the rows
     (with the right 6 or 8 bytes per pixel) and its 16-bit unpackers keep one byte of
     each sample: ``;16B`` the high byte, ``;16L`` read on big-endian data the low one.
-    Returns ``(pixels, alpha or None, EXIF orientation)``."""
-    bytes_ = []
+    Returns ``(pixels, alpha or None, EXIF orientation)``.
+
+    The two halves are merged in place, one decoded at a time, so that the peak is about
+    twice the 16-bit result rather than four times.
+    """
+    wide: np.ndarray | None = None
     for order in ("B", "L"):
-        one = Image.open(io.BytesIO(data), formats=("PNG",))
+        one = Image.open(_Source(data, cancel), formats=("PNG",))
         tile = one.tile[0]
         raw = f"{one.mode};16{order}"
         args = raw if isinstance(tile.args, str) else (raw, *tuple(tile.args)[1:])
         one.tile = [tile._replace(args=args)]
+        one.decodermaxblock = _BLOCK
         one.load()
-        bytes_.append(np.asarray(one).astype(np.uint16))
-    wide = (bytes_[0] << 8) | bytes_[1]
+        half = np.asarray(one)
+        if wide is None:
+            wide = half.astype(np.uint16)
+            wide <<= 8
+        else:
+            wide |= half
+        orientation = _orientation(one)
+        del half
+        one.close()
+    assert wide is not None
     alpha = wide[..., 3].copy() if im.mode == "RGBA" else None
-    return np.ascontiguousarray(wide[..., :3]), alpha, _orientation(one)
+    return np.ascontiguousarray(wide[..., :3]), alpha, orientation
 
 
 def _jpeg_subsampling(im: Image.Image) -> int | None:
@@ -499,6 +635,7 @@ def encode_image(
     *,
     format: str = "same",
     quality: int | None = None,
+    cancel: threading.Event | None = None,
 ) -> tuple[bytes, str]:
     """Encode ``pixels`` ``(H, W, 3)`` RGB (uint8, or uint16 for 16-bit sources) with
     ``source``'s alpha and ICC profile; returns ``(bytes, MIME type)``.
@@ -507,6 +644,8 @@ def encode_image(
     ``quality`` (1..100) for JPEG and lossy WebP; by default the source's estimated JPEG
     quality clamped to :data:`JPEG_QUALITY_RANGE`, else 92 (JPEG) or 90 (WebP). JPEG has
     no alpha: a transparent source is composited onto white. No EXIF is ever written.
+    Raises :class:`~cloak_core.errors.CancelledError` once ``cancel`` is set (checked at
+    every block of output: PNG stops part way, an optimised JPEG after its first pass).
     """
     pixels = np.asarray(pixels)
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype not in (np.uint8, np.uint16):
@@ -523,7 +662,7 @@ def encode_image(
         raise UsageError(f"quality must be 1..100, got {quality}")
     fmt = output_format(source, format)
     if fmt == "PNG" and pixels.dtype == np.uint16:
-        return _png16(pixels, _match_depth(alpha, np.uint16), source), MIME["PNG"]
+        return _png16(pixels, _match_depth(alpha, np.uint16), source, cancel), MIME["PNG"]
     rgb8 = _to_8bit(pixels)
     alpha8 = _to_8bit(alpha) if alpha is not None else None
     grey = source.grey
@@ -557,7 +696,7 @@ def encode_image(
         kwargs.update(optimize=False, compress_level=6)
     elif fmt == "TIFF":
         kwargs.update(compression="tiff_deflate")
-    buf = io.BytesIO()
+    buf = _Sink(cancel)
     img.save(buf, format=fmt, **kwargs)
     return buf.getvalue(), MIME[fmt]
 
@@ -597,30 +736,34 @@ def _on_white(img: Image.Image, alpha: np.ndarray) -> Image.Image:
     return Image.fromarray(out[..., 0] if out.shape[2] == 1 else out, img.mode)
 
 
-def _png16(pixels: np.ndarray, alpha: np.ndarray | None, source: DecodedImage) -> bytes:
+def _png16(
+    pixels: np.ndarray,
+    alpha: np.ndarray | None,
+    source: DecodedImage,
+    cancel: threading.Event | None = None,
+) -> bytes:
     """A 16-bit PNG (grey, grey+alpha, RGB or RGBA) with the source's ICC profile.
 
     Pillow writes no 16-bit colour PNG, so rows are written here: filter "Up" (the
     difference with the row above, bytewise), deflate, the chunks with their CRCs.
+    ``cancel`` is checked between blocks of rows.
     """
-    if source.grey:
-        channels = [_luma(pixels)[..., None]]
-        colour_type = 0
-    else:
-        channels = [pixels]
-        colour_type = 2
+    colour = _luma(pixels)[..., None] if source.grey else pixels
+    colour_type = 0 if source.grey else 2
+    c = colour.shape[2] + (alpha is not None)
     if alpha is not None:
-        channels.append(alpha[..., None])
         colour_type += 4
-    arr = np.concatenate(channels, axis=2).astype(">u2")
-    h, w = arr.shape[:2]
-    rows = arr.reshape(h, -1).view(np.uint8)
-    up = rows.copy()
-    up[1:] = rows[1:] - rows[:-1]  # uint8 arithmetic wraps modulo 256, as PNG's filter does
-    raw = np.concatenate([np.full((h, 1), 2, np.uint8), up], axis=1)  # filter type 2: Up
+    h, w = pixels.shape[:2]
+    # Rows of big-endian samples, filled in place (no (H, W, C) temporaries).
+    rows = np.empty((h, w * c * 2), np.uint8)
+    samples = rows.view(">u2").reshape(h, w, c)
+    samples[..., : colour.shape[2]] = colour
+    if alpha is not None:
+        samples[..., -1] = alpha
+    del samples
 
     def chunk(kind: bytes, body: bytes) -> bytes:
-        crc = zlib.crc32(kind + body) & 0xFFFFFFFF
+        crc = zlib.crc32(body, zlib.crc32(kind)) & 0xFFFFFFFF
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", crc)
 
     out = [
@@ -629,6 +772,18 @@ def _png16(pixels: np.ndarray, alpha: np.ndarray | None, source: DecodedImage) -
     ]
     if source.icc_profile:
         out.append(chunk(b"iCCP", b"ICC profile\x00\x00" + zlib.compress(source.icc_profile)))
-    out.append(chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)))
+    deflate = zlib.compressobj(6)
+    step = max(1, _BLOCK * 64 // rows.shape[1])  # rows per block: about 256 KB
+    parts = []
+    for y in range(0, h, step):
+        _check_cancel(cancel, "encoding")
+        block = rows[y : y + step]
+        filtered = np.empty((len(block), 1 + rows.shape[1]), np.uint8)
+        filtered[:, 0] = 2  # filter type 2, "Up": the bytewise difference with the row above
+        prev = rows[y - 1 : y + len(block) - 1] if y else np.concatenate([rows[:1] * 0, block[:-1]])
+        np.subtract(block, prev, out=filtered[:, 1:])  # uint8 wraps modulo 256, as PNG's does
+        parts.append(deflate.compress(filtered))
+    parts.append(deflate.flush())
+    out.append(chunk(b"IDAT", b"".join(parts)))
     out.append(chunk(b"IEND", b""))
     return b"".join(out)

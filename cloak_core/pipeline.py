@@ -28,7 +28,7 @@ from cloak_core.align import (
 )
 from cloak_core.attack import FaceBatch, StageTimes, lowkey
 from cloak_core.detect import Face, FaceDetector
-from cloak_core.errors import FaceCloakError, UsageError
+from cloak_core.errors import CancelledError, FaceCloakError, UsageError
 from cloak_core.imageio import DecodedImage, decode_image, encode_image
 from cloak_core.lpips import LPIPS, load_lpips
 from cloak_core.models import default_ensemble, get_spec, load_model
@@ -226,6 +226,7 @@ class Protector:
         cancel: threading.Event | None = None,
         config: AttackConfig | None = None,
         max_pixels: int = 50_000_000,
+        max_decoded_bytes: int | None = None,
         times: StageTimes | None = None,
     ) -> ProtectResult:
         """Protect every face of one encoded image; see :meth:`protect_many`."""
@@ -238,6 +239,7 @@ class Protector:
             cancel=cancel,
             config=config,
             max_pixels=max_pixels,
+            max_decoded_bytes=max_decoded_bytes,
             times=times,
         )[0]
         if isinstance(result, FaceCloakError):
@@ -255,12 +257,17 @@ class Protector:
         cancel: threading.Event | None = None,
         config: AttackConfig | None = None,
         max_pixels: int = 50_000_000,
+        max_decoded_bytes: int | None = None,
         times: StageTimes | None = None,
     ) -> list[ProtectResult | FaceCloakError]:
         """Protect several encoded images in one batched attack.
 
         Returns, per item, a :class:`ProtectResult` or the :class:`FaceCloakError` that
-        item failed with (a bad image does not fail the others). A cancellation raises.
+        item failed with (a bad image does not fail the others). ``max_pixels`` and
+        ``max_decoded_bytes`` limit each decoded image (see
+        :func:`cloak_core.imageio.decode_image`). Setting ``cancel`` stops every stage,
+        decoding, detection, the attack and encoding, part way, and raises
+        :class:`~cloak_core.errors.CancelledError`.
         ``times`` collects seconds per stage (decode, detect, the attack's stages, encode).
         """
         start = time.perf_counter()
@@ -269,13 +276,22 @@ class Protector:
         with times.stage("decode"):
             for data in items:
                 try:
-                    decoded.append(decode_image(data, max_pixels=max_pixels))
+                    decoded.append(
+                        decode_image(
+                            data,
+                            max_pixels=max_pixels,
+                            max_decoded_bytes=max_decoded_bytes,
+                            cancel=cancel,
+                        )
+                    )
+                except CancelledError:
+                    raise
                 except FaceCloakError as exc:
                     decoded.append(exc)
         good = [i for i, d in enumerate(decoded) if isinstance(d, DecodedImage)]
         images = [decoded[i].pixels for i in good]  # type: ignore[union-attr]
         with times.stage("detect"):
-            faces = [self.detector.detect(_as_uint8(img)) for img in images]
+            faces = [self.detector.detect(_as_uint8(img), cancel=cancel) for img in images]
         protected = self.protect_pixels(
             images, faces, progress=progress, cancel=cancel, config=config, times=times
         )
@@ -286,8 +302,10 @@ class Protector:
             try:
                 with times.stage("encode"):
                     data, mime = encode_image(
-                        protected[k], source, format=out_format, quality=quality
+                        protected[k], source, format=out_format, quality=quality, cancel=cancel
                     )
+            except CancelledError:
+                raise
             except FaceCloakError as exc:
                 results[i] = exc
                 continue

@@ -1,0 +1,151 @@
+"""Bounds on a decoder's work, checked on the encoded bytes before Pillow parses them.
+
+The pixel limit bounds the size of a decoded image, not the work spent getting there.
+Some files cost far more than their pixels, in code that cannot be interrupted:
+
+- a progressive JPEG's every scan is a pass over all of the image's blocks, and a scan
+  can be a dozen bytes: 1,000 scans of a 49-megapixel image take about 10 s to decode
+  from a 15 KB file (libjpeg-turbo, one core). Encoders write about 10 (libjpeg's
+  progressive script: 10 for colour, 6 for greyscale; mozjpeg about the same);
+- Pillow reads a JPEG's segments before its first scan, and a PNG's chunks before its
+  image data, one by one in Python, and a TIFF's strips or tiles into a list: a 4 MB
+  JPEG of a million empty comments takes 2 s to open, a 32 MB TIFF of 4 million one-row
+  strips 9 s, before any pixel is decoded.
+
+:func:`check_structure` walks the file's markers, chunks or directory with no decoding
+and refuses such a file (:class:`~cloak_core.errors.ImageTooLargeError`) at a cost
+bounded by the limits below, not by the file. The limits are far above what cameras,
+phones, editors and encoders write.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+
+from cloak_core.errors import ImageTooLargeError
+
+# Scans of a JPEG (SOS segments): encoders write 1 (sequential) to about 10 (progressive).
+MAX_JPEG_SCANS = 100
+# Segments of a JPEG with a length (APPn, COM, DQT, DHT, SOF, SOS, ...): photos have 10-40.
+MAX_JPEG_SEGMENTS = 1000
+# Chunks of a PNG before its image data (IHDR, PLTE, text, ICC, EXIF, ...): usually < 20.
+MAX_PNG_CHUNKS_BEFORE_DATA = 1000
+# Strips or tiles of a TIFF: a 50-megapixel photo in one-row strips has about 6,000.
+MAX_TIFF_BLOCKS = 65_536
+
+# A JPEG marker inside entropy-coded data: 0xFF followed by anything but a stuffed zero,
+# a restart marker (0xD0-0xD7) or another 0xFF (fill).
+_JPEG_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
+_STANDALONE = frozenset({0x01, 0xD8})  # TEM, SOI: no length
+
+
+def check_structure(data: bytes) -> None:
+    """Refuse ``data`` if walking its structure shows more decoder work than the limits
+    allow (JPEG scans or segments, PNG chunks before the image data, TIFF strips/tiles).
+
+    Other formats, and damaged files whose structure cannot be walked, pass: the decoder
+    reports what is wrong with them. Cost: at most a few thousand steps in Python, plus
+    one pass of a compiled regex over a JPEG's entropy-coded data.
+    """
+    if data[:3] == b"\xff\xd8\xff":
+        _check_jpeg(data)
+    elif data[:8] == b"\x89PNG\r\n\x1a\n":
+        _check_png(data)
+    elif data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        _check_tiff(data)
+
+
+def jpeg_scans(data: bytes, *, stop_after: int = MAX_JPEG_SCANS) -> int:
+    """The number of scans of the first JPEG image in ``data`` (up to its EOI), counting
+    no further than ``stop_after + 1``."""
+    return _walk_jpeg(data, stop_after, MAX_JPEG_SEGMENTS)[0]
+
+
+def _walk_jpeg(data: bytes, max_scans: int, max_segments: int) -> tuple[int, int]:
+    """``(scans, segments)`` of the first image, each counted up to one past its limit."""
+    scans = segments = 0
+    pos, end = 2, len(data)
+    while pos + 1 < end:
+        if data[pos] != 0xFF:  # entropy-coded data (or damage): find the next marker
+            found = _JPEG_MARKER.search(data, pos)
+            if found is None:
+                break
+            pos = found.start()
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0x00 or 0xD0 <= marker <= 0xD7 or marker in _STANDALONE:
+            pos += 2
+            continue
+        if marker == 0xD9:  # EOI: the rest (an MPO's other pictures) is not decoded
+            break
+        if pos + 4 > end:
+            break
+        segments += 1
+        if marker == 0xDA:
+            scans += 1
+        if scans > max_scans or segments > max_segments:
+            break
+        length = (data[pos + 2] << 8) | data[pos + 3]
+        pos += 2 + max(length, 2)
+    return scans, segments
+
+
+def _check_jpeg(data: bytes) -> None:
+    scans, segments = _walk_jpeg(data, MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS)
+    if scans > MAX_JPEG_SCANS:
+        raise ImageTooLargeError(
+            f"this JPEG has more than {MAX_JPEG_SCANS} scans (photos have 1 to about 10); "
+            f"each scan is a pass over the whole image, so it would take too long to decode: "
+            f"export it again as a plain JPEG or PNG"
+        )
+    if segments > MAX_JPEG_SEGMENTS:
+        raise ImageTooLargeError(
+            f"this JPEG has more than {MAX_JPEG_SEGMENTS} segments (metadata blocks, "
+            f"tables, scans; photos have a few dozen), too many to read: export it again"
+        )
+
+
+def _check_png(data: bytes) -> None:
+    pos, end, chunks = 8, len(data), 0
+    while pos + 8 <= end:
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind in (b"IDAT", b"IEND"):
+            return
+        chunks += 1
+        if chunks > MAX_PNG_CHUNKS_BEFORE_DATA:
+            raise ImageTooLargeError(
+                f"this PNG has more than {MAX_PNG_CHUNKS_BEFORE_DATA} chunks before its "
+                f"image data (images have a few), too many to read: export it again"
+            )
+        pos += 12 + length
+
+
+def _check_tiff(data: bytes) -> None:
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\x00", b"\x00+")
+    try:
+        if big:
+            (ifd,) = struct.unpack_from(order + "Q", data, 8)
+            (count,) = struct.unpack_from(order + "Q", data, ifd)
+            entry, first, size, fmt = 20, ifd + 8, 20, order + "HHQ"
+        else:
+            (ifd,) = struct.unpack_from(order + "I", data, 4)
+            (count,) = struct.unpack_from(order + "H", data, ifd)
+            entry, first, size, fmt = 12, ifd + 2, 12, order + "HHI"
+    except struct.error:
+        return  # the decoder says what is wrong
+    for k in range(min(count, 65_535)):
+        at = first + k * entry
+        if at + size > len(data):
+            return
+        tag, _, values = struct.unpack_from(fmt, data, at)
+        if tag in (273, 324) and values > MAX_TIFF_BLOCKS:  # StripOffsets, TileOffsets
+            what = "strips" if tag == 273 else "tiles"
+            raise ImageTooLargeError(
+                f"this TIFF is cut into {values:,} {what}, over the limit of "
+                f"{MAX_TIFF_BLOCKS:,} (photos have a few thousand at most), too many to "
+                f"read: export it again"
+            )
