@@ -43,9 +43,12 @@ class DaemonConfig:
     """Everything ``facecloak serve`` is told, with the documented defaults.
 
     Sizes: ``max_bytes`` is the request body limit in bytes, ``max_pixels`` the decoded
-    image limit in pixels (width * height). Times are in seconds. ``queue_size`` bounds
-    the jobs waiting in front of the worker (a full queue answers 429); ``batch_size`` is
-    how many waiting jobs of one preset the worker hands to the protector at once.
+    image limit in pixels (width * height), ``max_decoded_bytes`` in bytes (pixels x
+    channels x bytes per sample: 8-bit RGBA at 50 megapixels, 16-bit RGBA at 25), and
+    ``max_batch_decoded_bytes`` the decoded bytes of all the images of one batch. Times are
+    in seconds. ``queue_size`` bounds the jobs waiting in front of the worker (a full queue
+    answers 429); ``batch_size`` is how many waiting jobs of one preset the worker hands to
+    the protector at once.
     """
 
     config_dir: Path
@@ -56,6 +59,8 @@ class DaemonConfig:
     device: str = "auto"
     max_bytes: int = 40 * 1024 * 1024
     max_pixels: int = 50_000_000
+    max_decoded_bytes: int = 200_000_000
+    max_batch_decoded_bytes: int = 400_000_000
     queue_size: int = 16
     batch_size: int = 4
     job_timeout: float = 300.0
@@ -80,9 +85,21 @@ class DaemonConfig:
             raise UsageError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"port {self.port} is not between 0 and 65535")
-        for name in ("max_bytes", "max_pixels", "queue_size", "batch_size", "max_results"):
+        for name in (
+            "max_bytes",
+            "max_pixels",
+            "max_decoded_bytes",
+            "queue_size",
+            "batch_size",
+            "max_results",
+        ):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1")
         for name in ("job_timeout", "result_ttl", "shutdown_deadline"):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be positive")
+        if self.max_batch_decoded_bytes < self.max_decoded_bytes:
+            raise UsageError(
+                "max_batch_decoded_bytes must be at least max_decoded_bytes (a batch always "
+                "takes one image)"
+            )

@@ -91,9 +91,9 @@ async def protect(request: web.Request) -> web.Response:
     Answers with the same format and MIME type, and ``X-FaceCloak-Faces`` and
     ``X-FaceCloak-Seconds`` headers. If the client disconnects, the job is cancelled.
     """
-    data, preset = await _image_request(request)
+    data, preset, decoded_bytes = await _image_request(request)
     worker = request.app[WORKER_KEY]
-    job = worker.submit(data, preset, register=False)
+    job = worker.submit(data, preset, register=False, decoded_bytes=decoded_bytes)
     del data
     try:
         await job.wait()
@@ -108,9 +108,11 @@ async def create_job(request: web.Request) -> web.Response:
 
     The job belongs to the token that created it; other tokens get 404 for it.
     """
-    data, preset = await _image_request(request)
+    data, preset, decoded_bytes = await _image_request(request)
     owner = request[TOKEN_KEY].digest
-    job = request.app[WORKER_KEY].submit(data, preset, register=True, owner=owner)
+    job = request.app[WORKER_KEY].submit(
+        data, preset, register=True, owner=owner, decoded_bytes=decoded_bytes
+    )
     return web.json_response({"id": job.id}, status=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
 
@@ -160,8 +162,9 @@ async def preflight(request: web.Request) -> web.Response:
 # -- parsing and answering ------------------------------------------------------------
 
 
-async def _image_request(request: web.Request) -> tuple[bytes, str]:
-    """The body's image bytes (checked up to the header) and the preset to use."""
+async def _image_request(request: web.Request) -> tuple[bytes, str, int]:
+    """The body's image bytes (checked up to the header), the preset to use, and the bytes
+    its decoded image will take."""
     unknown = set(request.query) - {"site", "preset"}
     if unknown:
         raise BadRequestError(f"unknown query parameter(s): {', '.join(sorted(unknown))}")
@@ -175,8 +178,10 @@ async def _image_request(request: web.Request) -> tuple[bytes, str]:
     if request.content_length is not None and request.content_length > config.max_bytes:
         raise TooLargeError(f"the body is over the limit of {config.max_bytes // 2**20} MB")
     data = await request.read()  # client_max_size enforces the limit without Content-Length
-    inspect_image(data, max_pixels=config.max_pixels)
-    return data, preset
+    header = inspect_image(
+        data, max_pixels=config.max_pixels, max_decoded_bytes=config.max_decoded_bytes
+    )
+    return data, preset, header.decoded_bytes
 
 
 def _result_response(job: Job) -> web.Response:

@@ -3,12 +3,18 @@
 One worker owns the device: a single thread (a one-thread executor) in which the
 protector is built at start-up and every batch runs. In front of it, a bounded queue
 (a full queue answers 429). When several jobs wait, the worker takes up to
-``batch_size`` of them with the same preset and hands them to
-``protector.protect_many`` in one call.
+``batch_size`` of them with the same preset, whose decoded images fit in
+``max_batch_decoded_bytes`` together, and hands them to ``protector.protect_many`` in
+one call.
 
 A running batch stops early (``cancel`` is set) when every client that waits for it
 has gone, when it runs past the per-job time limit, or when a shutdown's deadline
-passes. Progress comes from the protector's callback: steps done over steps planned.
+passes. Every stage of the protector looks at ``cancel`` (decoding between blocks of
+input, detection between views, the attack between steps, encoding between blocks of
+output), so a batch stops within a fraction of a second; should one not have stopped
+:data:`STOP_GRACE` seconds after its deadline, its jobs are answered (504) all the same
+and the worker takes the next batch once the thread comes back.
+Progress comes from the protector's callback: steps done over steps planned.
 Finished jobs are kept for ``result_ttl`` seconds, then forgotten.
 """
 
@@ -47,6 +53,9 @@ from cloak_core.presets import get_preset
 
 log = logging.getLogger(__name__)
 
+# Seconds a batch past its deadline has to stop before its jobs are answered without it.
+STOP_GRACE = 1.0
+
 
 class JobState(str, enum.Enum):
     """Where a job is: waiting in the queue, running, or finished one way or the other."""
@@ -65,6 +74,7 @@ class Job:
     data: bytes | None
     preset: str
     owner: str | None = None  # the digest of the token that created it (``/v1/jobs``)
+    decoded_bytes: int = 0  # what its decoded image will take, from the header
     state: JobState = JobState.QUEUED
     progress: float = 0.0  # 0..1, written by the worker thread
     result: Any = None  # the protector's result (``data``, ``mime``, ``faces``, ``seconds``)
@@ -176,14 +186,30 @@ class Worker:
 
     # -- the queue --------------------------------------------------------------------
 
-    def submit(self, data: bytes, preset: str, *, register: bool, owner: str | None = None) -> Job:
+    def submit(
+        self,
+        data: bytes,
+        preset: str,
+        *,
+        register: bool,
+        owner: str | None = None,
+        decoded_bytes: int = 0,
+    ) -> Job:
         """Queue ``data`` for protection with ``preset``; ``register`` makes it a ``/v1/jobs`` job,
-        which only ``owner`` (a token's digest) may then :meth:`get`.
+        which only ``owner`` (a token's digest) may then :meth:`get`. ``decoded_bytes``
+        (from the header) is what its decoded image will take, counted against the batch's
+        limit.
 
         Raises as :meth:`check_accepting` does.
         """
         self.check_accepting()
-        job = Job(id=secrets.token_urlsafe(16), data=data, preset=preset, owner=owner)
+        job = Job(
+            id=secrets.token_urlsafe(16),
+            data=data,
+            preset=preset,
+            owner=owner,
+            decoded_bytes=decoded_bytes,
+        )
         if register:
             self.expire()
             self._jobs[job.id] = job
@@ -266,15 +292,19 @@ class Worker:
             await self._run_batch(self._take_batch())
 
     def _take_batch(self) -> list[Job]:
-        """The first waiting job and up to ``batch_size - 1`` later ones with its preset."""
+        """The first waiting job and up to ``batch_size - 1`` later ones with its preset,
+        as long as their decoded images fit in ``max_batch_decoded_bytes`` together (the
+        others wait for a later batch)."""
         first = self._queue.popleft()
         batch = [first]
+        room = self.config.max_batch_decoded_bytes - first.decoded_bytes
         for job in list(self._queue):
             if len(batch) >= self.config.batch_size:
                 break
-            if job.preset == first.preset:
+            if job.preset == first.preset and job.decoded_bytes <= room:
                 self._queue.remove(job)
                 batch.append(job)
+                room -= job.decoded_bytes
         return batch
 
     async def _run_batch(self, jobs: list[Job]) -> None:
@@ -289,25 +319,33 @@ class Worker:
             for job in jobs:
                 job.progress = min(1.0, max(job.progress, float(fraction)))
 
-        timer = loop.call_later(
-            self.config.job_timeout,
-            batch.stop,
-            JobTimeoutError(f"the image took longer than {self.config.job_timeout:g} s"),
-        )
+        too_long = JobTimeoutError(f"the image took longer than {self.config.job_timeout:g} s")
+        timer = loop.call_later(self.config.job_timeout, batch.stop, too_long)
         started = time.monotonic()
+        call = functools.partial(
+            _protect_then_trim,
+            self.protector,
+            [job.data for job in jobs],
+            progress=progress,
+            cancel=batch.cancel,
+            config=get_preset(jobs[0].preset),
+            max_pixels=self.config.max_pixels,
+            max_decoded_bytes=self.config.max_decoded_bytes,
+        )
+        running = loop.run_in_executor(self._executor, call)
+        late = False
         try:
-            call = functools.partial(
-                _protect_then_trim,
-                self.protector,
-                [job.data for job in jobs],
-                progress=progress,
-                cancel=batch.cancel,
-                config=get_preset(jobs[0].preset),
-                max_pixels=self.config.max_pixels,
-            )
-            outcomes = list(await loop.run_in_executor(self._executor, call))
-            if len(outcomes) != len(jobs):
-                raise RuntimeError(f"protect_many answered {len(outcomes)} of {len(jobs)} items")
+            await asyncio.wait({running}, timeout=self.config.job_timeout + STOP_GRACE)
+            if running.done():
+                outcomes = list(running.result())
+                if len(outcomes) != len(jobs):
+                    raise RuntimeError(
+                        f"protect_many answered {len(outcomes)} of {len(jobs)} items"
+                    )
+            else:  # a stage has not looked at ``cancel``: answer now, wait for it below
+                late = True
+                batch.stop(too_long)
+                outcomes = [batch.stop_reason] * len(jobs)
         except Exception as exc:  # nothing a batch does may stop the worker
             outcomes = [exc] * len(jobs)
         finally:
@@ -319,6 +357,14 @@ class Worker:
                 job._finish(error=_reported(outcome))
             else:
                 job._finish(result=outcome)
+        if late:
+            log.warning(
+                "a batch did not stop %g s after its deadline; its jobs were answered, the "
+                "next batch waits for it",
+                STOP_GRACE,
+            )
+            with contextlib.suppress(Exception):
+                await running
         log.info(
             "batch of %d (%s) in %.2f s", len(jobs), jobs[0].preset, time.monotonic() - started
         )

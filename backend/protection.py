@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 from backend.config import DaemonConfig
 from cloak_core.errors import ImageError
-from cloak_core.imageio import probe_image
+from cloak_core.imageio import ImageHeader, probe_image
 
 
 class ProtectorLike(Protocol):
@@ -32,11 +32,14 @@ class ProtectorLike(Protocol):
         cancel: threading.Event | None = None,
         config: Any = None,
         max_pixels: int | None = None,
+        max_decoded_bytes: int | None = None,
     ) -> Sequence[Any]:
         """One result (with ``data``, ``mime``, ``faces``, ``seconds``) or error per item.
 
         ``config`` is the :class:`cloak_core.presets.AttackConfig` of every item;
-        ``max_pixels`` the decoded-size limit (over it: ImageTooLargeError for that item).
+        ``max_pixels`` and ``max_decoded_bytes`` the decoded-size limits (over them:
+        ImageTooLargeError for that item). Setting ``cancel`` must stop every stage part
+        way and raise :class:`cloak_core.errors.CancelledError`.
         """
         ...
 
@@ -60,17 +63,18 @@ def load_protector(config: DaemonConfig) -> ProtectorLike:
     return Protector(get_preset(config.preset), store=ModelStore.from_env(), device=config.device)
 
 
-def inspect_image(data: bytes, *, max_pixels: int) -> tuple[str, int, int]:
-    """``(format, width, height)`` from the image's header only, before the job is queued.
+def inspect_image(data: bytes, *, max_pixels: int, max_decoded_bytes: int) -> ImageHeader:
+    """The image's format, size and decoded bytes, from its header only, before the job is
+    queued.
 
     The library's own check (:func:`cloak_core.imageio.probe_image`), so the daemon refuses
     at once what the protector would refuse later: formats it does not read (415), images
-    of several frames (415), more than ``max_pixels`` pixels (413). It decodes no pixels, so
-    it is cheap enough for the event loop; the protector decodes fully later and reports
-    damage past the header (a truncated JPEG) itself. An empty body is an
-    :class:`ImageError` (400).
+    of several frames (415), more than ``max_pixels`` pixels or ``max_decoded_bytes``
+    decoded bytes, or more decoding work than the library allows (too many JPEG scans,
+    413). It decodes no pixels and its walk of the file is bounded, so it is cheap enough
+    for the event loop; the protector decodes fully later and reports damage past the
+    header (a truncated JPEG) itself. An empty body is an :class:`ImageError` (400).
     """
     if not data:
         raise ImageError("the request body is empty; send the image's bytes")
-    header = probe_image(data, max_pixels=max_pixels)
-    return header.format, header.width, header.height
+    return probe_image(data, max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes)

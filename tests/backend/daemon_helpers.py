@@ -1,10 +1,11 @@
 """Helpers for the daemon's tests: an in-process daemon, pairing, test images.
 
 :class:`ReencodingProtector` has the daemon-facing methods of cloak_core's Protector and
-does real image work with Pillow (decode, re-encode in the same format), but it protects
-nothing: it reports ``faces=0``. It is used only where protection itself is not what is
-tested (security, limits, queue, job life cycle); the full flow runs the real Protector in
-a real ``facecloak serve`` process (test_daemon_process.py, test_load.py).
+does the real Protector's image work (cloak_core.imageio's decode and encode, with the same
+limits and ``cancel``), but it protects nothing: it reports ``faces=0``. It is used only
+where protection itself is not what is tested (security, limits, queue, job life cycle,
+time limits); the full flow runs the real Protector in a real ``facecloak serve`` process
+(test_daemon_process.py, test_load.py).
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from PIL import Image
 from backend.app import create_app, runner_options
 from backend.config import DaemonConfig
 from backend.pairing import PairingCodes
-from cloak_core.errors import CancelledError, ImageError, ImageTooLargeError, UnsupportedImageError
+from cloak_core.errors import CancelledError, ImageError
+from cloak_core.imageio import decode_image, encode_image
 
 EXTENSION = "chrome-extension://" + "abcdefghijklmnopabcdefghijklmnop"
 
@@ -51,7 +53,8 @@ class ReencodedImage:
 
 
 class ReencodingProtector:
-    """Decodes and re-encodes each image in its own format; protects nothing (``faces=0``).
+    """Decodes and re-encodes each image as the Protector does (same format, same limits,
+    stopped by ``cancel``); protects nothing (``faces=0``).
 
     ``steps`` progress reports ``step_seconds`` apart, checking ``cancel`` before each.
     ``batches`` records the size of every ``protect_many`` call.
@@ -67,7 +70,16 @@ class ReencodingProtector:
         self.closed = False
         self.thread_names: set[str] = set()
 
-    def protect_many(self, items, *, progress=None, cancel=None, config=None, max_pixels=None):
+    def protect_many(
+        self,
+        items,
+        *,
+        progress=None,
+        cancel=None,
+        config=None,
+        max_pixels=None,
+        max_decoded_bytes=None,
+    ):
         self.batches.append(len(items))
         self.configs.append(config)
         self.thread_names.add(threading.current_thread().name)
@@ -82,31 +94,34 @@ class ReencodingProtector:
         out = []
         for data in items:
             try:
-                out.append(self._reencode(data, max_pixels))
-            except (ImageError, OSError) as exc:
-                out.append(exc if isinstance(exc, ImageError) else ImageError(str(exc)))
+                out.append(self._reencode(data, max_pixels, max_decoded_bytes, cancel))
+            except CancelledError:
+                raise
+            except ImageError as exc:
+                out.append(exc)
         return out
 
-    def _reencode(self, data: bytes, max_pixels: int | None) -> ReencodedImage:
+    def _reencode(
+        self,
+        data: bytes,
+        max_pixels: int | None,
+        max_decoded_bytes: int | None,
+        cancel: threading.Event | None,
+    ) -> ReencodedImage:
         started = time.perf_counter()
-        try:
-            image = Image.open(io.BytesIO(data))
-        except Exception as exc:
-            raise UnsupportedImageError("not an image") from exc
-        if max_pixels is not None and image.width * image.height > max_pixels:
-            raise ImageTooLargeError("too many pixels")
-        fmt = image.format
-        image.load()
-        buf = io.BytesIO()
-        image.save(buf, format=fmt)
+        limit = {"max_pixels": max_pixels} if max_pixels is not None else {}
+        source = decode_image(data, **limit, max_decoded_bytes=max_decoded_bytes, cancel=cancel)
+        if cancel is not None and cancel.is_set():  # between the stages, as the Protector
+            raise CancelledError("cancelled")
+        encoded, mime = encode_image(source.pixels, source, cancel=cancel)
         return ReencodedImage(
-            data=buf.getvalue(),
-            mime=Image.MIME[fmt],
-            format=fmt,
+            data=encoded,
+            mime=mime,
+            format=mime.split("/")[-1].upper(),
             faces=0,
             seconds=time.perf_counter() - started,
-            width=image.width,
-            height=image.height,
+            width=source.width,
+            height=source.height,
         )
 
     def close(self) -> None:

@@ -9,9 +9,11 @@ import time
 import aiohttp
 from aiohttp.test_utils import TestClient, TestServer
 from daemon_helpers import ReencodingProtector, auth, jpeg_bytes, pair, serve, with_changes
+from fuzz.hostile import png_header_only
 from PIL import Image
 
 from backend.app import create_app
+from backend.jobs import STOP_GRACE
 from cloak_core.errors import ModelStoreError
 from cloak_core.presets import PRESETS
 
@@ -214,6 +216,62 @@ async def test_job_over_the_time_limit_fails_with_timeout(config):
 async def _finished(client, token, job_id):
     job = await _job(client, token, job_id)
     return job if job["state"] in ("done", "failed") else None
+
+
+class _Stubborn(ReencodingProtector):
+    """A stage that does not look at ``cancel`` for ``seconds`` (its first call only)."""
+
+    def __init__(self, seconds: float):
+        super().__init__(steps=1)
+        self.seconds = seconds
+
+    def protect_many(self, items, **kwargs):
+        if not self.batches:
+            time.sleep(self.seconds)
+        return super().protect_many(items, **kwargs)
+
+
+async def test_a_job_is_answered_at_its_deadline_even_if_a_stage_does_not_stop(config):
+    protector = _Stubborn(seconds=3.0)
+    async with serve(with_changes(config, job_timeout=0.2, batch_size=1), protector) as client:
+        token = await pair(client, config)
+        started = time.monotonic()
+        resp = await client.post("/v1/protect", data=jpeg_bytes(), headers=auth(token))
+        answered = time.monotonic() - started
+        assert resp.status == 504 and (await resp.json())["error"] == "timeout"
+        assert answered < 0.2 + STOP_GRACE + 0.5  # not the 3 s the stage took
+        # The worker takes the next job once the stage has come back, not before.
+        ok = await client.post("/v1/protect", data=jpeg_bytes(), headers=auth(token))
+        assert ok.status == 200
+        assert 2.5 < time.monotonic() - started < 5.0
+        assert protector.batches == [1, 1]
+
+
+def _png_claiming_bytes(decoded_mb: int) -> bytes:
+    """A header-only 16-bit RGB PNG whose decoded image takes ``decoded_mb`` MB (6 bytes a
+    pixel); its decoding fails later (no data), which does not matter to the batching."""
+    return png_header_only(1000, decoded_mb * 1_000_000 // 6000, colour_type=2)
+
+
+async def test_waiting_jobs_are_batched_within_the_decoded_bytes_limit(config):
+    limits = with_changes(
+        config, batch_size=4, max_decoded_bytes=100_000_000, max_batch_decoded_bytes=100_000_000
+    )
+    protector = ReencodingProtector(steps=10, step_seconds=0.03)
+    async with serve(limits, protector) as client:
+        token = await pair(client, config)
+        first = await client.post("/v1/jobs", data=jpeg_bytes(), headers=auth(token))
+        first_id = (await first.json())["id"]
+        await _until(lambda: _state_is(client, token, first_id, "running"))
+        ids = []
+        for mb in (60, 60, 30):
+            resp = await client.post("/v1/jobs", data=_png_claiming_bytes(mb), headers=auth(token))
+            assert resp.status == 202, await resp.text()
+            ids.append((await resp.json())["id"])
+        for job_id in ids:
+            await _until(lambda job_id=job_id: _finished(client, token, job_id))
+        # 60 + 60 MB would pass 100 MB: the first 60 goes with the 30, the other alone.
+        assert protector.batches == [1, 2, 1]
 
 
 class _Crashing(ReencodingProtector):

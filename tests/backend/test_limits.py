@@ -7,7 +7,8 @@ import struct
 import zlib
 
 import pytest
-from daemon_helpers import auth, jpeg_bytes, pair, serve, with_changes
+from daemon_helpers import ReencodingProtector, auth, jpeg_bytes, pair, serve, with_changes
+from fuzz.hostile import png_header_only
 from PIL import Image
 
 
@@ -147,6 +148,32 @@ async def test_pixel_limit_follows_the_configuration(config):
         assert over.status == 413
         at = await client.post("/v1/protect", data=jpeg_bytes(100, 100), headers=auth(token))
         assert at.status == 200
+
+
+async def test_decoded_bytes_over_the_limit_are_413_before_any_decoding(config):
+    protector = ReencodingProtector()
+    async with serve(config, protector) as client:
+        token = await pair(client, config)
+        # 7000 x 7000 16-bit RGBA: under the pixel limit, 392 MB decoded; 74 bytes sent.
+        for route in ("/v1/protect", "/v1/jobs"):
+            resp = await client.post(route, data=png_header_only(7000, 7000), headers=auth(token))
+            assert resp.status == 413
+            error = await resp.json()
+            assert error["error"] == "too_large"
+            assert "392 MB, over the limit of 200 MB" in error["message"]
+        assert protector.batches == []  # refused from the header, never queued
+        ok = await client.post("/v1/protect", data=jpeg_bytes(), headers=auth(token))
+        assert ok.status == 200
+
+
+async def test_decoded_bytes_limit_follows_the_configuration(config):
+    tight = with_changes(config, max_decoded_bytes=64 * 48 * 3)
+    async with serve(tight) as client:
+        token = await pair(client, tight)
+        at = await client.post("/v1/protect", data=jpeg_bytes(64, 48), headers=auth(token))
+        assert at.status == 200
+        over = await client.post("/v1/protect", data=jpeg_bytes(65, 48), headers=auth(token))
+        assert over.status == 413
 
 
 async def test_bad_query_parameters_are_400(config):

@@ -1,0 +1,106 @@
+"""The job time limit, against a real ``facecloak serve`` process: hostile or merely huge
+photos are refused at once or stopped at their deadline, and the next photo is served.
+
+The process runs the re-encoding test double (reencoding_serve.py), which decodes and
+encodes with cloak_core.imageio exactly as the Protector does, ``cancel`` included.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+from daemon_helpers import DaemonProcess, auth, jpeg_bytes, start_daemon
+from fuzz.hostile import many_scans_jpeg, progressive_jpeg
+from PIL import Image
+
+from backend.jobs import STOP_GRACE
+
+JOB_TIMEOUT = 1.0
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("daemon")
+    process = start_daemon(
+        workdir,
+        "--job-timeout",
+        str(JOB_TIMEOUT),
+        "--batch-size",
+        "1",
+        reencoding=True,
+        ready_timeout=120,
+    )
+    yield process
+    assert process.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def token(daemon):
+    return daemon.pair()
+
+
+def post(daemon: DaemonProcess, token: str, data: bytes) -> tuple[int, dict, float]:
+    """``POST /v1/protect``: status, JSON error (or ``{}``), seconds to the answer."""
+    request = urllib.request.Request(daemon.url("/v1/protect"), data=data, headers=auth(token))
+    started = time.monotonic()
+    try:
+        with urllib.request.urlopen(request, timeout=120) as resp:
+            resp.read()
+            return resp.status, {}, time.monotonic() - started
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read()), time.monotonic() - started
+
+
+def noisy_png(width: int, height: int) -> bytes:
+    """A real photo-like PNG with noise in its low bits: quick to decode, slow to encode."""
+    base = np.asarray(Image.open(io.BytesIO(progressive_jpeg(width, height, seed=3))))
+    noise = np.random.default_rng(0).integers(0, 16, base.shape, dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray((base & 0xF0) | noise).save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def test_a_jpeg_of_many_scans_is_refused_at_once_and_the_next_photo_served(daemon, token):
+    # 15 KB, 1,000 scans of 49 megapixels: about 10 s of decoding, past any time limit,
+    # in a call that nothing could interrupt. Refused from its structure instead.
+    status, error, seconds = post(daemon, token, many_scans_jpeg(7000, 7000, 1000))
+    assert status == 413 and error["error"] == "too_large", error
+    assert "scans" in error["message"]
+    assert seconds < 1.0
+    status, _, seconds = post(daemon, token, jpeg_bytes())
+    assert status == 200 and seconds < 1.0
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        # 100 scans, the most allowed, of 49 megapixels: 2 s of decoding in one 2 KB block,
+        # so the decoder cannot look at the deadline before the end of it.
+        "JPEG of 100 scans",
+        # 48 megapixels, 4 MB: 1 s decoding, 0.7 s encoding; stopped between blocks.
+        "large progressive JPEG",
+        # 12 megapixels: 0.7 s decoding, 3 s encoding; stopped between blocks of output.
+        "noisy PNG",
+    ],
+)
+def test_a_job_over_its_time_limit_fails_at_its_deadline_and_frees_the_worker(daemon, token, name):
+    data = {
+        "JPEG of 100 scans": lambda: many_scans_jpeg(7000, 7000, 90),
+        "large progressive JPEG": lambda: progressive_jpeg(8000, 6000, seed=2),
+        "noisy PNG": lambda: noisy_png(4000, 3000),
+    }[name]()
+    status, error, seconds = post(daemon, token, data)
+    print(f"\n{name}: {status} after {seconds:.2f} s", end="")
+    assert status == 504 and error["error"] == "timeout", (status, error)
+    assert JOB_TIMEOUT <= seconds < JOB_TIMEOUT + STOP_GRACE + 1.0
+    status, _, seconds = post(daemon, token, jpeg_bytes())
+    print(f"; the next photo: {status} after {seconds:.2f} s", end="")
+    assert status == 200 and seconds < 2.0
+    health = daemon.health()
+    assert health["status"] == "ready" and health["queue"]["running"] == 0
