@@ -17,10 +17,12 @@ from aiohttp import web
 
 from backend import handlers
 from backend.config import DaemonConfig
+from backend.connections import ConnectionGuard
 from backend.jobs import Worker
 from backend.keys import (
     CODES_KEY,
     CONFIG_KEY,
+    CONNECTIONS_KEY,
     PAIRING_THROTTLE_KEY,
     SETTINGS_KEY,
     TOKENS_KEY,
@@ -30,6 +32,7 @@ from backend.logs import ACCESS_LOGGER, AccessLogger, ServerLog
 from backend.middleware import add_cors_headers, error_middleware, security_middleware
 from backend.pairing import PairingCodes, PairingThrottle, TokenStore
 from backend.protection import ProtectorFactory, load_protector
+from backend.server import connection_middleware
 from backend.settings import SettingsStore
 from backend.storage import ensure_private_dir
 
@@ -44,7 +47,7 @@ def create_app(
     """
     ensure_private_dir(config.config_dir)
     app = web.Application(
-        middlewares=[error_middleware, security_middleware],
+        middlewares=[connection_middleware, error_middleware, security_middleware],
         client_max_size=config.max_bytes,
     )
     app[CONFIG_KEY] = config
@@ -53,6 +56,7 @@ def create_app(
     app[CODES_KEY] = PairingCodes(config.config_dir)
     app[PAIRING_THROTTLE_KEY] = PairingThrottle(free=config.pairing_failures_per_minute)
     app[SETTINGS_KEY] = SettingsStore(config.config_dir, default_preset=config.preset)
+    app[CONNECTIONS_KEY] = ConnectionGuard(config.max_connections, config.header_timeout)
 
     app.cleanup_ctx.append(_worker_ctx)
     app.cleanup_ctx.append(_expiry_ctx)

@@ -48,7 +48,10 @@ class DaemonConfig:
     ``max_batch_decoded_bytes`` the decoded bytes of all the images of one batch. Times are
     in seconds. ``queue_size`` bounds the jobs waiting in front of the worker (a full queue
     answers 429); ``batch_size`` is how many waiting jobs of one preset the worker hands to
-    the protector at once.
+    the protector at once. Connections: at most ``max_connections`` open (fewer if the
+    process's descriptors do not allow as many), each closed when it has not sent a
+    request's headers within ``header_timeout`` of opening or of its last answer; a request
+    body must arrive within ``body_timeout``.
     """
 
     config_dir: Path
@@ -68,6 +71,9 @@ class DaemonConfig:
     max_results: int = 64
     shutdown_deadline: float = 30.0
     pairing_failures_per_minute: int = 5
+    max_connections: int = 256
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if self.privacy not in PRIVACY_MODES:
@@ -92,10 +98,17 @@ class DaemonConfig:
             "queue_size",
             "batch_size",
             "max_results",
+            "max_connections",
         ):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be at least 1")
-        for name in ("job_timeout", "result_ttl", "shutdown_deadline"):
+        for name in (
+            "job_timeout",
+            "result_ttl",
+            "shutdown_deadline",
+            "header_timeout",
+            "body_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be positive")
         if self.max_batch_decoded_bytes < self.max_decoded_bytes:

@@ -74,6 +74,13 @@ class NotReadyError(DaemonError):
     code = "not_ready"
 
 
+class RequestTimeoutError(DaemonError):
+    """The request's body did not arrive within the time allowed."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class TooLargeError(DaemonError):
     """The request body is over the byte limit."""
 

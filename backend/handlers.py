@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -17,6 +18,7 @@ from backend.errors import (
     DaemonError,
     ForbiddenError,
     NotReadyError,
+    RequestTimeoutError,
     TooLargeError,
     UnauthorizedError,
 )
@@ -177,11 +179,28 @@ async def _image_request(request: web.Request) -> tuple[bytes, str, int]:
     config = request.app[CONFIG_KEY]
     if request.content_length is not None and request.content_length > config.max_bytes:
         raise TooLargeError(f"the body is over the limit of {config.max_bytes // 2**20} MB")
-    data = await request.read()  # client_max_size enforces the limit without Content-Length
+    # client_max_size enforces the limit without Content-Length
+    data = await _within_body_timeout(request, request.read())
     header = inspect_image(
         data, max_pixels=config.max_pixels, max_decoded_bytes=config.max_decoded_bytes
     )
     return data, preset, header.decoded_bytes
+
+
+T = TypeVar("T")
+
+
+async def _within_body_timeout(request: web.Request, reading: Awaitable[T]) -> T:
+    """``reading``, or :class:`RequestTimeoutError` (408) if the body takes longer than
+    ``body_timeout`` to arrive: a client that sends its body a byte at a time would
+    otherwise hold its connection (and a place under the connection cap) for ever."""
+    timeout = request.app[CONFIG_KEY].body_timeout
+    try:
+        return await asyncio.wait_for(reading, timeout)
+    except asyncio.TimeoutError:
+        raise RequestTimeoutError(
+            f"the request's body did not arrive within {timeout:g} s"
+        ) from None
 
 
 def _result_response(job: Job) -> web.Response:
@@ -224,9 +243,13 @@ async def _read_small_body(request: web.Request, limit: int) -> bytes:
     too_large = TooLargeError(f"the body is over this route's limit of {limit} bytes")
     if request.content_length is not None and request.content_length > limit:
         raise too_large
-    data = bytearray()
-    while chunk := await request.content.read(limit + 1 - len(data)):
-        data += chunk
-        if len(data) > limit:
-            raise too_large
-    return bytes(data)
+
+    async def read() -> bytes:
+        data = bytearray()
+        while chunk := await request.content.read(limit + 1 - len(data)):
+            data += chunk
+            if len(data) > limit:
+                raise too_large
+        return bytes(data)
+
+    return await _within_body_timeout(request, read())

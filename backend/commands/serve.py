@@ -6,8 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from aiohttp import web
-
+from backend import server
 from backend.app import create_app, runner_options
 from backend.config import (
     DEFAULT_HOST,
@@ -72,6 +71,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="seconds one image may run (default %(default)s)",
     )
     p.add_argument(
+        "--max-connections",
+        type=int,
+        default=defaults.max_connections,
+        help="connections open at once; past it, idle ones are closed (default %(default)s)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=defaults.header_timeout,
+        help="seconds a connection has to send a request's headers (default %(default)s)",
+    )
+    p.add_argument(
         "--shutdown-deadline",
         type=float,
         default=defaults.shutdown_deadline,
@@ -93,6 +104,8 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         batch_size=args.batch_size,
         job_timeout=args.job_timeout,
         shutdown_deadline=args.shutdown_deadline,
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
     )
 
 
@@ -102,15 +115,12 @@ def run(args: argparse.Namespace, protector_factory: ProtectorFactory = load_pro
     configure_logging()
     app = create_app(config, protector_factory)
     try:
-        web.run_app(
+        server.run(
             app,
-            host=config.host,
-            port=config.port,
+            config,
+            runner_options=runner_options(),
+            on_listening=lambda url: log.info("listening on %s (privacy %s)", url, config.privacy),
             shutdown_timeout=config.shutdown_deadline + _ANSWER_GRACE,
-            print=lambda _: log.info(
-                "listening on %s:%d (privacy %s)", config.host, config.port, config.privacy
-            ),
-            **runner_options(),
         )
     except OSError as exc:
         raise FaceCloakError(

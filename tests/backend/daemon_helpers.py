@@ -258,13 +258,25 @@ class DaemonProcess:
             return json.loads(resp.read())
 
 
+def _soft_nofile(limit: int) -> None:
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
+
 def start_daemon(
-    workdir: Path, *flags: str, ready_timeout: float = 600.0, reencoding: bool = False
+    workdir: Path,
+    *flags: str,
+    ready_timeout: float = 600.0,
+    reencoding: bool = False,
+    descriptors: int | None = None,
 ) -> DaemonProcess:
     """Start ``python -m cloak_core.cli serve`` (the real Protector) and wait until it is ready.
 
     ``reencoding``: serve with :class:`ReencodingProtector` instead (reencoding_serve.py),
-    for tests of the process's sockets and log that need no models.
+    for tests of the process's sockets and log that need no models. ``descriptors``: start
+    the process with this soft limit of open files (``ulimit -n``), the hard one unchanged.
     """
     config_dir = workdir / "config"
     port = free_port()
@@ -279,6 +291,7 @@ def start_daemon(
             stdout=log,
             stderr=subprocess.STDOUT,
             env=cli_env(config_dir),
+            preexec_fn=None if descriptors is None else lambda: _soft_nofile(descriptors),
         )
     daemon = DaemonProcess(proc, port, config_dir, log_path)
     deadline = time.monotonic() + ready_timeout
