@@ -67,6 +67,7 @@ def create_app(
         # name: (path, {method: handler}); every resource also answers CORS preflights.
         "health": ("/v1/health", {"GET": handlers.health}),
         "pair": ("/v1/pair", {"POST": handlers.pair}),
+        "proof": ("/v1/proof", {"POST": handlers.proof}),
         "protect": ("/v1/protect", {"POST": handlers.protect}),
         "jobs": ("/v1/jobs", {"POST": handlers.create_job}),
         "job": ("/v1/jobs/{id}", {"GET": handlers.job_status}),

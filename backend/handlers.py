@@ -32,7 +32,9 @@ from backend.keys import (
     TOKENS_KEY,
     WORKER_KEY,
 )
+from backend.middleware import ORIGIN_CLAIM_HEADER, listening_port
 from backend.pairing import EXTENSION_ORIGIN
+from backend.proof import b64url, derive_proof_key, key_id, new_nonce, parse_challenge, proof_for
 from backend.protection import inspect_image
 from backend.settings import normalize_site
 from cloak_core import __version__
@@ -43,6 +45,7 @@ from cloak_core.presets import PRESETS
 # 500 names of 100 characters).
 PAIR_BODY_LIMIT = 4 * 1024
 SETTINGS_BODY_LIMIT = 64 * 1024
+PROOF_BODY_LIMIT = 1024
 
 
 async def health(request: web.Request) -> web.Response:
@@ -84,7 +87,27 @@ async def pair(request: web.Request) -> web.Response:
         # A client that hangs up meanwhile does not give its place in the line back.
         await asyncio.sleep(request.app[PAIRING_THROTTLE_KEY].failed())
         raise
-    return web.json_response({"token": request.app[TOKENS_KEY].issue(origin)})
+    token = request.app[TOKENS_KEY].issue(origin)
+    return web.json_response({"token": token, "key_id": key_id(derive_proof_key(token))})
+
+
+async def proof(request: web.Request) -> web.Response:
+    """``POST /v1/proof {"key_id", "challenge"}``: ``{"nonce", "proof"}``, no token needed.
+
+    Proves that this daemon holds the proof key the extension paired with (see
+    :mod:`backend.proof`); 401 for a key this daemon does not hold.
+    """
+    body = await _json_object(request, limit=PROOF_BODY_LIMIT, allowed={"key_id", "challenge"})
+    challenge = parse_challenge(body.get("challenge"))
+    if challenge is None or not isinstance(body.get("key_id"), str):
+        raise BadRequestError("'challenge' must be 32 bytes in base64url, 'key_id' a string")
+    key = request.app[TOKENS_KEY].proof_key(body["key_id"])
+    if key is None:
+        raise UnauthorizedError("this daemon holds no such key; pair with `facecloak pair`")
+    nonce = new_nonce()
+    mac = proof_for(key, challenge, nonce, listening_port(request))
+    answer = {"nonce": b64url(nonce), "proof": b64url(mac)}
+    return web.json_response(answer, headers={"Cache-Control": "no-store"})
 
 
 async def protect(request: web.Request) -> web.Response:
@@ -153,7 +176,7 @@ async def preflight(request: web.Request) -> web.Response:
     methods = sorted({route.method for route in request.match_info.route.resource})
     headers = {
         "Access-Control-Allow-Methods": ", ".join(methods),
-        "Access-Control-Allow-Headers": "Authorization, Content-Type",
+        "Access-Control-Allow-Headers": f"Authorization, Content-Type, {ORIGIN_CLAIM_HEADER}",
         "Access-Control-Max-Age": "600",
     }
     if request.headers.get("Access-Control-Request-Private-Network", "").lower() == "true":

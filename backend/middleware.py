@@ -24,8 +24,13 @@ from backend.pairing import EXTENSION_ORIGIN
 from cloak_core.errors import FaceCloakError
 
 # Routes (by name) that need no token; and the one an unpaired extension may call.
-PUBLIC_ROUTES = frozenset({"health", "pair"})
+PUBLIC_ROUTES = frozenset({"health", "pair", "proof"})
 PAIRING_ROUTE = "pair"
+
+# Chromium sends no Origin on an extension's GET requests to a host it has access to, so
+# the extension also names its origin in this header (a web page cannot send it to the
+# daemon: a custom header needs a CORS preflight, which foreign origins fail).
+ORIGIN_CLAIM_HEADER = "X-FaceCloak-Origin"
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 
@@ -55,12 +60,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return _json_error(*describe(exc))
 
 
+def listening_port(request: web.Request) -> int:
+    """The port the request came in on (0 in the config picks a free one)."""
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    return sockname[1] if sockname else request.app[CONFIG_KEY].port
+
+
 def _allowed_hosts(request: web.Request) -> set[str]:
     config = request.app[CONFIG_KEY]
-    port = config.port
-    sockname = request.transport.get_extra_info("sockname") if request.transport else None
-    if sockname:
-        port = sockname[1]  # the port really listened on (0 in the config picks a free one)
+    port = listening_port(request)
     names = {"127.0.0.1", "localhost", "[::1]"}
     names.add(f"[{config.host}]" if ":" in config.host else config.host.lower())
     return {f"{name}:{port}" for name in names}
@@ -72,9 +80,10 @@ async def security_middleware(request: web.Request, handler: Handler) -> web.Str
 
     Requests without ``Origin`` (command line, curl) are allowed; with one, it must be an
     extension origin that holds a token, or any extension origin on the pairing route. A
-    token works only with the ``Origin`` it was issued to: an extension's token only from
-    that extension, a command-line token only without one. The token's record is kept in
-    ``request[TOKEN_KEY]`` (jobs belong to the token that created them).
+    token works only with the origin it was issued to (``Origin``, else the extension's
+    ``X-FaceCloak-Origin``; both must agree when both are sent): an extension's token only
+    from that extension, a command-line token only without one. The token's record is kept
+    in ``request[TOKEN_KEY]`` (jobs belong to the token that created them).
     """
     if request.headers.get("Host", "").lower() not in _allowed_hosts(request):
         raise ForbiddenError("the Host header is not this daemon's loopback address")
@@ -90,7 +99,8 @@ async def security_middleware(request: web.Request, handler: Handler) -> web.Str
         record = tokens.lookup(token.strip()) if scheme.lower() == "bearer" else None
         if record is None:
             raise UnauthorizedError("missing or invalid token; pair with `facecloak pair`")
-        if record.origin != origin:
+        claimed = request.headers.get(ORIGIN_CLAIM_HEADER, origin)
+        if record.origin != claimed or (origin is not None and claimed != origin):
             raise ForbiddenError(
                 "this token was issued to another origin (or to the extension, whose "
                 "requests carry its Origin)"

@@ -1,10 +1,11 @@
 """Pairing: one-time codes shown by ``facecloak pair``, exchanged once for a bearer token.
 
 ``facecloak pair`` and the daemon are separate processes, so both talk through two
-owner-only files in the config folder, each holding only SHA-256 digests:
+owner-only files in the config folder, which hold digests of the secrets, never the secrets:
 
 - ``pairing.json``: pending codes (digest and expiry time); a code is removed when used.
-- ``tokens.json``: issued tokens (digest, the extension origin it was issued to, time).
+- ``tokens.json``: issued tokens (digest, the extension origin it was issued to, time) and
+  each token's proof key (:mod:`backend.proof`), with which the daemon proves who it is.
 
 The daemon re-reads ``tokens.json`` whenever the file changes, so ``facecloak pair
 --revoke-all`` takes effect on the running daemon at its next request.
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backend.errors import RateLimitedError
+from backend.proof import derive_proof_key, key_id
 from backend.storage import file_signature, locked, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -98,11 +100,13 @@ class PairingCodes:
 @dataclass(frozen=True)
 class TokenRecord:
     """What is known of an issued token: its digest (SHA-256, hex), which identifies it
-    without being it, and its origin (``None`` for a command-line client)."""
+    without being it, its origin (``None`` for a command-line client), and its proof key
+    (``None`` for a token issued before proofs existed)."""
 
     digest: str
     origin: str | None
     created: float
+    proof_key: bytes | None = None
 
 
 class TokenStore:
@@ -115,11 +119,17 @@ class TokenStore:
         self._records: dict[str, TokenRecord] = {}
 
     def issue(self, origin: str | None) -> str:
-        """A new random token for ``origin``; only its digest is stored."""
+        """A new random token for ``origin``; its digest and its proof key are stored."""
         token = secrets.token_urlsafe(32)
+        record = {
+            "sha256": _digest(token),
+            "origin": origin,
+            "created": time.time(),
+            "proof_key": derive_proof_key(token).hex(),
+        }
         with locked(self.folder):
             tokens = read_json(self.path, {}).get("tokens", [])
-            tokens.append({"sha256": _digest(token), "origin": origin, "created": time.time()})
+            tokens.append(record)
             write_json_atomic(self.path, {"tokens": tokens})
         return token
 
@@ -134,6 +144,15 @@ class TokenStore:
         """The record of a valid ``token``, or ``None``."""
         return self._current().get(_digest(token))
 
+    def proof_key(self, wanted_id: str) -> bytes | None:
+        """The proof key whose :func:`backend.proof.key_id` is ``wanted_id``, or ``None``."""
+        for record in self._current().values():
+            if record.proof_key is not None and hmac.compare_digest(
+                key_id(record.proof_key), wanted_id
+            ):
+                return record.proof_key
+        return None
+
     def origins(self) -> frozenset[str]:
         """Extension origins that hold a valid token (the CORS-allowed origins)."""
         return frozenset(r.origin for r in self._current().values() if r.origin)
@@ -144,7 +163,10 @@ class TokenStore:
             tokens = read_json(self.path, {}).get("tokens", [])
             self._records = {
                 t["sha256"]: TokenRecord(
-                    digest=t["sha256"], origin=t.get("origin"), created=t.get("created", 0.0)
+                    digest=t["sha256"],
+                    origin=t.get("origin"),
+                    created=t.get("created", 0.0),
+                    proof_key=bytes.fromhex(t["proof_key"]) if t.get("proof_key") else None,
                 )
                 for t in tokens
             }
