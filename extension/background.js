@@ -6,7 +6,7 @@
 import { ActivityLog } from "./lib/activity.js";
 import { DaemonClient, DaemonError } from "./lib/daemon.js";
 import { syncContentScripts } from "./lib/registration.js";
-import { loadSettings, loadToken, saveSettings, saveToken } from "./lib/settings.js";
+import { EXTENSION_ORIGIN, loadSettings, loadToken, saveSettings, saveToken } from "./lib/settings.js";
 import {
   daemonAcceptsSite,
   grantedPatterns,
@@ -18,11 +18,10 @@ import {
 import { PROTECT_PORT, servePort } from "./lib/upload-service.js";
 
 const activity = new ActivityLog();
-const EXTENSION_ORIGIN = new URL(chrome.runtime.getURL("")).origin;
 
 async function client() {
   const settings = await loadSettings();
-  return new DaemonClient({ port: settings.port, token: await loadToken() });
+  return new DaemonClient({ port: settings.port, token: await loadToken(), origin: EXTENSION_ORIGIN });
 }
 
 /** Copy the browser's settings to the daemon; best effort (it may not be running). */
@@ -47,7 +46,10 @@ async function settingsChanged(settings, removedSites) {
   await mirrorToDaemon(settings, removedSites);
 }
 
-/** The daemon's state for the popup: connected (with device and preset), unpaired or unreachable. */
+/**
+ * The daemon's state for the popup: connected (with device and preset), unpaired,
+ * unverified (something else on the port) or unreachable.
+ */
 async function daemonStatus() {
   const c = await client();
   let health;
@@ -61,8 +63,8 @@ async function daemonStatus() {
     const remote = await c.getSettings();
     return { ...base, state: "connected", preset: remote.preset };
   } catch (err) {
-    if (err instanceof DaemonError && err.code === "unpaired") {
-      return { ...base, state: "unpaired", message: err.message };
+    if (err instanceof DaemonError && (err.code === "unpaired" || err.code === "unverified")) {
+      return { ...base, state: err.code, message: err.message };
     }
     return { ...base, state: "error", message: err.message };
   }

@@ -25,6 +25,7 @@ function renderPairing() {
   else if (d.state === "connected") text = `Paired and connected (service ${d.version}, ${d.device}).`;
   else if (d.state === "unreachable") text = "Paired, but the service is not running: start it with “facecloak serve”.";
   else if (d.state === "unpaired") text = "The service no longer knows this browser: pair again.";
+  else if (d.state === "unverified") text = `${d.message} FaceCloak sends it nothing: stop it and start “facecloak serve”.`;
   else text = `Paired; the service answered: ${d.message}`;
   $("pair-state").textContent = text;
   $("unpair").hidden = !status.paired;

@@ -20,6 +20,7 @@ async function currentTab() {
 const DAEMON_TEXT = {
   connected: "Connected",
   unpaired: "Not paired",
+  unverified: "Not verified",
   unreachable: "Not running",
   error: "Error",
 };
@@ -33,6 +34,7 @@ function renderDaemon(daemon, settings) {
     connected: `Service ${daemon.version || ""} on ${daemon.device || "?"} · preset ${preset || "?"}`,
     unpaired: "Open the options below and enter the code that “facecloak pair” prints.",
     unreachable: "Start the FaceCloak service: run “facecloak serve”.",
+    unverified: `${daemon.message || ""} FaceCloak sends it nothing.`,
     error: daemon.message || "",
   }[daemon.state];
   $("daemon-detail").textContent = detail || "";

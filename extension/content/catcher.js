@@ -49,6 +49,9 @@
     unpaired:
       "FaceCloak is not paired with the FaceCloak service, so nothing was uploaded.\n" +
       "Run `facecloak pair` and enter the code on FaceCloak's options page, then try again.",
+    unverified:
+      "Another program is answering on the FaceCloak service's port; it could not prove it is the service this browser paired with, so FaceCloak sent it nothing and nothing was uploaded.\n" +
+      "Stop that program and start `facecloak serve`, or check the port on FaceCloak's options page.",
     busy:
       "The FaceCloak service is busy with other photos, so nothing was uploaded.\nTry again in a moment.",
   };

@@ -16,6 +16,9 @@ export const PRESETS = Object.freeze(["fast", "balanced", "strong", "paper"]);
 
 const KEYS = Object.keys(DEFAULT_SETTINGS);
 
+/** This extension's origin, chrome-extension://<id>. */
+export const EXTENSION_ORIGIN = new URL(chrome.runtime.getURL("")).origin;
+
 /** The settings, with defaults filled in. `sites` maps a site key to true/false. */
 export async function loadSettings() {
   const stored = await chrome.storage.local.get(KEYS);

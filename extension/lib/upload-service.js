@@ -9,7 +9,7 @@
 import { DaemonClient, DaemonError } from "./daemon.js";
 import { fromBase64, toBase64 } from "./base64.js";
 import { protectImage } from "./protector.js";
-import { loadSettings, loadToken } from "./settings.js";
+import { EXTENSION_ORIGIN, loadSettings, loadToken } from "./settings.js";
 import { activeSites } from "./registration.js";
 import { daemonAcceptsSite, normalizeSite, siteCovering } from "./sites.js";
 
@@ -28,6 +28,13 @@ async function senderSite(sender, settings) {
   // The frame's own origin must be one FaceCloak was given access to.
   const granted = await chrome.permissions.contains({ origins: [`${new URL(url).origin}/*`] });
   return granted ? site : null;
+}
+
+/** True when the two byte arrays are the same. */
+function sameBytes(a, b) {
+  if (a.length !== b.length) return false;
+  for (let i = 0; i < a.length; i += 1) if (a[i] !== b[i]) return false;
+  return true;
 }
 
 function validFiles(files) {
@@ -95,7 +102,7 @@ export function servePort(port, activity) {
 async function protectAll(files, { site, settings, activity, post, signal }) {
   const stop = new AbortController();
   const both = AbortSignal.any([signal, stop.signal]);
-  const client = new DaemonClient({ port: settings.port, token: await loadToken() });
+  const client = new DaemonClient({ port: settings.port, token: await loadToken(), origin: EXTENSION_ORIGIN });
   const batch = crypto.randomUUID();
   const ids = files.map((_, i) => `${batch}-${i}`);
   await Promise.all(
@@ -112,8 +119,9 @@ async function protectAll(files, { site, settings, activity, post, signal }) {
     // Every job is queued at once: the daemon batches waiting jobs of one preset.
     return await Promise.all(
       files.map(async (file, index) => {
+        const original = fromBase64(file.data);
         const result = await protectImage(client, {
-          bytes: fromBase64(file.data),
+          bytes: original,
           mime: file.mime,
           // The daemon validates `site` as a host name; IP-literal sites are not sent.
           site: daemonAcceptsSite(site) ? site : undefined,
@@ -125,6 +133,15 @@ async function protectAll(files, { site, settings, activity, post, signal }) {
             post({ type: "progress", index, ...p });
           },
         });
+        // Never call unchanged bytes protected: the service re-encodes every photo, so the
+        // same bytes back with a face in them mean nothing was done to it.
+        const bytes = new Uint8Array(result.bytes);
+        if (!(result.faces === 0) && sameBytes(bytes, original)) {
+          throw new DaemonError("failed", "The FaceCloak service sent this photo back unchanged.");
+        }
+        if (!/^image\//.test(result.mime || file.mime)) {
+          throw new DaemonError("failed", "The FaceCloak service did not answer with a photo.");
+        }
         await activity.update(ids[index], {
           state: "done",
           progress: 1,

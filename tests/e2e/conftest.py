@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from extension_driver import CHROMIUM, REPO, ExtensionDriver, launch
 from upload_site import UploadSite
+from uploads import SFaceEmbedder
 
 DAEMON_READY_SECONDS = 180
 
@@ -157,3 +158,17 @@ def extension(
             yield driver
         finally:
             context.close()
+
+
+@pytest.fixture(scope="module")
+def embedder(store) -> SFaceEmbedder:
+    """OpenCV's SFace pipeline, independent of cloak_core's models."""
+    return SFaceEmbedder(store)
+
+
+@pytest.fixture
+def page(extension):
+    """A new tab, closed after the test."""
+    tab = extension.context.new_page()
+    yield tab
+    tab.close()
