@@ -6,7 +6,14 @@
 import { ActivityLog } from "./lib/activity.js";
 import { DaemonClient, DaemonError } from "./lib/daemon.js";
 import { syncContentScripts } from "./lib/registration.js";
-import { EXTENSION_ORIGIN, loadSettings, loadToken, saveSettings, saveToken } from "./lib/settings.js";
+import {
+  EXTENSION_ORIGIN,
+  loadSettings,
+  loadToken,
+  restrictStorage,
+  saveSettings,
+  saveToken,
+} from "./lib/settings.js";
 import {
   daemonAcceptsSite,
   grantedPatterns,
@@ -18,6 +25,8 @@ import {
 import { PROTECT_PORT, servePort } from "./lib/upload-service.js";
 
 const activity = new ActivityLog();
+// Storage is closed to content scripts before any content script is registered.
+const storageRestricted = restrictStorage().catch((err) => console.error("FaceCloak: storage stays open", err));
 
 async function client() {
   const settings = await loadSettings();
@@ -165,7 +174,7 @@ chrome.runtime.onConnect.addListener((port) => {
   else port.disconnect();
 });
 
-const resync = () => loadSettings().then(syncContentScripts);
+const resync = () => storageRestricted.then(loadSettings).then(syncContentScripts);
 chrome.runtime.onInstalled.addListener(resync);
 chrome.runtime.onStartup.addListener(resync);
 chrome.permissions.onAdded.addListener(resync);

@@ -1,7 +1,28 @@
-// The extension's settings in chrome.storage.local. They are the source of truth for
-// what the browser does (protection must fail closed even when the daemon is down, so
-// the browser has to know which sites are on without asking it); the daemon keeps a
-// mirror through PUT /v1/settings (see background.js).
+// The extension's settings and pairing token in chrome.storage.local. They are the
+// source of truth for what the browser does (protection must fail closed even when the
+// daemon is down, so the browser has to know which sites are on without asking it); the
+// daemon keeps a mirror through PUT /v1/settings (see background.js).
+//
+// Only the extension's own pages and service worker may read or write them: content
+// scripts run inside web pages (a compromised page renderer can run code as one), so
+// both storage areas are closed to them (restrictStorage), and what a content script
+// needs it asks the service worker.
+
+/** This extension's origin, chrome-extension://<id>. */
+export const EXTENSION_ORIGIN = new URL(chrome.runtime.getURL("")).origin;
+
+/**
+ * Close chrome.storage.local and chrome.storage.session to content scripts. Chrome keeps
+ * the access level; it is set again at every start of the service worker all the same.
+ * Chrome versions without storage.local.setAccessLevel leave local storage open.
+ */
+export async function restrictStorage() {
+  for (const area of [chrome.storage.local, chrome.storage.session]) {
+    if (typeof area.setAccessLevel === "function") {
+      await area.setAccessLevel({ accessLevel: "TRUSTED_CONTEXTS" });
+    }
+  }
+}
 
 /** Default values; `preset: null` means "the daemon's own preset". */
 export const DEFAULT_SETTINGS = Object.freeze({
@@ -15,9 +36,6 @@ export const DEFAULT_SETTINGS = Object.freeze({
 export const PRESETS = Object.freeze(["fast", "balanced", "strong", "paper"]);
 
 const KEYS = Object.keys(DEFAULT_SETTINGS);
-
-/** This extension's origin, chrome-extension://<id>. */
-export const EXTENSION_ORIGIN = new URL(chrome.runtime.getURL("")).origin;
 
 /** The settings, with defaults filled in. `sites` maps a site key to true/false. */
 export async function loadSettings() {

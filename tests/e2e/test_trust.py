@@ -1,5 +1,9 @@
 """What FaceCloak trusts, tried in real Chromium.
 
+- Code running in FaceCloak's content-script world (what a compromised page renderer can
+  run) can neither read the pairing token nor switch protection off: extension storage
+  is closed to content scripts, and the service worker answers them nothing but a frame's
+  status.
 - A program that took the daemon's port while the daemon was stopped gets neither the
   token nor a photo: it cannot prove it is the paired daemon, and the upload is held back.
 - A daemon that hands a photo back unchanged (while saying it found a face) is never
@@ -13,9 +17,73 @@ from pathlib import Path
 
 import pytest
 from fake_daemon import FakeDaemon
-from uploads import PHOTO, assert_held_back, notice, upload
+from uploads import PHOTO, assert_held_back, notice, upload, wait_for_upload
 
 pytestmark = pytest.mark.browser
+
+TRY_FROM_CONTENT_SCRIPT = """(async () => {
+  const out = {};
+  const attempt = async (name, fn) => {
+    try {
+      out[name] = { ok: true, value: await fn() };
+    } catch (err) {
+      out[name] = { ok: false, error: String(err && err.message || err) };
+    }
+  };
+  await attempt("read local", () => chrome.storage.local.get(null));
+  await attempt("write local", () => chrome.storage.local.set({ enabled: false }));
+  await attempt("read session", () => chrome.storage.session.get(null));
+  const ask = (message) => () => chrome.runtime.sendMessage(message);
+  await attempt("message set-enabled", ask({ type: "set-enabled", enabled: false }));
+  await attempt("message get-status", ask({ type: "get-status" }));
+  return out;
+})()"""
+
+
+def in_content_script_world(page, expression: str):
+    """Evaluate ``expression`` in FaceCloak's isolated world of ``page``'s main frame."""
+    cdp = page.context.new_cdp_session(page)
+    contexts: list[dict] = []
+    cdp.on("Runtime.executionContextCreated", lambda event: contexts.append(event["context"]))
+    cdp.send("Runtime.enable")
+    frame_id = cdp.send("Page.getFrameTree")["frameTree"]["frame"]["id"]
+    page.wait_for_timeout(200)
+    (context,) = [
+        c
+        for c in contexts
+        if c["name"] == "FaceCloak" and c.get("auxData", {}).get("frameId") == frame_id
+    ]
+    answer = cdp.send(
+        "Runtime.evaluate",
+        {
+            "expression": expression,
+            "contextId": context["id"],
+            "awaitPromise": True,
+            "returnByValue": True,
+        },
+    )
+    cdp.detach()
+    return answer["result"]["value"]
+
+
+def test_content_scripts_cannot_read_the_token_or_switch_protection_off(
+    extension, site, page, photos_dir
+):
+    page.goto(site.url("fetch"))
+    extension.set_site(page, True)
+    tried = in_content_script_world(page, TRY_FROM_CONTENT_SCRIPT)
+    for name in ("read local", "write local", "read session"):
+        assert not tried[name]["ok"], f"{name}: {tried[name]}"
+    for name in ("message set-enabled", "message get-status"):
+        assert not (tried[name]["ok"] and tried[name].get("value")), f"{name}: {tried[name]}"
+
+    stored = extension.worker.evaluate("chrome.storage.local.get(null)")
+    assert stored.get("enabled", True) is True and stored.get("token")
+    site.clear()
+    upload(page, "fetch", photos_dir / PHOTO)
+    received = wait_for_upload(page, site, "fetch")
+    assert received.data != (photos_dir / PHOTO).read_bytes()
+
 
 # FaceCloak held the upload back, or the page uploaded something.
 SETTLED = """() => document.getElementById("facecloak-notice")?.dataset.kind === "error"
