@@ -2,22 +2,41 @@
 // sees them, and hands the page protected copies instead.
 //
 // Runs at document_start in the extension's ISOLATED world of every frame of a site the
-// user turned on. Its capture listeners on `window` are registered before any page
-// script runs, so they are the first to see each event; DOM events, files and
-// DataTransfers are shared with the page, but this world's functions and prototypes are
-// not, so the page can neither tamper with the catcher nor reach its channel to the
-// service worker. See extension/README.md for the threat model.
+// user turned on, and of frames of other sites inside such a page (lib/registration.js).
+// Its capture listeners on `window` are registered before any page script runs, so they
+// are the first to see each event; DOM events, files and DataTransfers are shared with the
+// page, but this world's functions and prototypes are not, so the page can neither tamper
+// with the catcher nor reach its channel to the service worker. See extension/README.md
+// for the threat model.
 //
-// Only events the browser made for the user (isTrusted) are held: a page cannot make
-// FaceCloak do work by dispatching its own events, and the protected events re-dispatched
-// here (isTrusted false) are never caught a second time.
+// Every file picker goes through the catcher: a click that would open one is cancelled and
+// the catcher opens its own picker on an input of its own, which the page never sees; the
+// page guard (page-guard.js, in the page's world) sends it the pickers that no event shows
+// (inputs outside the document, showPicker()). Files that reach the page another way (a
+// drop, a paste, files set on an input) are held from the event that brings them. Whether
+// a file is an image is decided by its first bytes (sniff.js).
 
 (() => {
   if (globalThis.FaceCloakCatcher) return;
   globalThis.FaceCloakCatcher = true;
 
+  // In a frame of a site that is not on itself, the tab's top-level site decides.
+  const framesOnly = globalThis.FaceCloakFramesOnly === true;
+  if (framesOnly && window === window.top) return; // a page of a site that is off
+  let status = framesOnly ? "pending" : "on"; // "pending" behaves as "on": fail closed
+  if (framesOnly) {
+    chrome.runtime.sendMessage({ type: "frame-status" }).then(
+      (reply) => {
+        if (reply && typeof reply.protected === "boolean") status = reply.protected ? "on" : "off";
+      },
+      () => {},
+    );
+  }
+  const active = () => status !== "off";
+
   const notice = globalThis.FaceCloakNotice;
   const { protect } = globalThis.FaceCloakProtectClient;
+  const { imageTypeOf } = globalThis.FaceCloakSniff;
 
   const MIME_BY_EXTENSION = {
     jpg: "image/jpeg", jpeg: "image/jpeg", jfif: "image/jpeg", png: "image/png",
@@ -30,14 +49,17 @@
     return (ext && MIME_BY_EXTENSION[ext]) || "";
   }
 
-  /** A raster image FaceCloak must protect (SVG is a drawing, not a photo). */
-  function isImage(file) {
-    if (file.type === "image/svg+xml") return false;
-    return file.type.startsWith("image/") || (!file.type && Boolean(extensionMime(file)));
-  }
-
-  function withMime(file) {
-    return file.type ? file : new File([file], file.name, { type: extensionMime(file), lastModified: file.lastModified });
+  /**
+   * The MIME type to protect `file` as, or "" when it is not a raster image: its first
+   * bytes decide; a declared image type or extension adds to them, never takes away (SVG
+   * is a drawing, not a photo).
+   */
+  async function photoType(file) {
+    const sniffed = await imageTypeOf(file);
+    if (sniffed) return sniffed;
+    if (file.type === "image/svg+xml") return "";
+    if (file.type.startsWith("image/")) return file.type;
+    return file.type ? "" : extensionMime(file);
   }
 
   const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
@@ -66,19 +88,25 @@
   }
 
   /**
-   * Protect the images among `files` (others pass untouched, order kept), then call
-   * `deliver(files)` with the protected list. On failure nothing is delivered and the
-   * notice says why: the upload never reaches the page.
+   * Sort `files` by their bytes, protect the images among them (others pass untouched,
+   * order kept), then call `deliver(files)` with the result; files with no image are
+   * delivered as they are. On failure nothing is delivered and the notice says why: the
+   * upload never reaches the page.
    */
-  async function hold(files, deliver) {
-    const positions = files.flatMap((f, i) => (isImage(f) ? [i] : []));
+  async function screen(files, deliver) {
+    const types = await Promise.all(files.map(photoType));
+    const positions = files.flatMap((_, i) => (types[i] ? [i] : []));
+    if (!positions.length) {
+      deliver(files);
+      return;
+    }
     const count = positions.length;
     const fractions = new Array(count).fill(0);
     const title = `FaceCloak is protecting ${plural(count, "photo")}…`;
     const message = "The upload continues as soon as the faces are protected.";
     notice.show({ kind: "progress", title, message, progress: 0 });
     try {
-      const images = positions.map((i) => withMime(files[i]));
+      const images = positions.map((i) => ({ file: files[i], mime: types[i] }));
       const result = await protect(images, (index, p) => {
         fractions[index] = p.state === "done" ? 1 : Number(p.progress) || 0;
         const overall = fractions.reduce((a, b) => a + b, 0) / count;
@@ -129,10 +157,12 @@
     return element instanceof Element ? chrome.dom.openOrClosedShadowRoot(element) : null;
   }
 
+  const isFileInput = (el) => el instanceof HTMLInputElement && el.type === "file";
+
   // Inside a closed shadow root the event's path stops at the host: look inside.
   function fileInputIn(root) {
     for (const el of root.querySelectorAll("*")) {
-      if (el instanceof HTMLInputElement && el.type === "file" && el.files?.length) return el;
+      if (isFileInput(el) && el.files?.length) return el;
       const inner = shadowRootOf(el);
       const found = inner && fileInputIn(inner);
       if (found) return found;
@@ -142,7 +172,7 @@
 
   function fileInputOf(event) {
     const first = event.composedPath()[0];
-    if (first instanceof HTMLInputElement && first.type === "file") return first;
+    if (isFileInput(first)) return first;
     const root = shadowRootOf(first);
     return root ? fileInputIn(root) : null;
   }
@@ -170,7 +200,120 @@
     event.stopImmediatePropagation();
   }
 
-  // ---- file inputs -------------------------------------------------------------------
+  function deliverTo(input, files) {
+    input.files = transferOf(files, []).files;
+    input.dispatchEvent(new Event("input", { bubbles: true, composed: true }));
+    input.dispatchEvent(new Event("change", { bubbles: true }));
+  }
+
+  // ---- file pickers --------------------------------------------------------------------
+  // The catcher opens every picker itself, on an input that only it holds (never in the
+  // document, so its events reach no one else), and gives the page's input the screened
+  // files afterwards. The page's own input never holds the originals.
+
+  function openPicker({ accept, multiple, directory }, deliver, cancel) {
+    const picker = document.createElement("input");
+    picker.type = "file";
+    if (accept) picker.accept = accept;
+    picker.multiple = Boolean(multiple);
+    if (directory) picker.webkitdirectory = true;
+    let settled = false;
+    picker.addEventListener("change", () => {
+      if (settled) return;
+      settled = true;
+      const files = Array.from(picker.files || []);
+      if (files.length) screen(files, deliver);
+      else cancel();
+    });
+    picker.addEventListener("cancel", () => {
+      if (settled) return;
+      settled = true;
+      cancel();
+    });
+    picker.click();
+  }
+
+  const pickerOptions = (input) => ({
+    accept: input.accept,
+    multiple: input.multiple,
+    directory: input.webkitdirectory,
+  });
+
+  // The element a click activates: the file input whose picker it opens, or null. A label
+  // is not followed: activating it clicks its control, a click seen here in turn.
+  function chooserInputOf(event) {
+    let el = event.composedPath()[0];
+    if (event.isTrusted && shadowRootOf(el)) {
+      // A closed shadow root hides the real target: find it where the user pointed or typed.
+      el = event.detail > 0 ? deepElementAt(event.clientX, event.clientY, el) : deepActiveElement(el);
+    }
+    for (; el instanceof Element; el = el.parentElement || el.getRootNode()?.host) {
+      if (el instanceof HTMLInputElement) return el.type === "file" ? el : null;
+      if (
+        el instanceof HTMLLabelElement ||
+        el instanceof HTMLButtonElement ||
+        el instanceof HTMLSelectElement ||
+        el instanceof HTMLTextAreaElement ||
+        ((el instanceof HTMLAnchorElement || el instanceof HTMLAreaElement) && el.hasAttribute("href")) ||
+        el.localName === "summary"
+      ) {
+        return null;
+      }
+    }
+    return null;
+  }
+
+  function onClick(event) {
+    // A click cancelled before it was dispatched was routed by the page guard already.
+    if (!active() || event.defaultPrevented) return;
+    const input = chooserInputOf(event);
+    if (!input || input.disabled) return;
+    event.preventDefault(); // no picker for the page's input
+    openPicker(
+      pickerOptions(input),
+      (files) => deliverTo(input, files),
+      () => input.dispatchEvent(new Event("cancel", { bubbles: true })),
+    );
+  }
+
+  // ---- the page guard's line -----------------------------------------------------------
+  // Each side makes a private element that is never in the document and learns the
+  // other's from a `facecloak-hello` event on `document` at document_start, before any of
+  // the page's scripts run. The guard asks for a picker with a cancelable `facecloak-pick`
+  // on the catcher's element (cancelled: the catcher opened it); the catcher answers with
+  // `facecloak-deliver` (screened files, or cancelled) on the guard's element.
+
+  const HELLO = "facecloak-hello";
+  const box = document.createElement("facecloak-line");
+  let guard = null;
+
+  function meet(event) {
+    const other = event.relatedTarget;
+    if (guard || !(other instanceof Element) || other === box) return;
+    guard = other;
+    document.removeEventListener(HELLO, meet, true);
+    if (event.currentTarget === document) other.dispatchEvent(new MouseEvent(HELLO, { relatedTarget: box }));
+  }
+
+  function answer(detail) {
+    guard?.dispatchEvent(new CustomEvent("facecloak-deliver", { detail }));
+  }
+
+  box.addEventListener(HELLO, meet);
+  box.addEventListener("facecloak-pick", (event) => {
+    const { id, accept, multiple, directory } = event.detail || {};
+    if (!active() || typeof id !== "string") return;
+    event.preventDefault();
+    openPicker(
+      { accept: String(accept || ""), multiple: Boolean(multiple), directory: Boolean(directory) },
+      (files) => answer({ id, files }),
+      () => answer({ id, cancelled: true }),
+    );
+  });
+  document.addEventListener(HELLO, meet, true);
+  document.dispatchEvent(new MouseEvent(HELLO, { relatedTarget: box }));
+
+  // ---- files set on an input without a picker (dropped on it, or by automation) ---------
   // Choosing files fires `input` (composed) then `change` (not composed, so from inside a
   // shadow root it never reaches window). The first one takes the files and clears the
   // input, so the page never reads the originals from it; the second is swallowed.
@@ -187,12 +330,12 @@
   }
 
   function onFileInput(event) {
-    if (!event.isTrusted) return;
+    if (!event.isTrusted || !active()) return;
     const input = fileInputOf(event);
     if (!input) return;
     const files = Array.from(input.files || []);
-    if (!files.some(isImage)) {
-      if (!files.length && heldInputs.has(input)) event.stopImmediatePropagation();
+    if (!files.length) {
+      if (heldInputs.has(input)) event.stopImmediatePropagation();
       return;
     }
     event.stopImmediatePropagation();
@@ -200,21 +343,19 @@
     const token = {};
     heldInputs.set(input, token);
     if (event.type === "input") swallowCompanion(input);
-    hold(files, (out) => {
+    screen(files, (out) => {
       if (heldInputs.get(input) !== token) return; // the user picked other files meanwhile
       heldInputs.delete(input);
-      input.files = transferOf(out, []).files;
-      input.dispatchEvent(new Event("input", { bubbles: true, composed: true }));
-      input.dispatchEvent(new Event("change", { bubbles: true }));
+      deliverTo(input, out);
     });
   }
 
   // ---- drag and drop -----------------------------------------------------------------
 
   function onDrop(event) {
-    if (!event.isTrusted || !event.dataTransfer) return;
+    if (!event.isTrusted || !event.dataTransfer || !active()) return;
     const files = Array.from(event.dataTransfer.files);
-    if (!files.some(isImage)) return;
+    if (!files.length) return;
     swallow(event);
     const target = deepElementAt(event.clientX, event.clientY, event.composedPath()[0]);
     const strings = stringsOf(event.dataTransfer);
@@ -223,7 +364,7 @@
       clientX: event.clientX, clientY: event.clientY, screenX: event.screenX, screenY: event.screenY,
       ctrlKey: event.ctrlKey, shiftKey: event.shiftKey, altKey: event.altKey, metaKey: event.metaKey,
     };
-    hold(files, (out) => {
+    screen(files, (out) => {
       const dataTransfer = transferOf(out, strings);
       const receiver = target?.isConnected ? target : document.documentElement;
       receiver.dispatchEvent(new DragEvent("drop", { ...init, dataTransfer }));
@@ -233,14 +374,14 @@
   // ---- paste -------------------------------------------------------------------------
 
   function onPaste(event) {
-    if (!event.isTrusted || !event.clipboardData) return;
+    if (!event.isTrusted || !event.clipboardData || !active()) return;
     const files = Array.from(event.clipboardData.files);
-    if (!files.some(isImage)) return;
+    if (!files.length) return;
     swallow(event);
     const first = event.composedPath()[0];
     const target = first instanceof Element ? deepActiveElement(first) : first;
     const strings = stringsOf(event.clipboardData);
-    hold(files, (out) => {
+    screen(files, (out) => {
       const clipboardData = transferOf(out, strings);
       const receiver = target?.isConnected ? target : document;
       receiver.dispatchEvent(
@@ -250,6 +391,7 @@
   }
 
   const capture = { capture: true };
+  window.addEventListener("click", onClick, capture);
   window.addEventListener("input", onFileInput, capture);
   window.addEventListener("change", onFileInput, capture);
   window.addEventListener("drop", onDrop, capture);

@@ -1,17 +1,341 @@
-// Runs at document_start in the page's MAIN world of every frame of a site the user
-// turned on, before the page's own scripts. It does only what needs the page's world and
-// talks to nothing: it removes the File System Access pickers, whose files reach the page
-// without any event the catcher could hold. Sites feature-detect them (as the common
-// libraries do) and fall back to <input type=file>, which FaceCloak protects.
+// Runs at document_start in the page's MAIN world, before the page's own scripts. It does
+// only what needs the page's world:
+//
+// - It sends to the catcher every file picker that no event shows: `click()`, a dispatched
+//   click and `showPicker()` on a file input (or on a label of one) that is not in the
+//   document, or `showPicker()` anywhere. The catcher (catcher.js, the extension's isolated
+//   world) opens the picker on an input of its own, protects the photos and sends the
+//   files back here; the guard puts them on the page's input and fires `input` and
+//   `change`. Clicks on inputs in the document reach the catcher as events anyway.
+// - It does the same in the JavaScript worlds of same-origin frames and windows the page
+//   creates, as soon as they exist (their own copies of click() and showPicker() would
+//   otherwise be untouched).
+// - On a site that is on, it removes the File System Access pickers, whose files reach the
+//   page without any event; sites feature-detect them (as the common libraries do) and
+//   fall back to <input type=file>. In cross-origin frames Chrome refuses them anyway.
+//
+// The page can replace any function after this script ran, so everything used later is
+// captured here first; what the page can still do is break the guard, which then opens
+// no picker at all (it never lets one through unprotected).
 
 (() => {
-  for (const name of ["showOpenFilePicker", "showDirectoryPicker"]) {
-    for (const owner of [globalThis, Object.getPrototypeOf(globalThis)]) {
-      try {
-        if (Object.prototype.hasOwnProperty.call(owner, name)) delete owner[name];
-      } catch {
-        // not configurable here: nothing to hide
+  const framesOnly = globalThis.FaceCloakFramesOnly === true;
+  delete globalThis.FaceCloakFramesOnly;
+  if (framesOnly && window === window.top) return; // a page of a site that is off
+  if (globalThis.document === undefined) return;
+
+  if (!framesOnly) {
+    for (const name of ["showOpenFilePicker", "showDirectoryPicker"]) {
+      for (const owner of [globalThis, Object.getPrototypeOf(globalThis)]) {
+        try {
+          if (Object.prototype.hasOwnProperty.call(owner, name)) delete owner[name];
+        } catch {
+          // not configurable here: nothing to hide
+        }
       }
     }
   }
+
+  // ---- captured before any page script runs ---------------------------------------------
+  const { apply } = Reflect;
+  const { getOwnPropertyDescriptor, defineProperty } = Object;
+  const accessor = (proto, name) => getOwnPropertyDescriptor(proto, name);
+  const getter = (proto, name) => accessor(proto, name).get;
+  const doc = document;
+  const createElement = Document.prototype.createElement;
+  const dispatch = EventTarget.prototype.dispatchEvent;
+  const listen = EventTarget.prototype.addEventListener;
+  const unlisten = EventTarget.prototype.removeEventListener;
+  const preventDefault = Event.prototype.preventDefault;
+  const eventType = getter(Event.prototype, "type");
+  const eventCancelable = getter(Event.prototype, "cancelable");
+  const eventBubbles = getter(Event.prototype, "bubbles");
+  const eventComposed = getter(Event.prototype, "composed");
+  const mouseButton = getter(MouseEvent.prototype, "button");
+  const relatedTarget = getter(MouseEvent.prototype, "relatedTarget");
+  const customDetail = getter(CustomEvent.prototype, "detail");
+  const localName = getter(Element.prototype, "localName");
+  const hasAttribute = Element.prototype.hasAttribute;
+  const parentElement = getter(Node.prototype, "parentElement");
+  const getRootNode = Node.prototype.getRootNode;
+  const shadowHost = getter(ShadowRoot.prototype, "host");
+  const inputType = getter(HTMLInputElement.prototype, "type");
+  const inputDisabled = getter(HTMLInputElement.prototype, "disabled");
+  const inputAccept = getter(HTMLInputElement.prototype, "accept");
+  const inputMultiple = getter(HTMLInputElement.prototype, "multiple");
+  const inputDirectory = getter(HTMLInputElement.prototype, "webkitdirectory");
+  const setInputFiles = accessor(HTMLInputElement.prototype, "files").set;
+  const labelControl = getter(HTMLLabelElement.prototype, "control");
+  const userActivation = navigator.userActivation;
+  const isActive = getter(UserActivation.prototype, "isActive");
+  const transferItems = getter(DataTransfer.prototype, "items");
+  const transferFiles = getter(DataTransfer.prototype, "files");
+  const addItem = DataTransferItemList.prototype.add;
+  const windowLength = accessor(window, "length")?.get;
+  const mapGet = Map.prototype.get;
+  const mapSet = Map.prototype.set;
+  const mapDelete = Map.prototype.delete;
+  const weakHas = WeakSet.prototype.has;
+  const weakAdd = WeakSet.prototype.add;
+  const MakeEvent = Event;
+  const MakeMouseEvent = MouseEvent;
+  const MakeCustomEvent = CustomEvent;
+  const MakeDataTransfer = DataTransfer;
+  const MakeMutationObserver = MutationObserver;
+  const observe = MutationObserver.prototype.observe;
+
+  const call = (fn, self, ...args) => apply(fn, self, args);
+  function attempt(fn, self, ...args) {
+    try {
+      return apply(fn, self, args);
+    } catch {
+      return undefined;
+    }
+  }
+
+  // ---- the catcher's line (see catcher.js) ---------------------------------------------
+  const HELLO = "facecloak-hello";
+  const box = call(createElement, doc, "facecloak-line");
+  const pending = new Map(); // request id -> the page's input
+  let catcher = null;
+  let requests = 0;
+
+  function meet(event) {
+    const other = call(relatedTarget, event);
+    if (catcher || !other || other === box || attempt(localName, other) !== "facecloak-line") return;
+    catcher = other;
+    call(unlisten, doc, HELLO, meet, true);
+    if (event.currentTarget === doc) call(dispatch, other, new MakeMouseEvent(HELLO, { relatedTarget: box }));
+  }
+
+  call(listen, box, HELLO, meet);
+  call(listen, box, "facecloak-deliver", (event) => {
+    const detail = call(customDetail, event);
+    const input = detail && call(mapGet, pending, detail.id);
+    if (!input) return;
+    call(mapDelete, pending, detail.id);
+    if (detail.cancelled) {
+      call(dispatch, input, new MakeEvent("cancel", { bubbles: true }));
+      return;
+    }
+    const transfer = new MakeDataTransfer();
+    const items = call(transferItems, transfer);
+    const files = detail.files;
+    for (let i = 0; i < files.length; i += 1) call(addItem, items, files[i]);
+    call(setInputFiles, input, call(transferFiles, transfer));
+    call(dispatch, input, new MakeEvent("input", { bubbles: true, composed: true }));
+    call(dispatch, input, new MakeEvent("change", { bubbles: true }));
+  });
+  call(listen, doc, HELLO, meet, true);
+  call(dispatch, doc, new MakeMouseEvent(HELLO, { relatedTarget: box }));
+
+  /**
+   * Ask the catcher to open a picker for `input`: "taken" (it did; the files come back
+   * later), "declined" (protection is off in this frame) or "blocked" (no catcher here:
+   * no picker at all).
+   */
+  function route(input) {
+    if (!catcher) return "blocked";
+    requests += 1;
+    const id = `pick-${requests}`;
+    const detail = {
+      id,
+      accept: call(inputAccept, input),
+      multiple: call(inputMultiple, input),
+      directory: call(inputDirectory, input),
+    };
+    const request = new MakeCustomEvent("facecloak-pick", { cancelable: true, detail });
+    if (call(dispatch, catcher, request)) return "declined";
+    call(mapSet, pending, id, input);
+    return "taken";
+  }
+
+  // ---- which input a click opens a picker for --------------------------------------------
+
+  function isFileInput(node) {
+    return attempt(localName, node) === "input" && attempt(inputType, node) === "file";
+  }
+
+  function parentOf(node) {
+    return call(parentElement, node) || attempt(shadowHost, call(getRootNode, node)) || null;
+  }
+
+  /** The file input whose picker a click on `target` opens, or null. */
+  function chooserInputOf(target) {
+    for (let node = target; node; node = parentOf(node)) {
+      const name = attempt(localName, node);
+      switch (name) {
+        case undefined:
+          return null; // not an element
+        case "input":
+          return isFileInput(node) ? node : null;
+        case "label": {
+          const control = attempt(labelControl, node);
+          return control && isFileInput(control) ? control : null;
+        }
+        case "button":
+        case "select":
+        case "textarea":
+        case "summary":
+          return null;
+        case "a":
+        case "area":
+          if (call(hasAttribute, node, "href")) return null;
+          break;
+        default:
+          break;
+      }
+    }
+    return null;
+  }
+
+  /** The input to route a picker for: a file input that can open one now, else null. */
+  function routable(input) {
+    if (!input || call(inputDisabled, input)) return null;
+    return call(isActive, userActivation) ? input : null; // without activation none opens
+  }
+
+  // A click the page still sees, cancelled before it is dispatched, so that it opens no
+  // picker of its own (and the catcher, seeing it cancelled, leaves it alone).
+  function cancelledClick(init = { bubbles: true, cancelable: true, composed: true }) {
+    const click = new MakeMouseEvent("click", { ...init, cancelable: true });
+    call(preventDefault, click);
+    return click;
+  }
+
+  // ---- the hooks, in this window and in every same-origin window it opens -----------------
+  const installed = new WeakSet();
+
+  function replace(owner, name, wrap) {
+    const descriptor = getOwnPropertyDescriptor(owner, name);
+    if (!descriptor || typeof descriptor.value !== "function") return;
+    defineProperty(owner, name, { ...descriptor, value: wrap(descriptor.value) });
+  }
+
+  function replaceSetter(owner, name, wrap) {
+    const descriptor = getOwnPropertyDescriptor(owner, name);
+    if (!descriptor?.set) return;
+    defineProperty(owner, name, { ...descriptor, set: wrap(descriptor.set) });
+  }
+
+  const INSERTING = [
+    ["Node", ["appendChild", "insertBefore", "replaceChild"]],
+    [
+      "Element",
+      ["append", "prepend", "before", "after", "replaceWith", "replaceChildren", "insertAdjacentElement", "insertAdjacentHTML", "setHTMLUnsafe"],
+    ],
+    ["CharacterData", ["before", "after", "replaceWith"]],
+    ["DocumentFragment", ["append", "prepend", "replaceChildren"]],
+    ["ShadowRoot", ["setHTMLUnsafe"]],
+    ["Document", ["append", "prepend", "replaceChildren", "write", "writeln"]],
+    ["Range", ["insertNode", "surroundContents"]],
+  ];
+  const INSERTING_SETTERS = [
+    ["Element", ["innerHTML", "outerHTML"]],
+    ["ShadowRoot", ["innerHTML"]],
+  ];
+
+  /** Install the hooks in the JavaScript world of `win` (same-origin), once. */
+  function install(win) {
+    const prototype = win.HTMLElement.prototype;
+    if (call(weakHas, installed, prototype)) return;
+    call(weakAdd, installed, prototype);
+
+    replace(win.HTMLElement.prototype, "click", (original) =>
+      function click() {
+        const input = routable(chooserInputOf(this));
+        if (input && route(input) !== "declined") {
+          call(dispatch, this, cancelledClick());
+          return undefined;
+        }
+        return apply(original, this, arguments);
+      },
+    );
+
+    replace(win.HTMLInputElement.prototype, "showPicker", (original) =>
+      function showPicker() {
+        const input = isFileInput(this) ? routable(this) : null;
+        if (input && route(input) !== "declined") return undefined;
+        return apply(original, this, arguments);
+      },
+    );
+
+    replace(win.EventTarget.prototype, "dispatchEvent", (original) =>
+      function dispatchEvent(event) {
+        const isClick = attempt(eventType, event) === "click" && attempt(mouseButton, event) !== undefined;
+        const input = isClick ? routable(chooserInputOf(this)) : null;
+        if (input && route(input) !== "declined") {
+          if (call(eventCancelable, event)) {
+            call(preventDefault, event);
+            return apply(original, this, [event]);
+          }
+          const init = { bubbles: call(eventBubbles, event), composed: call(eventComposed, event) };
+          apply(original, this, [cancelledClick(init)]);
+          return true;
+        }
+        return apply(original, this, arguments);
+      },
+    );
+
+    // New same-origin frames start with a JavaScript world of their own that FaceCloak's
+    // scripts reach only when their document loads: hook it as soon as it exists.
+    // (Index loops: the page may have replaced the array iterator by now.)
+    const adopt = () => adoptFrames(win);
+    for (let i = 0; i < INSERTING.length; i += 1) {
+      const owner = win[INSERTING[i][0]]?.prototype;
+      const methods = owner ? INSERTING[i][1] : [];
+      for (let j = 0; j < methods.length; j += 1) {
+        replace(owner, methods[j], (original) =>
+          function () {
+            try {
+              return apply(original, this, arguments);
+            } finally {
+              adopt();
+            }
+          },
+        );
+      }
+    }
+    for (let i = 0; i < INSERTING_SETTERS.length; i += 1) {
+      const owner = win[INSERTING_SETTERS[i][0]]?.prototype;
+      const properties = owner ? INSERTING_SETTERS[i][1] : [];
+      for (let j = 0; j < properties.length; j += 1) {
+        replaceSetter(owner, properties[j], (original) =>
+          function (value) {
+            try {
+              apply(original, this, [value]);
+            } finally {
+              adopt();
+            }
+          },
+        );
+      }
+    }
+    replace(win, "open", (original) =>
+      function open() {
+        const opened = apply(original, this, arguments);
+        if (opened) adoptWindow(opened);
+        return opened;
+      },
+    );
+    // Frames the parser inserts: the observer runs before the next script does.
+    call(observe, new MakeMutationObserver(adopt), win.document, { childList: true, subtree: true });
+  }
+
+  function adoptWindow(win) {
+    try {
+      install(win); // throws for a cross-origin window: its own scripts guard it
+    } catch {
+      // not ours to reach
+    }
+  }
+
+  function adoptFrames(win) {
+    // The page may have replaced this window's `length`; a new frame's world is untouched.
+    const count = (win === window && windowLength ? attempt(windowLength, win) : win.length) || 0;
+    for (let i = 0; i < count; i += 1) adoptWindow(win[i]);
+  }
+
+  install(window);
+  adoptFrames(window);
 })();

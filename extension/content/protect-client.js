@@ -34,15 +34,16 @@
   }
 
   /**
-   * Protect `images` (File[]). `onProgress(index, {state, progress, faces})` reports each
-   * photo. Resolves to File[] (protected, same names) or null (protection is off here);
-   * rejects with ProtectError.
+   * Protect `images` ([{file, mime}], `mime` the image type its bytes show).
+   * `onProgress(index, {state, progress, faces})` reports each photo. Resolves to File[]
+   * (protected, same names; the declared type kept unless it was an image type, which the
+   * service's answer replaces) or null (protection is off here); rejects with ProtectError.
    */
   async function protect(images, onProgress) {
     const files = await Promise.all(
-      images.map(async (file) => ({
+      images.map(async ({ file, mime }) => ({
         name: file.name,
-        mime: file.type,
+        mime,
         data: toBase64(await file.arrayBuffer()),
       })),
     );
@@ -71,13 +72,11 @@
         } else if (reply?.type === "passthrough") {
           finish(resolve, null);
         } else if (reply?.type === "protected" && reply.files?.length === images.length) {
-          const out = reply.files.map(
-            (f, i) =>
-              new File([fromBase64(f.data)], images[i].name, {
-                type: f.mime || images[i].type,
-                lastModified: Date.now(),
-              }),
-          );
+          const out = reply.files.map(({ data, mime }, i) => {
+            const { file } = images[i];
+            const type = file.type.startsWith("image/") ? mime || file.type : file.type;
+            return new File([fromBase64(data)], file.name, { type, lastModified: Date.now() });
+          });
           out.faces = reply.files.map((f) => f.faces);
           finish(resolve, out);
         } else {

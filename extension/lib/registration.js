@@ -42,7 +42,12 @@ export async function syncContentScripts(settings) {
       ...common,
       id: CATCHER_ID,
       world: "ISOLATED",
-      js: ["extension/content/notice.js", "extension/content/protect-client.js", "extension/content/catcher.js"],
+      js: [
+        "extension/content/notice.js",
+        "extension/content/protect-client.js",
+        "extension/content/sniff.js",
+        "extension/content/catcher.js",
+      ],
     },
     { ...common, id: GUARD_ID, world: "MAIN", js: ["extension/content/page-guard.js"] },
   ]);

@@ -1,4 +1,4 @@
-"""A local test site with four photo-upload pages, and a server that records every upload.
+"""A local test site with photo-upload pages, and a server that records every upload.
 
 Pages (each shows ``#status`` "uploaded N" once its upload request has been answered):
 
@@ -10,6 +10,13 @@ Pages (each shows ``#status`` "uploaded N" once its upload request has been answ
 - ``/paste``: the page reads pasted image files with ``FileReader.readAsDataURL`` and
   posts them as JSON with ``XMLHttpRequest``.
 
+Pages that open file pickers in ways no event shows (each uploads with ``fetch``):
+
+- ``/detached``: ``#pick`` creates an ``<input type=file>`` that is never in the document
+  and calls its ``click()``.
+- ``/showpicker``: the same, with ``showPicker()``.
+- ``/removed``: ``#picker`` is in the document until it is clicked, then removed.
+
 The server runs on 127.0.0.1 at a random port, in its own thread.
 """
 
@@ -18,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import threading
+import time
 from dataclasses import dataclass
 from urllib.parse import unquote
 
@@ -120,7 +128,58 @@ document.addEventListener("paste", (e) => {
     ),
 }
 
-PAGES = tuple(_PAGES)
+_SEND = """
+async function send(files, page) {
+  if (!files.length) return;
+  const form = new FormData();
+  for (const f of files) form.append("photo", f, f.name);
+  const response = await fetch("/upload/" + page, { method: "POST", body: form });
+  done(response.ok);
+}
+"""
+
+_PICKER_PAGES = {
+    "detached": (
+        "A file input that is never in the document",
+        '<button id="pick">Choose a photo</button>',
+        _SEND
+        + """
+document.getElementById("pick").addEventListener("click", () => {
+  const input = document.createElement("input");
+  input.type = "file";
+  input.accept = "image/*";
+  input.addEventListener("change", () => send([...input.files], "detached"));
+  input.click();
+});
+""",
+    ),
+    "showpicker": (
+        "showPicker() on a file input that is never in the document",
+        '<button id="pick">Choose a photo</button>',
+        _SEND
+        + """
+document.getElementById("pick").addEventListener("click", () => {
+  const input = document.createElement("input");
+  input.type = "file";
+  input.addEventListener("change", () => send([...input.files], "showpicker"));
+  input.showPicker();
+});
+""",
+    ),
+    "removed": (
+        "A file input removed from the document once clicked",
+        '<input type="file" id="picker">',
+        _SEND
+        + """
+const input = document.getElementById("picker");
+input.addEventListener("click", () => setTimeout(() => input.remove(), 0));
+input.addEventListener("change", () => send([...input.files], "removed"));
+""",
+    ),
+}
+_PAGES.update(_PICKER_PAGES)
+
+PAGES = ("fetch", "xhr", "drop", "paste")
 
 
 @dataclass(frozen=True)
@@ -159,6 +218,16 @@ class UploadSite:
     def clear(self) -> None:
         with self._lock:
             self.uploads.clear()
+
+    def wait_for(self, page: str, count: int = 1, timeout_s: float = 60.0) -> list[Upload]:
+        """Wait until ``page`` sent ``count`` files, then a moment for any extra one."""
+        deadline = time.monotonic() + timeout_s
+        while len(self.received(page)) < count:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{page}: {len(self.received(page))} of {count} uploads")
+            time.sleep(0.1)
+        time.sleep(0.5)  # a second upload (an original sent as well) would arrive by now
+        return self.received(page)
 
     def _record(self, upload: Upload) -> None:
         with self._lock:

@@ -1,0 +1,72 @@
+"""Ways to pass an original photo to a site that is on, closed in real Chromium.
+
+- File pickers that no event on the page shows: an input never put in the document (its
+  ``click()`` or ``showPicker()``), an input removed from the document once clicked.
+- Photos whose name and type do not say "image" (no extension, a generic type).
+
+Each test picks the photo through a real file chooser (or the input, for the type test)
+and checks that the site received a protected photo, never the original.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from uploads import PHOTO, PROTECT_TIMEOUT_MS, cosine, notice, rgb
+
+pytestmark = pytest.mark.browser
+
+
+def received_one(site, kind: str) -> bytes:
+    """Wait until the site received exactly one file on ``kind``; returns its bytes."""
+    site.wait_for(kind, timeout_s=PROTECT_TIMEOUT_MS / 1000)
+    uploads = site.received(kind)
+    assert len(uploads) == 1, f"expected one upload, got {len(uploads)}"
+    return uploads[0].data
+
+
+def assert_protected(data: bytes, original: bytes, embedder) -> None:
+    assert data != original, "the site received the original photo"
+    assert data[:3] == b"\xff\xd8\xff"
+    before, after = rgb(original), rgb(data)
+    assert after.shape == before.shape
+    assert cosine(embedder(before), embedder(after)) < 0.5
+
+
+@pytest.mark.parametrize("kind", ["detached", "showpicker", "removed"])
+def test_pickers_no_event_shows_give_the_site_the_protected_photo(
+    kind, extension, site, page, photos_dir, embedder
+):
+    photo = photos_dir / PHOTO
+    page.goto(site.url(kind))
+    extension.set_site(page, True)
+    site.clear()
+    with page.expect_file_chooser() as chooser:
+        page.click("#picker" if kind == "removed" else "#pick")
+    chooser.value.set_files(str(photo))
+
+    data = received_one(site, kind)
+    assert_protected(data, photo.read_bytes(), embedder)
+    assert site.received(kind)[0].name == PHOTO
+    assert notice(page).get("kind") in ("done", None)  # the success card hides itself
+
+
+def test_photos_without_an_image_name_or_type_are_protected(
+    extension, site, page, photos_dir, embedder, tmp_path
+):
+    photo = photos_dir / PHOTO
+    # A JPEG named "photo" (no type at all) and one named "photo.bin" (a generic type).
+    bare, generic = tmp_path / "photo", tmp_path / "photo.bin"
+    for path in (bare, generic):
+        shutil.copyfile(photo, path)
+    page.goto(site.url("fetch"))
+    extension.set_site(page, True)
+    site.clear()
+    page.locator("#picker").set_input_files([str(bare), str(generic)])
+
+    site.wait_for("fetch", count=2, timeout_s=PROTECT_TIMEOUT_MS / 1000)
+    uploads = site.received("fetch")
+    assert [u.name for u in uploads] == ["photo", "photo.bin"]
+    for upload in uploads:
+        assert_protected(upload.data, photo.read_bytes(), embedder)
