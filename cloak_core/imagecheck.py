@@ -7,10 +7,12 @@ Some files cost far more than their pixels, in code that cannot be interrupted:
   can be a dozen bytes: 1,000 scans of a 49-megapixel image take about 10 s to decode
   from a 15 KB file (libjpeg-turbo, one core). Encoders write about 10 (libjpeg's
   progressive script: 10 for colour, 6 for greyscale; mozjpeg about the same);
-- Pillow reads a JPEG's segments before its first scan, and a PNG's chunks before its
-  image data, one by one in Python, and a TIFF's strips or tiles into a list: a 4 MB
-  JPEG of a million empty comments takes 2 s to open, a 32 MB TIFF of 4 million one-row
-  strips 9 s, before any pixel is decoded.
+- Pillow reads a JPEG's segments before its first scan, and a PNG's chunks, one by one in
+  Python, and a TIFF's strips or tiles into a list: a 4 MB JPEG of a million empty
+  comments takes 2 s to open, a 32 MB TIFF of 4 million one-row strips 9 s, before any
+  pixel is decoded, and a PNG's image data in 1-byte chunks about 3 s per million. Bytes
+  that belong to no segment before a JPEG's first scan it skips one at a time: 0.3 s for
+  the 700 KB of a photo whose first segment's length was damaged.
 
 :func:`check_structure` walks the file's markers, chunks or directory with no decoding
 and refuses such a file (:class:`~cloak_core.errors.ImageTooLargeError`) at a cost
@@ -23,16 +25,23 @@ from __future__ import annotations
 import re
 import struct
 
-from cloak_core.errors import ImageTooLargeError
+from cloak_core.errors import ImageError, ImageTooLargeError
 
 # Scans of a JPEG (SOS segments): encoders write 1 (sequential) to about 10 (progressive).
 MAX_JPEG_SCANS = 100
 # Segments of a JPEG with a length (APPn, COM, DQT, DHT, SOF, SOS, ...): photos have 10-40.
 MAX_JPEG_SEGMENTS = 1000
+# Bytes that are not segments before a JPEG's first scan: none in a sound file (Pillow steps
+# over them one at a time, in Python).
+MAX_JPEG_GARBAGE = 64 * 1024
 # Chunks of a PNG before its image data (IHDR, PLTE, text, ICC, EXIF, ...): usually < 20.
 MAX_PNG_CHUNKS_BEFORE_DATA = 1000
+# Chunks of a PNG in all: libpng writes image data in chunks of 8 KB (5,000 for 40 MB).
+MAX_PNG_CHUNKS = 100_000
 # Strips or tiles of a TIFF: a 50-megapixel photo in one-row strips has about 6,000.
 MAX_TIFF_BLOCKS = 65_536
+# Tags in a TIFF's first directory: photos have 10 to 50 (Pillow reads each in Python).
+MAX_TIFF_TAGS = 1000
 
 # A JPEG marker inside entropy-coded data: 0xFF followed by anything but a stuffed zero,
 # a restart marker (0xD0-0xD7) or another 0xFF (fill).
@@ -44,9 +53,12 @@ def check_structure(data: bytes) -> None:
     """Refuse ``data`` if walking its structure shows more decoder work than the limits
     allow (JPEG scans or segments, PNG chunks before the image data, TIFF strips/tiles).
 
-    Other formats, and damaged files whose structure cannot be walked, pass: the decoder
-    reports what is wrong with them. Cost: at most a few thousand steps in Python, plus
-    one pass of a compiled regex over a JPEG's entropy-coded data.
+    Damaged beyond what a decoder should walk through (a JPEG with more than
+    :data:`MAX_JPEG_GARBAGE` bytes outside its segments before the image data, a TIFF
+    directory of more than :data:`MAX_TIFF_TAGS` tags):
+    :class:`~cloak_core.errors.ImageError`. Other formats, and damaged files whose structure
+    cannot be walked, pass: the decoder reports what is wrong with them. Cost: at most a
+    few thousand steps in Python, plus one pass of a compiled regex over a JPEG.
     """
     if data[:3] == b"\xff\xd8\xff":
         _check_jpeg(data)
@@ -62,39 +74,47 @@ def jpeg_scans(data: bytes, *, stop_after: int = MAX_JPEG_SCANS) -> int:
     return _walk_jpeg(data, stop_after, MAX_JPEG_SEGMENTS)[0]
 
 
-def _walk_jpeg(data: bytes, max_scans: int, max_segments: int) -> tuple[int, int]:
-    """``(scans, segments)`` of the first image, each counted up to one past its limit."""
-    scans = segments = 0
+def _walk_jpeg(data: bytes, max_scans: int, max_segments: int) -> tuple[int, int, int]:
+    """``(scans, segments, garbage)`` of the first image, each counted up to one past its
+    limit; ``garbage``: bytes outside any segment before the first scan.
+
+    Every step of the loop is a segment (counted, so the loop is bounded) found by a
+    compiled regex's search, which crosses entropy-coded data, fill bytes and garbage.
+    """
+    scans = segments = garbage = 0
     pos, end = 2, len(data)
     while pos + 1 < end:
-        if data[pos] != 0xFF:  # entropy-coded data (or damage): find the next marker
-            found = _JPEG_MARKER.search(data, pos)
-            if found is None:
+        found = _JPEG_MARKER.search(data, pos)
+        if found is None:
+            break
+        at = found.start()
+        if scans == 0:
+            garbage += at - pos
+            if garbage > MAX_JPEG_GARBAGE:
                 break
-            pos = found.start()
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            pos += 1
-            continue
-        if marker == 0x00 or 0xD0 <= marker <= 0xD7 or marker in _STANDALONE:
-            pos += 2
-            continue
+        marker = data[at + 1]
         if marker == 0xD9:  # EOI: the rest (an MPO's other pictures) is not decoded
             break
-        if pos + 4 > end:
-            break
         segments += 1
-        if marker == 0xDA:
-            scans += 1
+        if marker in _STANDALONE:
+            pos = at + 2
+        elif at + 4 > end:
+            break
+        else:
+            scans += marker == 0xDA
+            pos = at + 2 + max((data[at + 2] << 8) | data[at + 3], 2)
         if scans > max_scans or segments > max_segments:
             break
-        length = (data[pos + 2] << 8) | data[pos + 3]
-        pos += 2 + max(length, 2)
-    return scans, segments
+    return scans, segments, garbage
 
 
 def _check_jpeg(data: bytes) -> None:
-    scans, segments = _walk_jpeg(data, MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS)
+    scans, segments, garbage = _walk_jpeg(data, MAX_JPEG_SCANS, MAX_JPEG_SEGMENTS)
+    if garbage > MAX_JPEG_GARBAGE:
+        raise ImageError(
+            f"this JPEG is damaged: more than {MAX_JPEG_GARBAGE // 1024} KB of it before the "
+            f"image data belong to no segment; download or export it again"
+        )
     if scans > MAX_JPEG_SCANS:
         raise ImageTooLargeError(
             f"this JPEG has more than {MAX_JPEG_SCANS} scans (photos have 1 to about 10); "
@@ -109,16 +129,23 @@ def _check_jpeg(data: bytes) -> None:
 
 
 def _check_png(data: bytes) -> None:
-    pos, end, chunks = 8, len(data), 0
+    pos, end, chunks, before_data = 8, len(data), 0, True
     while pos + 8 <= end:
         length, kind = struct.unpack(">I4s", data[pos : pos + 8])
-        if kind in (b"IDAT", b"IEND"):
+        if kind == b"IEND":
             return
+        if kind == b"IDAT":
+            before_data = False
         chunks += 1
-        if chunks > MAX_PNG_CHUNKS_BEFORE_DATA:
+        if before_data and chunks > MAX_PNG_CHUNKS_BEFORE_DATA:
             raise ImageTooLargeError(
                 f"this PNG has more than {MAX_PNG_CHUNKS_BEFORE_DATA} chunks before its "
                 f"image data (images have a few), too many to read: export it again"
+            )
+        if chunks > MAX_PNG_CHUNKS:
+            raise ImageTooLargeError(
+                f"this PNG has more than {MAX_PNG_CHUNKS:,} chunks (images have a few "
+                f"thousand at most), too many to read: export it again"
             )
         pos += 12 + length
 
@@ -137,7 +164,12 @@ def _check_tiff(data: bytes) -> None:
             entry, first, size, fmt = 12, ifd + 2, 12, order + "HHI"
     except struct.error:
         return  # the decoder says what is wrong
-    for k in range(min(count, 65_535)):
+    if count > MAX_TIFF_TAGS:
+        raise ImageError(
+            f"this TIFF is damaged: its first directory claims {count:,} tags (photos have a "
+            f"few dozen); download or export it again"
+        )
+    for k in range(count):
         at = first + k * entry
         if at + size > len(data):
             return

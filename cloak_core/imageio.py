@@ -76,6 +76,24 @@ DEFAULT_MAX_PIXELS = 50_000_000
 # (or CMYK) at the pixel limit passes, a 16-bit RGBA image up to half of it.
 DEFAULT_BYTES_PER_PIXEL = 4
 
+# What Pillow's plugins raise while reading a damaged file: mostly OSError and SyntaxError;
+# ValueError, EOFError, struct.error and zlib.error from header parsing; RuntimeError from
+# the AVIF and WebP libraries' bindings; TypeError, KeyError and IndexError from the TIFF
+# plugin's tags (the last four found by the fuzzer, tests/fuzz). Only calls into Pillow's
+# reading are guarded with them, never FaceCloak's own code.
+_READ_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    EOFError,
+    struct.error,
+    zlib.error,
+    RuntimeError,
+    TypeError,
+    KeyError,
+    IndexError,
+)
+
 # Encoded bytes fed to a decoder, or written by an encoder, between two looks at ``cancel``.
 _BLOCK = 4 * 1024
 
@@ -231,19 +249,23 @@ def decode_image(
             im.decodermaxblock = _BLOCK
             im.load()
             orientation = _orientation(im)
-            pixels, alpha, info = _to_rgb(im, info)
-            info = {**info, **im.info}
     except (MemoryError, Image.DecompressionBombError) as exc:
         raise ImageTooLargeError(
             f"this {fmt} image is too large to decode ({exc}); resize it and try again"
         ) from exc
-    except ImageError:
-        raise
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+    except _READ_ERRORS as exc:
         raise ImageError(
             f"could not decode this {fmt} image: it is truncated or corrupt ({exc}); "
             f"download or export it again"
         ) from exc
+    if not wide:
+        try:  # Pillow's conversions of what was decoded (palettes, CMYK, ...)
+            pixels, alpha, info = _to_rgb(im, info)
+        except (OSError, ValueError) as exc:
+            raise ImageError(
+                f"could not convert this {fmt} image to RGB: it is corrupt ({exc}); export it again"
+            ) from exc
+        info = {**info, **im.info}
     if orientation in _ORIENT:
         pixels = np.ascontiguousarray(_ORIENT[orientation](pixels))
         if alpha is not None:
@@ -354,7 +376,7 @@ def _open(
             ) from exc
         except UnidentifiedImageError:
             raise UnsupportedImageError(_describe_unsupported(data)) from None
-        except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+        except _READ_ERRORS as exc:
             raise ImageError(
                 f"could not read the image: the file is truncated or corrupt ({exc}); "
                 f"download or export it again"
@@ -392,13 +414,16 @@ def _refuse_several_frames(im: Image.Image) -> None:
         return
     try:
         several = bool(getattr(im, "is_animated", False))  # reads frame headers, no pixels
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as exc:
+    except _READ_ERRORS as exc:
         raise ImageError(
             f"could not read the image: the file is truncated or corrupt ({exc}); "
             f"download or export it again"
         ) from exc
     if several:
-        frames = getattr(im, "n_frames", None)
+        try:
+            frames = getattr(im, "n_frames", None)
+        except _READ_ERRORS:  # a later frame is damaged: the count is not needed
+            frames = None
         count = f" ({frames} frames)" if isinstance(frames, int) and im.format != "GIF" else ""
         what = _SEVERAL_FRAMES.get(im.format or "", f"a {im.format} image of several frames")
         raise UnsupportedImageError(
@@ -465,6 +490,8 @@ def _to_rgb(im: Image.Image, info: dict) -> tuple[np.ndarray, np.ndarray | None,
             "floating-point images are not supported; export it as an 8- or 16-bit image"
         )
     if mode in ("P", "PA"):
+        if im.palette is None:
+            raise ImageError("the image's palette is missing: it is corrupt; export it again")
         has_alpha = mode == "PA" or "transparency" in im.info or im.palette.mode == "RGBA"
         im = im.convert("RGBA" if has_alpha else "RGB")
     elif mode == "1":
@@ -584,8 +611,11 @@ def estimate_jpeg_quality(quantization: dict[int, list[int]]) -> int | None:
     non-libjpeg tables (cameras, Photoshop) map to the quality of similar coarseness."""
     if not quantization or 0 not in quantization:
         return None
-    luma = np.asarray(quantization[0], dtype=np.float64)
-    chroma = np.asarray(quantization[1], dtype=np.float64) if 1 in quantization else None
+    # A 0 in a table (invalid, but damaged files have them) counts as 1, which has a log.
+    luma = np.maximum(np.asarray(quantization[0], dtype=np.float64), 1)
+    chroma = None
+    if 1 in quantization:
+        chroma = np.maximum(np.asarray(quantization[1], dtype=np.float64), 1)
     if luma.size != 64 or (chroma is not None and chroma.size != 64):
         return None
     best, best_err = None, math.inf

@@ -79,6 +79,7 @@ def test_files_of_too_many_segments_chunks_or_strips_are_refused_before_parsing(
     refused_quickly(jpeg_with_segments(100_000), "more than 1000 segments")
     refused_quickly(jpeg_with_segments(100_000, marker=0xE1), "more than 1000 segments")
     refused_quickly(png_with_chunks(100_000), "more than 1000 chunks")
+    refused_quickly(png_with_chunks(150_000, kind=b"IDAT"), "more than 100,000 chunks")
     refused_quickly(tiff_with_strips(5, 100_000), "100,000 strips")
 
 
@@ -209,3 +210,37 @@ def test_detection_stops_when_cancelled(store):
             detector.detect(image, cancel=stop)
         assert time.perf_counter() - started < 0.5
         assert detector.detect(image[:200, :200], cancel=threading.Event()) == []
+
+
+# -- damaged files the fuzzer found (tests/fuzz) -------------------------------------------
+
+
+def _save(image: Image.Image, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, fmt)
+    return buf.getvalue()
+
+
+def test_damaged_files_found_by_the_fuzzer_are_image_errors():
+    photo = Image.new("RGB", (64, 48), (10, 200, 30))
+    avif = bytearray(_save(photo, "AVIF"))
+    avif[81] = 0  # the primary item's id: the AVIF library raised RuntimeError
+    png = _save(photo.convert("P"), "PNG")
+    at = png.index(b"PLTE") - 4
+    no_palette = png[:at] + png[at + 12 + int.from_bytes(png[at : at + 4], "big") :]
+    jpeg = _save(photo, "JPEG")
+    garbage = jpeg[:2] + b"\x00" * 200_000 + jpeg[2:]  # Pillow stepped over it byte by byte
+    tiff = bytearray(_save(photo, "TIFF"))
+    ifd = int.from_bytes(tiff[4:8], "little")
+    tiff[ifd : ifd + 2] = (40_000).to_bytes(2, "little")  # tags Pillow would read one by one
+    cases = {
+        "AVIF without its image item": bytes(avif),
+        "palette PNG without its palette": no_palette,  # was AttributeError
+        "JPEG with 200 KB of garbage": garbage,
+        "TIFF claiming 40,000 tags": bytes(tiff),
+    }
+    for name, data in cases.items():
+        started = time.perf_counter()
+        with pytest.raises(ImageError):
+            decode_image(data)
+        assert time.perf_counter() - started < 0.2, name
