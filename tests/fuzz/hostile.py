@@ -34,6 +34,38 @@ def jpeg_segments(data: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
+def jpeg_segments_lenient(data: bytes) -> list[tuple[int, bytes]]:
+    """``(marker, bytes)`` for each segment of any JPEG, damaged or not: markers without a
+    length on their own, a scan with its entropy-coded data (restart markers included);
+    whatever follows the walk's end is one last piece (marker -1)."""
+    out: list[tuple[int, bytes]] = []
+    pos, end = 0, len(data)
+    while pos + 1 < end and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker in (0xD8, 0xD9, 0x01) or 0xD0 <= marker <= 0xD7:
+            out.append((marker, data[pos : pos + 2]))
+            pos += 2
+            continue
+        if marker == 0xFF:
+            out.append((marker, data[pos : pos + 1]))
+            pos += 1
+            continue
+        if pos + 4 > end:
+            break
+        stop = min(end, pos + 2 + struct.unpack(">H", data[pos + 2 : pos + 4])[0])
+        if marker == 0xDA:
+            while stop + 1 < end and not (
+                data[stop] == 0xFF and data[stop + 1] not in (0x00, 0xFF, *range(0xD0, 0xD8))
+            ):
+                stop += 1
+            stop = min(stop, end) if stop + 1 < end else end
+        out.append((marker, data[pos:stop]))
+        pos = max(stop, pos + 2)
+    if pos < end:
+        out.append((-1, data[pos:]))
+    return out
+
+
 def progressive_jpeg(width: int, height: int, *, seed: int = 0, subsampling: int = 2) -> bytes:
     """A real progressive JPEG of smooth random colours (libjpeg's 10 scans)."""
     rng = np.random.default_rng(seed)
