@@ -1,7 +1,8 @@
 // The service worker: the only part of FaceCloak that talks to the daemon. It answers
-// the popup and the options page (messages with a `type`), serves the content script's
-// protect ports, keeps content-script registration in step with settings and host
-// permissions, and mirrors settings to the daemon.
+// the popup and the options page (messages with a `type`), tells a content script in a
+// frame whether its tab is protected (the only thing it answers a content script), serves
+// the content script's protect ports, keeps content-script registration in step with
+// settings and host permissions, and mirrors settings to the daemon.
 
 import { ActivityLog } from "./lib/activity.js";
 import { DaemonClient, DaemonError } from "./lib/daemon.js";
@@ -14,15 +15,8 @@ import {
   saveSettings,
   saveToken,
 } from "./lib/settings.js";
-import {
-  daemonAcceptsSite,
-  grantedPatterns,
-  normalizeSite,
-  originPatterns,
-  siteCovering,
-  SUGGESTED_SITES,
-} from "./lib/sites.js";
-import { PROTECT_PORT, servePort } from "./lib/upload-service.js";
+import { daemonAcceptsSite, grantedPatterns, normalizeSite, siteCovering, SUGGESTED_SITES } from "./lib/sites.js";
+import { PROTECT_PORT, senderSite, servePort } from "./lib/upload-service.js";
 
 const activity = new ActivityLog();
 // Storage is closed to content scripts before any content script is registered.
@@ -104,7 +98,6 @@ const handlers = {
       throw new Error(`FaceCloak was not given access to ${key}.`);
     }
     const next = await saveSettings({ sites: { ...settings.sites, [key]: Boolean(on) } });
-    if (!on) await dropAccess(key);
     await settingsChanged(next);
     return { site: key, on: Boolean(on) };
   },
@@ -114,7 +107,6 @@ const handlers = {
     const sites = { ...settings.sites };
     delete sites[site];
     const next = await saveSettings({ sites });
-    await dropAccess(site);
     await settingsChanged(next, [site]);
     return {};
   },
@@ -146,22 +138,26 @@ const handlers = {
   },
 };
 
-/** Give back host access to a site that was turned off (least privilege). */
-async function dropAccess(site) {
-  for (const pattern of originPatterns(site)) {
-    try {
-      await chrome.permissions.remove({ origins: [pattern] });
-    } catch {
-      // A required permission (the daemon's loopback address) cannot be removed.
-    }
-  }
-}
+// What a content script may ask: whether its frame's tab is protected (the catcher in a
+// frame of a site that is not on itself asks when it starts). Nothing else.
+const contentHandlers = {
+  async "frame-status"(_message, sender) {
+    return { protected: Boolean(await senderSite(sender, await loadSettings())) };
+  },
+};
 
 chrome.runtime.onMessage.addListener((message, sender, sendResponse) => {
+  if (sender.id !== chrome.runtime.id) return false;
   // Only FaceCloak's own pages may change settings or pair; content scripts run in
-  // web pages and are refused here.
-  const fromExtensionPage = sender.id === chrome.runtime.id && sender.url?.startsWith(`${EXTENSION_ORIGIN}/`);
-  const handler = fromExtensionPage ? handlers[message?.type] : undefined;
+  // web pages and get only their frame's status.
+  const fromExtensionPage = sender.url?.startsWith(`${EXTENSION_ORIGIN}/`);
+  if (!fromExtensionPage) {
+    const ask = contentHandlers[message?.type];
+    if (!ask) return false;
+    ask(message, sender).then(sendResponse, () => sendResponse({ protected: true }));
+    return true;
+  }
+  const handler = handlers[message?.type];
   if (!handler) return false;
   handler(message)
     .then((result) => sendResponse({ ok: true, result }))

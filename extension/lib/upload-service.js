@@ -1,10 +1,11 @@
-// Serves the content script's "protect" port: one port per held upload (a file input's
+// Serves the content script's "protect" port: one port per held upload (a picker's
 // selection, a drop or a paste). The page itself never reaches this: the port is opened
-// by the catcher in the extension's isolated world, and only for events the user made.
+// by the catcher in the extension's isolated world, and only for files the user gave.
 //
 // What a caller can get here is deliberately narrow: protected versions of at most
-// MAX_FILES images it sends, and only from a frame of a site the user turned on.
-// Pairing, settings and the token are never reachable from a content script.
+// MAX_FILES images it sends, and only from a frame of a tab whose top-level site the user
+// turned on (or a frame of such a site itself). Pairing, settings and the token are never
+// reachable from a content script.
 
 import { DaemonClient, DaemonError } from "./daemon.js";
 import { fromBase64, toBase64 } from "./base64.js";
@@ -17,17 +18,21 @@ export const PROTECT_PORT = "facecloak-protect";
 const MAX_FILES = 20;
 const MAX_BASE64_CHARS = Math.ceil((40 * 1024 * 1024) / 3) * 4;
 
-/** The protected site that the frame behind `sender` belongs to, or null. */
-async function senderSite(sender, settings) {
-  const url = sender.origin && sender.origin !== "null" ? sender.origin : sender.url;
-  const host = normalizeSite(url || "");
-  if (!host) return null;
-  const active = await activeSites(settings);
-  const site = siteCovering(host, active.map((a) => a.site));
-  if (!site) return null;
-  // The frame's own origin must be one FaceCloak was given access to.
-  const granted = await chrome.permissions.contains({ origins: [`${new URL(url).origin}/*`] });
-  return granted ? site : null;
+/**
+ * The protected site that decides for the frame behind `sender`, or null: the tab's
+ * top-level site when it is on (whatever the frame's own origin, an opaque one included),
+ * else the frame's own site when that is on.
+ */
+export async function senderSite(sender, settings) {
+  const sites = (await activeSites(settings)).map((a) => a.site);
+  const top = sender.frameId === 0 ? sender.url : sender.tab?.url;
+  const own = sender.origin && sender.origin !== "null" ? sender.origin : sender.url;
+  for (const url of [top, own]) {
+    const host = normalizeSite(url || "");
+    const site = host && siteCovering(host, sites);
+    if (site) return site;
+  }
+  return null;
 }
 
 /** True when the two byte arrays are the same. */

@@ -3,6 +3,8 @@
 - File pickers that no event on the page shows: an input never put in the document (its
   ``click()`` or ``showPicker()``), an input removed from the document once clicked.
 - Photos whose name and type do not say "image" (no extension, a generic type).
+- File inputs in frames of other origins inside a page of a site that is on: a frame of
+  another site, a sandboxed frame.
 
 Each test picks the photo through a real file chooser (or the input, for the type test)
 and checks that the site received a protected photo, never the original.
@@ -70,3 +72,21 @@ def test_photos_without_an_image_name_or_type_are_protected(
     assert [u.name for u in uploads] == ["photo", "photo.bin"]
     for upload in uploads:
         assert_protected(upload.data, photo.read_bytes(), embedder)
+
+
+@pytest.mark.parametrize("kind", ["frame", "sandboxed"])
+def test_frames_of_other_origins_are_protected_by_the_top_level_site(
+    kind, extension, site, page, photos_dir, embedder
+):
+    photo = photos_dir / PHOTO
+    page.goto(site.url(kind))
+    extension.set_site(page, True)  # 127.0.0.1; the frame is localhost, or opaque
+    site.clear()
+    frame = page.frame_locator("#frame")
+    frame.locator("#picker").wait_for()
+    with page.expect_file_chooser() as chooser:
+        frame.locator("#picker").click()
+    chooser.value.set_files(str(photo))
+
+    received = "framed" if kind == "frame" else kind
+    assert_protected(received_one(site, received), photo.read_bytes(), embedder)

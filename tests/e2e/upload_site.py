@@ -17,7 +17,13 @@ Pages that open file pickers in ways no event shows (each uploads with ``fetch``
 - ``/showpicker``: the same, with ``showPicker()``.
 - ``/removed``: ``#picker`` is in the document until it is clicked, then removed.
 
-The server runs on 127.0.0.1 at a random port, in its own thread.
+Pages with frames of other origins (each frame uploads with ``fetch``):
+
+- ``/frame``: a frame from ``http://localhost:PORT/framed`` (another site) with ``#picker``.
+- ``/sandboxed``: a sandboxed ``srcdoc`` frame (an opaque origin) with ``#picker``.
+
+The server runs on 127.0.0.1 at a random port, in its own thread; it also answers as
+``localhost``.
 """
 
 from __future__ import annotations
@@ -174,6 +180,34 @@ document.getElementById("pick").addEventListener("click", () => {
 const input = document.getElementById("picker");
 input.addEventListener("click", () => setTimeout(() => input.remove(), 0));
 input.addEventListener("change", () => send([...input.files], "removed"));
+""",
+    ),
+    "frame": (
+        "A frame from another site",
+        '<iframe id="frame" width="500" height="200"></iframe>',
+        'document.getElementById("frame").src = `http://localhost:${location.port}/framed`;',
+    ),
+    "framed": (
+        "The framed uploader",
+        '<input type="file" id="picker">',
+        _SEND
+        + """
+const input = document.getElementById("picker");
+input.addEventListener("change", () => send([...input.files], "framed"));
+""",
+    ),
+    "sandboxed": (
+        "A sandboxed frame",
+        '<iframe id="frame" width="500" height="200" sandbox="allow-scripts"></iframe>',
+        r"""
+document.getElementById("frame").srcdoc = `<input type="file" id="picker"><script>
+  const input = document.getElementById("picker");
+  input.addEventListener("change", () => {
+    const form = new FormData();
+    for (const f of input.files) form.append("photo", f, f.name);
+    fetch("${location.origin}/upload/sandboxed", { method: "POST", body: form });
+  });
+<\/script>`;
 """,
     ),
 }
