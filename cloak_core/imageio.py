@@ -451,8 +451,8 @@ def _describe_unsupported(data: bytes) -> str:
     elif lower.startswith((b"<!doctype html", b"<html")):
         what = "an HTML page (the download may have failed)"
     if what is None:
-        try:
-            with Image.open(io.BytesIO(data)) as other:
+        try:  # from the first 64 KB: some plugins read far in Python (an XPM's palette)
+            with Image.open(io.BytesIO(data[:65536])) as other:
                 what = f"a {other.format} image, which FaceCloak does not read"
                 advice = "export it as JPEG or PNG"
         except Exception:  # noqa: BLE001 - any failure just means "unknown"

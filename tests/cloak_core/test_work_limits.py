@@ -20,7 +20,7 @@ from fuzz.hostile import (
 )
 from PIL import Image, ImageFile
 
-from cloak_core.errors import CancelledError, ImageError, ImageTooLargeError
+from cloak_core.errors import CancelledError, ImageError, ImageTooLargeError, UnsupportedImageError
 from cloak_core.imagecheck import MAX_JPEG_SCANS, jpeg_scans
 from cloak_core.imageio import decode_image, encode_image, probe_image
 
@@ -244,3 +244,14 @@ def test_damaged_files_found_by_the_fuzzer_are_image_errors():
         with pytest.raises(ImageError):
             decode_image(data)
         assert time.perf_counter() - started < 0.2, name
+
+
+def test_a_format_not_read_is_named_without_reading_all_of_it():
+    # An XPM of 300,000 palette entries (5 MB): Pillow reads the palette line by line in
+    # Python (about 1 s), and the daemon names what it refuses on its event loop.
+    entries = b"\n".join(b'"%03x c #000000",' % (i % 4096) for i in range(300_000))
+    data = b'/* XPM */\nstatic char *x[] = {\n"1 1 300000 3",\n' + entries + b'\n"000"};\n'
+    started = time.perf_counter()
+    with pytest.raises(UnsupportedImageError):
+        probe_image(data)
+    assert time.perf_counter() - started < 0.2
