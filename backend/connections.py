@@ -1,10 +1,11 @@
 """Connections: a cap on how many are open, a deadline for request headers, and as many
 file descriptors as the system allows.
 
-aiohttp's server takes every connection it is offered and (before aiohttp 3.14) gives
-none a deadline for its request's headers: about 1,000 connections that send nothing,
-or half a request, use up a common limit of 1024 descriptors, and the daemon can accept
-no other until they close. So:
+aiohttp's server takes every connection it is offered, and gives one that never completes
+a request's headers no deadline but its keep-alive timeout (75 s by default; none at all
+in older versions): about 1,000 connections that send nothing, or half a request, use up
+a common limit of 1024 descriptors, and the daemon can accept no other until they close.
+So:
 
 - at start-up the soft ``RLIMIT_NOFILE`` is raised to the hard limit
   (:func:`raise_descriptor_limit`);
