@@ -104,3 +104,28 @@ def test_a_job_over_its_time_limit_fails_at_its_deadline_and_frees_the_worker(da
     assert status == 200 and seconds < 2.0
     health = daemon.health()
     assert health["status"] == "ready" and health["queue"]["running"] == 0
+
+
+@pytest.mark.slow
+def test_the_real_protector_stops_at_the_deadline_and_serves_the_next_photo(tmp_path, photos_dir):
+    # The real pipeline: decoding, detection (a hundred-odd views on 48 megapixels), the
+    # attack and encoding, each looking at the deadline.
+    daemon = start_daemon(
+        tmp_path, "--preset", "fast", "--device", "cpu", "--job-timeout", "2", "--batch-size", "1"
+    )
+    try:
+        token = daemon.pair()
+        status, error, seconds = post(daemon, token, many_scans_jpeg(7000, 7000, 1000))
+        assert status == 413 and seconds < 1.0, error
+        status, error, seconds = post(daemon, token, progressive_jpeg(8000, 6000, seed=2))
+        print(f"\n48 megapixels with a 2 s limit: {status} after {seconds:.2f} s", end="")
+        assert status == 504 and error["error"] == "timeout"
+        assert seconds < 2.0 + STOP_GRACE + 1.0
+        photo = (photos_dir / "obama-240p.jpg").read_bytes()
+        request = urllib.request.Request(daemon.url("/v1/protect"), data=photo, headers=auth(token))
+        started = time.monotonic()
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            assert resp.status == 200 and resp.headers["X-FaceCloak-Faces"] == "1"
+        print(f"; a real photo next: 200 after {time.monotonic() - started:.2f} s", end="")
+    finally:
+        assert daemon.stop() == 0
