@@ -2,7 +2,8 @@
 
 Run as ``python tests/backend/reencoding_serve.py --port N --config-dir DIR ...`` (the
 flags of ``facecloak serve``). Everything but the protector is the production path: the
-command's flags, its logging set-up, ``web.run_app``, aiohttp's HTTP parser and server.
+command's flags, its logging set-up, ``backend.server.run`` (descriptor limit, connection
+cap, header deadline), aiohttp's HTTP parser and server.
 Tests of behaviour that depends on sockets and on the process's log (malformed requests,
 pairing floods) use it, so that they need neither models nor minutes of start-up.
 """
