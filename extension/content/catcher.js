@@ -22,9 +22,20 @@
 
   // In a frame of a site that is not on itself, the tab's top-level site decides.
   const framesOnly = globalThis.FaceCloakFramesOnly === true;
-  if (framesOnly && window === window.top) return; // a page of a site that is off
-  let status = framesOnly ? "pending" : "on"; // "pending" behaves as "on": fail closed
-  if (framesOnly) {
+  function sameOriginAsTop() {
+    try {
+      return window.top.location.origin === window.origin; // about:blank frames: inherited
+    } catch {
+      return false; // another origin: ask the service worker
+    }
+  }
+  // A page of a site that is off: the catcher only tells the page guard to stand down (over
+  // their line, below: Chromium runs frames-only.js once per frame, in this world only, so
+  // the guard cannot read the flag itself) and then does nothing at all.
+  // A frame with the top-level page's origin has its site, which is off, too.
+  const standDown = framesOnly && (window === window.top || sameOriginAsTop());
+  let status = standDown ? "off" : framesOnly ? "pending" : "on"; // "pending" behaves as "on": fail closed
+  if (framesOnly && !standDown) {
     chrome.runtime.sendMessage({ type: "frame-status" }).then(
       (reply) => {
         if (reply && typeof reply.protected === "boolean") status = reply.protected ? "on" : "off";
@@ -285,6 +296,8 @@
 
   const HELLO = "facecloak-hello";
   const box = document.createElement("facecloak-line");
+  if (framesOnly) box.setAttribute("frames-only", ""); // the guard reads these at the hello
+  if (standDown) box.setAttribute("stand-down", "");
   let guard = null;
 
   function meet(event) {
@@ -312,6 +325,7 @@
   });
   document.addEventListener(HELLO, meet, true);
   document.dispatchEvent(new MouseEvent(HELLO, { relatedTarget: box }));
+  if (standDown) return;
 
   // ---- files set on an input without a picker (dropped on it, or by automation) ---------
   // Choosing files fires `input` (composed) then `change` (not composed, so from inside a

@@ -19,22 +19,13 @@
 // no picker at all (it never lets one through unprotected).
 
 (() => {
-  const framesOnly = globalThis.FaceCloakFramesOnly === true;
+  // frames-only.js says "a frame of a site that is off". Chromium runs a file once per
+  // frame, so where the catcher's registration ran it first (in the isolated world) it
+  // is not run here again: the catcher then says so at the hello, below.
+  const flaggedFramesOnly = globalThis.FaceCloakFramesOnly === true;
   delete globalThis.FaceCloakFramesOnly;
-  if (framesOnly && window === window.top) return; // a page of a site that is off
+  if (flaggedFramesOnly && window === window.top) return; // a page of a site that is off
   if (globalThis.document === undefined) return;
-
-  if (!framesOnly) {
-    for (const name of ["showOpenFilePicker", "showDirectoryPicker"]) {
-      for (const owner of [globalThis, Object.getPrototypeOf(globalThis)]) {
-        try {
-          if (Object.prototype.hasOwnProperty.call(owner, name)) delete owner[name];
-        } catch {
-          // not configurable here: nothing to hide
-        }
-      }
-    }
-  }
 
   // ---- captured before any page script runs ---------------------------------------------
   const { apply } = Reflect;
@@ -129,6 +120,26 @@
   call(listen, doc, HELLO, meet, true);
   call(dispatch, doc, new MakeMouseEvent(HELLO, { relatedTarget: box }));
 
+  // A page of a site that is off: leave its world as it was (nothing wrapped, nothing
+  // removed). Without a catcher here, the guard behaves as on a site that is on.
+  if (catcher && call(hasAttribute, catcher, "stand-down")) {
+    call(unlisten, doc, HELLO, meet, true);
+    return;
+  }
+  const framesOnly = flaggedFramesOnly || (catcher !== null && call(hasAttribute, catcher, "frames-only"));
+
+  if (!framesOnly) {
+    for (const name of ["showOpenFilePicker", "showDirectoryPicker"]) {
+      for (const owner of [globalThis, Object.getPrototypeOf(globalThis)]) {
+        try {
+          if (Object.prototype.hasOwnProperty.call(owner, name)) delete owner[name];
+        } catch {
+          // not configurable here: nothing to hide
+        }
+      }
+    }
+  }
+
   /**
    * Ask the catcher to open a picker for `input`: "taken" (it did; the files come back
    * later), "declined" (protection is off in this frame) or "blocked" (no catcher here:
@@ -206,16 +217,38 @@
   // ---- the hooks, in this window and in every same-origin window it opens -----------------
   const installed = new WeakSet();
 
-  function replace(owner, name, wrap) {
-    const descriptor = getOwnPropertyDescriptor(owner, name);
-    if (!descriptor || typeof descriptor.value !== "function") return;
-    defineProperty(owner, name, { ...descriptor, value: wrap(descriptor.value) });
+  // Every wrapper looks like the function it replaces: a method (no `prototype`, not a
+  // constructor), the original's `name` and `length`, the same property flags, and
+  // Function.prototype.toString shows what it showed for the original ("[native code]"),
+  // also when asked from another same-origin frame. The text is read when the wrapper is
+  // made, through that world's toString as it is then: a frame's world may have been
+  // wrapped already by the guard that runs in the frame itself, whose record this one
+  // cannot see.
+  const disguised = new WeakMap(); // wrapper -> what toString shows for it
+  const weakGet = WeakMap.prototype.get;
+  const weakSet = WeakMap.prototype.set;
+  const nameOf = (fn) => getOwnPropertyDescriptor(fn, "name")?.value;
+  const lengthOf = (fn) => getOwnPropertyDescriptor(fn, "length")?.value;
+
+  function disguise(wrapper, original, sourceOf) {
+    defineProperty(wrapper, "length", { value: lengthOf(original) });
+    defineProperty(wrapper, "name", { value: nameOf(original) });
+    const text = attempt(sourceOf, original);
+    if (typeof text === "string") call(weakSet, disguised, wrapper, text);
+    return wrapper;
   }
 
-  function replaceSetter(owner, name, wrap) {
+  function replace(owner, name, wrap, sourceOf) {
+    const descriptor = getOwnPropertyDescriptor(owner, name);
+    if (!descriptor || typeof descriptor.value !== "function") return;
+    const wrapper = disguise(wrap(descriptor.value), descriptor.value, sourceOf);
+    defineProperty(owner, name, { ...descriptor, value: wrapper });
+  }
+
+  function replaceSetter(owner, name, wrap, sourceOf) {
     const descriptor = getOwnPropertyDescriptor(owner, name);
     if (!descriptor?.set) return;
-    defineProperty(owner, name, { ...descriptor, set: wrap(descriptor.set) });
+    defineProperty(owner, name, { ...descriptor, set: disguise(wrap(descriptor.set), descriptor.set, sourceOf) });
   }
 
   const INSERTING = [
@@ -241,40 +274,64 @@
     if (call(weakHas, installed, prototype)) return;
     call(weakAdd, installed, prototype);
 
+    // This world's toString as it is now (the browser's, or the frame's own guard's).
+    const sourceOf = win.Function.prototype.toString;
+    replace(
+      win.Function.prototype,
+      "toString",
+      (original) =>
+        ({
+          toString() {
+            const shown = call(weakGet, disguised, this);
+            return shown === undefined ? apply(original, this, arguments) : shown;
+          },
+        }).toString,
+      sourceOf,
+    );
+
     replace(win.HTMLElement.prototype, "click", (original) =>
-      function click() {
-        const input = routable(chooserInputOf(this));
-        if (input && route(input) !== "declined") {
-          call(dispatch, this, cancelledClick());
-          return undefined;
-        }
-        return apply(original, this, arguments);
-      },
+      ({
+        click() {
+          const input = routable(chooserInputOf(this));
+          if (input && route(input) !== "declined") {
+            call(dispatch, this, cancelledClick());
+            return undefined;
+          }
+          return apply(original, this, arguments);
+        },
+      }).click,
+      sourceOf,
     );
 
     replace(win.HTMLInputElement.prototype, "showPicker", (original) =>
-      function showPicker() {
-        const input = isFileInput(this) ? routable(this) : null;
-        if (input && route(input) !== "declined") return undefined;
-        return apply(original, this, arguments);
-      },
+      ({
+        showPicker() {
+          const input = isFileInput(this) ? routable(this) : null;
+          if (input && route(input) !== "declined") return undefined;
+          return apply(original, this, arguments);
+        },
+      }).showPicker,
+      sourceOf,
     );
 
     replace(win.EventTarget.prototype, "dispatchEvent", (original) =>
-      function dispatchEvent(event) {
-        const isClick = attempt(eventType, event) === "click" && attempt(mouseButton, event) !== undefined;
-        const input = isClick ? routable(chooserInputOf(this)) : null;
-        if (input && route(input) !== "declined") {
-          if (call(eventCancelable, event)) {
-            call(preventDefault, event);
-            return apply(original, this, [event]);
+      ({
+        dispatchEvent(event) {
+          const isClick = attempt(eventType, event) === "click" && attempt(mouseButton, event) !== undefined;
+          const input = isClick ? routable(chooserInputOf(this)) : null;
+          if (input && route(input) !== "declined") {
+            if (call(eventCancelable, event)) {
+              call(preventDefault, event);
+              return apply(original, this, [event]);
+            }
+            const init = { bubbles: call(eventBubbles, event), composed: call(eventComposed, event) };
+            apply(original, this, [cancelledClick(init)]);
+            return true;
           }
-          const init = { bubbles: call(eventBubbles, event), composed: call(eventComposed, event) };
-          apply(original, this, [cancelledClick(init)]);
-          return true;
-        }
-        return apply(original, this, arguments);
-      },
+          return apply(original, this, arguments);
+        },
+      }).dispatchEvent,
+      sourceOf,
     );
 
     // New same-origin frames start with a JavaScript world of their own that FaceCloak's
@@ -285,14 +342,18 @@
       const owner = win[INSERTING[i][0]]?.prototype;
       const methods = owner ? INSERTING[i][1] : [];
       for (let j = 0; j < methods.length; j += 1) {
-        replace(owner, methods[j], (original) =>
-          function () {
-            try {
-              return apply(original, this, arguments);
-            } finally {
-              adopt();
-            }
-          },
+        const name = methods[j];
+        replace(owner, name, (original) =>
+          ({
+            [name]() {
+              try {
+                return apply(original, this, arguments);
+              } finally {
+                adopt();
+              }
+            },
+          })[name],
+          sourceOf,
         );
       }
     }
@@ -300,23 +361,33 @@
       const owner = win[INSERTING_SETTERS[i][0]]?.prototype;
       const properties = owner ? INSERTING_SETTERS[i][1] : [];
       for (let j = 0; j < properties.length; j += 1) {
-        replaceSetter(owner, properties[j], (original) =>
-          function (value) {
-            try {
-              apply(original, this, [value]);
-            } finally {
-              adopt();
-            }
-          },
+        const name = properties[j];
+        replaceSetter(owner, name, (original) =>
+          getOwnPropertyDescriptor(
+            {
+              set [name](value) {
+                try {
+                  apply(original, this, [value]);
+                } finally {
+                  adopt();
+                }
+              },
+            },
+            name,
+          ).set,
+          sourceOf,
         );
       }
     }
     replace(win, "open", (original) =>
-      function open() {
-        const opened = apply(original, this, arguments);
-        if (opened) adoptWindow(opened);
-        return opened;
-      },
+      ({
+        open() {
+          const opened = apply(original, this, arguments);
+          if (opened) adoptWindow(opened);
+          return opened;
+        },
+      }).open,
+      sourceOf,
     );
     // Frames the parser inserts: the observer runs before the next script does.
     call(observe, new MakeMutationObserver(adopt), win.document, { childList: true, subtree: true });
