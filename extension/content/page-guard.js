@@ -208,8 +208,8 @@
 
   // A click the page still sees, cancelled before it is dispatched, so that it opens no
   // picker of its own (and the catcher, seeing it cancelled, leaves it alone).
-  function cancelledClick(init = { bubbles: true, cancelable: true, composed: true }) {
-    const click = new MakeMouseEvent("click", { ...init, cancelable: true });
+  function cancelledClick(init = { bubbles: true, cancelable: true, composed: true }, Make = MakeMouseEvent) {
+    const click = new Make("click", { ...init, cancelable: true });
     call(preventDefault, click);
     return click;
   }
@@ -274,6 +274,10 @@
     if (call(weakHas, installed, prototype)) return;
     call(weakAdd, installed, prototype);
 
+    // The event click() makes in this world: a PointerEvent with this window as its view.
+    const MakeClick = win.PointerEvent || MakeMouseEvent;
+    const nativeClick = { bubbles: true, cancelable: true, composed: true, view: win, pointerId: -1 };
+
     // This world's toString as it is now (the browser's, or the frame's own guard's).
     const sourceOf = win.Function.prototype.toString;
     replace(
@@ -294,7 +298,7 @@
         click() {
           const input = routable(chooserInputOf(this));
           if (input && route(input) !== "declined") {
-            call(dispatch, this, cancelledClick());
+            call(dispatch, this, cancelledClick(nativeClick, MakeClick));
             return undefined;
           }
           return apply(original, this, arguments);

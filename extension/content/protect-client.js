@@ -75,7 +75,7 @@
           const out = reply.files.map(({ data, mime }, i) => {
             const { file } = images[i];
             const type = file.type.startsWith("image/") ? mime || file.type : file.type;
-            return new File([fromBase64(data)], file.name, { type, lastModified: Date.now() });
+            return new File([fromBase64(data)], file.name, { type, lastModified: file.lastModified });
           });
           out.faces = reply.files.map((f) => f.faces);
           finish(resolve, out);

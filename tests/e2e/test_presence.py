@@ -159,3 +159,33 @@ def test_a_site_that_is_off_gets_its_own_picker_from_click_on_a_detached_input(
     chooser.value.set_files(str(photo))
     site.wait_for("detached", timeout_s=30)
     assert site.received("detached")[0].data == photo.read_bytes()  # the site is off
+
+
+CLICK = """() => {
+  const button = document.createElement("button");
+  button.id = "presence-pick";
+  button.textContent = "pick";
+  document.body.append(button);
+  button.addEventListener("click", () => {
+    const input = document.createElement("input");
+    input.type = "file";  // never in the document: the guard's case
+    input.addEventListener("click", (e) => (window.presenceClick = [e.constructor.name, e.view === window, e.pointerId,
+      e.pointerType, e.detail, e.bubbles, e.composed, e.cancelable, e.isTrusted, e.button]));
+    input.click();
+  });
+}"""
+
+
+def test_the_click_of_click_on_a_detached_input_looks_like_the_browsers_own(extension, site, page):
+    """Only its being cancelled already tells it apart (see extension/README.md)."""
+    page.goto(site.url("fetch"))
+    extension.set_site(page, True)  # 127.0.0.1 on; localhost stays off
+    seen = {}
+    for name, url in (("on", site.url("fetch")), ("off", site.url("fetch").replace("127.0.0.1", "localhost"))):
+        page.goto(url)
+        page.evaluate(CLICK)
+        with page.expect_file_chooser(timeout=10_000):
+            page.click("#presence-pick")
+        seen[name] = page.evaluate("window.presenceClick")
+    assert seen["off"][0] == "PointerEvent"
+    assert seen["on"] == seen["off"]
