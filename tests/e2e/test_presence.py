@@ -1,3 +1,4 @@
+# ruff: noqa: E501 -- the page scripts below are JavaScript in strings
 """What a page's own script can see of FaceCloak on a site that is on, before any upload.
 
 The page guard wraps functions in the page's world (``click``, ``showPicker``,
@@ -181,7 +182,10 @@ def test_the_click_of_click_on_a_detached_input_looks_like_the_browsers_own(exte
     page.goto(site.url("fetch"))
     extension.set_site(page, True)  # 127.0.0.1 on; localhost stays off
     seen = {}
-    for name, url in (("on", site.url("fetch")), ("off", site.url("fetch").replace("127.0.0.1", "localhost"))):
+    for name, url in (
+        ("on", site.url("fetch")),
+        ("off", site.url("fetch").replace("127.0.0.1", "localhost")),
+    ):
         page.goto(url)
         page.evaluate(CLICK)
         with page.expect_file_chooser(timeout=10_000):
