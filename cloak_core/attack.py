@@ -33,8 +33,10 @@ import torch.nn.functional as F
 
 from cloak_core.align import warp_affine
 from cloak_core.errors import CancelledError
+from cloak_core.filters import gaussian_blur
 from cloak_core.lpips import LPIPS
 from cloak_core.models.base import FaceModel
+from cloak_core.perceptual import budget, rgb_to_ycc, ycc_to_rgb
 from cloak_core.presets import AttackConfig
 
 
@@ -56,18 +58,6 @@ class FaceBatch:
     matrices: Mapping[str, torch.Tensor]
     area: torch.Tensor
     upscale: tuple[float, ...] = ()
-
-
-def gaussian_blur(images: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(B, C, H, W)`` images, reflect padding, same shape."""
-    half = kernel // 2
-    x = torch.arange(kernel, dtype=images.dtype, device=images.device) - half
-    k = torch.exp(-(x * x) / (2 * sigma * sigma))
-    k = k / k.sum()
-    c = images.shape[1]
-    out = F.pad(images, (half, half, half, half), mode="reflect")
-    out = F.conv2d(out, k.view(1, 1, 1, kernel).expand(c, 1, 1, kernel), groups=c)
-    return F.conv2d(out, k.view(1, 1, kernel, 1).expand(c, 1, kernel, 1), groups=c)
 
 
 def embed(
@@ -141,9 +131,13 @@ def lowkey(
     with steps done / steps planned after every step; setting ``cancel`` stops the attack
     with :class:`CancelledError`. ``times``, when given, collects seconds per stage:
     alignment, each model's forward and backward, LPIPS.
+
+    Each step computes the objective's gradient (:func:`ascend_identity` for the models'
+    terms, then the LPIPS penalty when ``lpips_weight`` is set) and hands it to the update
+    rule: sign steps with an optional LPIPS budget (:class:`SignSteps`), or projected steps
+    inside a per-pixel perceptual budget (:class:`BudgetSteps`, with ``perceptual``).
     """
     x = batch.pixels
-    mask = batch.masks
     times = times or StageTimes(x.device)
     use_amp = x.device.type == "cuda"
     autocast = torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=use_amp)
@@ -151,97 +145,272 @@ def lowkey(
         originals = {
             name: embed(m, x, batch.matrices[name], config.flips) for name, m in models.items()
         }
-    noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
-    delta = ((noise * 2 - 1) * config.noise).requires_grad_(True)
+    rule: SignSteps | BudgetSteps
+    if config.perceptual is not None:
+        rule = BudgetSteps(batch, config, generator)
+    else:
+        rule = SignSteps(batch, config, generator)
+    measured = bool(config.lpips_weight) or config.lpips_budget is not None
+    lpips_x = _lpips_view(x, config.lpips_size) if measured else None
+
+    def penalty(adv: torch.Tensor) -> torch.Tensor:
+        with times.stage("lpips forward"), autocast:
+            # LPIPS averages over the padded area: scale back to each region's own area.
+            return _per_face_lpips(lpips, lpips_x, adv, batch, config)
+
     views = view_schedule(config)
-    lpips_x = _lpips_view(x, config.lpips_size)
     capped = config.cosine_target is not None or config.euclidean_target_ratio is not None
     met_streak = 0  # consecutive steps whose views all met every model's cap
     needed = len(views) if config.sample_views else 1  # ... covering every view once
-    velocity = torch.zeros_like(delta) if config.momentum else None
-    # Faces still moving (1) or frozen at their LPIPS budget (0), and the last delta.
-    active = torch.ones(x.shape[0], 1, 1, 1, dtype=x.dtype, device=x.device)
-    previous = delta.detach().clone() if config.lpips_budget is not None else None
     for step in range(config.steps):
         if cancel is not None and cancel.is_set():
             raise CancelledError("protection was cancelled")
-        delta.grad = None
+        adv = rule.protected()
         step_views = [views[step % len(views)]] if config.sample_views else views
-        blurred = [b for b, _ in step_views]
-        with times.stage("blur"):
-            adv = (x + mask * delta).clamp(0.0, 1.0)
-            images = [
-                gaussian_blur(adv, config.blur_kernel, config.blur_sigma) if b else adv
-                for b in dict.fromkeys(blurred)
-            ]
-            stacked = torch.cat(images, 0)
-        n_images = len(images)
-        # One backward per model (gradients accumulate in delta.grad): the graph of one
-        # model is freed before the next one runs, and each stage can be timed.
-        met = True
-        for name, model in models.items():
-            with times.stage("align"):
-                crops = warp_affine(
-                    stacked, batch.matrices[name].repeat(n_images, 1, 1), model.spec.input_size
-                )
-                flip_all = config.flips and not config.sample_views
-                if flip_all:
-                    crops = torch.cat([crops, crops.flip(-1)], 0)
-                elif step_views[0][1]:
-                    crops = crops.flip(-1)
-            with times.stage(f"{name} forward"), autocast:
-                emb = model(crops).float()
-                if flip_all:
-                    half = emb.shape[0] // 2
-                    emb = 0.5 * (emb[:half] + emb[half:])
-                orig = originals[name].repeat(n_images, 1)
-                terms = model_term(model, orig, emb, config)
-                met = met and bool((terms >= 1.0).all())
-            with times.stage(f"{name} backward"):
-                (terms.sum() / n_images).backward(retain_graph=True)
+        met = ascend_identity(
+            adv, models, originals, batch, config, step_views, times, autocast, generator
+        )
         met_streak = met_streak + 1 if met else 0
         if config.early_stop and capped and met_streak >= needed:
             if progress is not None:
                 progress(1.0)
             break
-        with times.stage("lpips forward"), autocast:
-            # LPIPS averages over the padded area: scale back to each region's own area.
-            per_face = _per_face_lpips(lpips, lpips_x, adv, batch, config)
-        with times.stage("lpips backward"):
-            (-config.lpips_weight * per_face.sum()).backward()
+        per_face = None
+        if measured:
+            per_face = penalty(adv)
+            with times.stage("lpips backward"):
+                (-config.lpips_weight * per_face.sum()).backward()
         with torch.no_grad():
-            if previous is not None:
-                # A face past its budget goes back to its last delta and stays there.
-                _hold_budget(per_face, config.lpips_budget, delta, previous, active)
-                if not bool(active.any()):
-                    break
-            grad = delta.grad
-            if config.grad_sigma:
-                # Smoothing the gradient before its sign (as translation-invariant attacks
-                # do) gives a smoother perturbation: less visible texture, more of it
-                # surviving JPEG and resizing, and better transfer to unseen models.
-                grad = _smooth(grad, config.grad_sigma)
-            if config.smooth_upscaled:
-                grad = _smooth_upscaled(grad, batch, config.smooth_upscaled)
-            if velocity is not None:
-                scale = grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
-                velocity.mul_(config.momentum).add_(grad / scale)
-                grad = velocity
-            if previous is not None:
-                previous.copy_(delta)
-            delta += config.step_size * active * grad.sign()
-            # Keep x + delta inside [0, 1] so the clamp never hides a step.
-            delta.copy_((x + delta).clamp(0.0, 1.0) - x)
+            if not rule.step(per_face):
+                break
         if progress is not None:
             progress((step + 1) / config.steps)
     with torch.no_grad():
-        if previous is not None:
+        return rule.finish(penalty)
+
+
+def ascend_identity(
+    adv: torch.Tensor,
+    models: Mapping[str, FaceModel],
+    originals: Mapping[str, torch.Tensor],
+    batch: FaceBatch,
+    config: AttackConfig,
+    step_views: list[tuple[bool, bool]],
+    times: StageTimes,
+    autocast: torch.autocast,
+    generator: torch.Generator | None,
+) -> bool:
+    """Back-propagate the identity part of the objective, the mean over ``step_views`` of
+    ``sum over models f of D_f(f(A_f(x)), f(A_f(view(adv))))``, into the perturbation.
+
+    One backward per model (gradients accumulate): the graph of one model is freed before
+    the next one runs, and each stage can be timed. With ``diversity``, each model sees
+    the faces under a fresh random alignment jitter and resampling (input diversity).
+    Returns whether every face met every model's cap in every view.
+    """
+    blurred = [b for b, _ in step_views]
+    with times.stage("blur"):
+        images = [
+            gaussian_blur(adv, config.blur_kernel, config.blur_sigma) if b else adv
+            for b in dict.fromkeys(blurred)
+        ]
+        stacked = torch.cat(images, 0)
+    n_images = len(images)
+    flip_all = config.flips and not config.sample_views
+    met = True
+    for name, model in models.items():
+        with times.stage("align"):
+            matrices = batch.matrices[name].repeat(n_images, 1, 1)
+            size = model.spec.input_size
+            if config.diversity:
+                matrices = _jitter(matrices, size, config.diversity, generator)
+            crops = warp_affine(stacked, matrices, size)
+            if config.diversity:
+                crops = _resample(crops, config.diversity, generator)
+            if flip_all:
+                crops = torch.cat([crops, crops.flip(-1)], 0)
+            elif step_views[0][1]:
+                crops = crops.flip(-1)
+        with times.stage(f"{name} forward"), autocast:
+            emb = model(crops).float()
+            if flip_all:
+                half = emb.shape[0] // 2
+                emb = 0.5 * (emb[:half] + emb[half:])
+            terms = model_term(model, originals[name].repeat(n_images, 1), emb, config)
+            met = met and bool((terms >= 1.0).all())
+        with times.stage(f"{name} backward"):
+            (terms.sum() / n_images).backward(retain_graph=True)
+    return met
+
+
+class SignSteps:
+    """LowKey's update: signed gradient steps of ``step_size`` on an RGB perturbation
+    started from uniform noise, the LPIPS penalty in the gradient, and with
+    ``lpips_budget`` a face that passes the budget goes back one step and stays there."""
+
+    def __init__(
+        self, batch: FaceBatch, config: AttackConfig, generator: torch.Generator | None
+    ) -> None:
+        x = batch.pixels
+        self.batch, self.config = batch, config
+        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+        self.delta = ((noise * 2 - 1) * config.noise).requires_grad_(True)
+        self.velocity = torch.zeros_like(self.delta) if config.momentum else None
+        # Faces still moving (1) or frozen at their LPIPS budget (0), and the last delta.
+        self.active = torch.ones(x.shape[0], 1, 1, 1, dtype=x.dtype, device=x.device)
+        budget = config.lpips_budget is not None
+        self.previous = self.delta.detach().clone() if budget else None
+
+    def protected(self) -> torch.Tensor:
+        """The protected regions, in the autograd graph of the perturbation."""
+        self.delta.grad = None
+        x = self.batch.pixels
+        return (x + self.batch.masks * self.delta).clamp(0.0, 1.0)
+
+    def step(self, lpips: torch.Tensor | None) -> bool:
+        """One update from the accumulated gradient; ``False`` once every face is frozen."""
+        delta, x = self.delta, self.batch.pixels
+        if self.previous is not None and lpips is not None:
+            # A face past its budget goes back to its last delta and stays there.
+            _hold_budget(lpips, self.config.lpips_budget, delta, self.previous, self.active)
+            if not bool(self.active.any()):
+                return False
+        direction = _direction(delta.grad, self.velocity, self.batch, self.config)
+        if self.previous is not None:
+            self.previous.copy_(delta)
+        delta += self.config.step_size * self.active * direction.sign()
+        # Keep x + delta inside [0, 1] so the clamp never hides a step.
+        delta.copy_((x + delta).clamp(0.0, 1.0) - x)
+        return True
+
+    def finish(self, penalty: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The final masked perturbation (the last step undone where it passed the budget)."""
+        x, mask = self.batch.pixels, self.batch.masks
+        if self.previous is not None:
             # The last step was never measured: undo it where it passed the budget.
-            adv = (x + mask * delta).clamp(0.0, 1.0)
-            with times.stage("lpips forward"), autocast:
-                per_face = _per_face_lpips(lpips, lpips_x, adv, batch, config)
-            _hold_budget(per_face, config.lpips_budget, delta, previous, active)
-        return (x + mask * delta).clamp(0.0, 1.0) - x
+            adv = (x + mask * self.delta).clamp(0.0, 1.0)
+            _hold_budget(
+                penalty(adv), self.config.lpips_budget, self.delta, self.previous, self.active
+            )
+        return (x + mask * self.delta).clamp(0.0, 1.0) - x
+
+
+# Alternating projections onto the perceptual budget and the valid pixel range per step.
+_PROJECTIONS = 4
+
+
+class BudgetSteps:
+    """Projected steps inside a perceptual budget (:mod:`cloak_core.perceptual`).
+
+    The perturbation lives in YCbCr. Each pixel's luminance may move by at most
+    ``perceptual`` just-noticeable differences of the original face there (more in hair
+    and along edges, less on smooth skin), each colour channel by ``chroma`` times that.
+    A step moves every pixel by ``step_size`` of its own bound in the sign of the
+    (smoothed, momentum-accumulated) gradient, then projects back onto the budget and the
+    valid pixel range. No penalty term is needed: the budget is the constraint.
+    """
+
+    def __init__(
+        self, batch: FaceBatch, config: AttackConfig, generator: torch.Generator | None
+    ) -> None:
+        x = batch.pixels
+        self.batch, self.config = batch, config
+        assert config.perceptual is not None
+        self.bound = budget(x, config.perceptual, config.texture_masking, config.chroma)
+        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+        self.param = ((noise * 2 - 1) * config.noise * self.bound).requires_grad_(True)
+        self.velocity = torch.zeros_like(self.param) if config.momentum else None
+
+    def _delta(self) -> torch.Tensor:
+        return ycc_to_rgb(self.param)
+
+    def protected(self) -> torch.Tensor:
+        """The protected regions, in the autograd graph of the perturbation."""
+        self.param.grad = None
+        return (self.batch.pixels + self.batch.masks * self._delta()).clamp(0.0, 1.0)
+
+    def step(self, lpips: torch.Tensor | None) -> bool:
+        """One projected step; always ``True`` (no face stops early)."""
+        direction = _direction(self.param.grad, self.velocity, self.batch, self.config)
+        p = self.param
+        p += self.config.step_size * self.bound * direction.sign()
+        # Onto the budget and into the valid pixel range: clipping one RGB channel at 0 or
+        # 1 shifts colour, so the two projections alternate a few times (they converge to
+        # a point inside both, up to a fraction of a grey level).
+        x = self.batch.pixels
+        for _ in range(_PROJECTIONS):
+            p.copy_(torch.maximum(torch.minimum(p, self.bound), -self.bound))
+            p.copy_(rgb_to_ycc((x + ycc_to_rgb(p)).clamp(0.0, 1.0) - x))
+        return True
+
+    def finish(self, penalty: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The final masked perturbation."""
+        x = self.batch.pixels
+        return (x + self.batch.masks * self._delta()).clamp(0.0, 1.0) - x
+
+
+def _direction(
+    grad: torch.Tensor, velocity: torch.Tensor | None, batch: FaceBatch, config: AttackConfig
+) -> torch.Tensor:
+    """The step direction from a gradient: smoothed (``grad_sigma``, ``smooth_upscaled``)
+    and accumulated with momentum (updating ``velocity`` in place)."""
+    if config.grad_sigma:
+        # Smoothing the gradient before its sign (as translation-invariant attacks do)
+        # gives a smoother perturbation that survives JPEG and resizing better.
+        grad = _smooth(grad, config.grad_sigma)
+    if config.smooth_upscaled:
+        grad = _smooth_upscaled(grad, batch, config.smooth_upscaled)
+    if velocity is not None:
+        scale = grad.abs().mean(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+        velocity.mul_(config.momentum).add_(grad / scale)
+        grad = velocity
+    return grad
+
+
+def _jitter(
+    matrices: torch.Tensor,
+    size: tuple[int, int],
+    amount: float,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """``matrices`` ``(B, 2, 3)`` followed by a random similarity about the output's centre:
+    scale within ``1 +- amount``, rotation within ``+- amount`` radians, shift within
+    ``+- amount`` of the output size. How another detector's landmarks would align it."""
+    b = matrices.shape[0]
+    u = torch.rand(b, 4, generator=generator, dtype=torch.float64) * 2 - 1
+    scale, angle = 1 + amount * u[:, 0], amount * u[:, 1]
+    h, w = size
+    cos, sin = scale * torch.cos(angle), scale * torch.sin(angle)
+    cx, cy = (w - 1) / 2, (h - 1) / 2
+    jitter = torch.zeros(b, 3, 3, dtype=torch.float64)
+    jitter[:, 0, 0], jitter[:, 0, 1], jitter[:, 1, 0], jitter[:, 1, 1] = cos, -sin, sin, cos
+    jitter[:, 0, 2] = cx - cos * cx + sin * cy + amount * w * u[:, 2]
+    jitter[:, 1, 2] = cy - sin * cx - cos * cy + amount * h * u[:, 3]
+    jitter[:, 2, 2] = 1.0
+    full = torch.zeros(b, 3, 3, dtype=torch.float64)
+    full[:, :2] = matrices.to(device="cpu", dtype=torch.float64)
+    full[:, 2, 2] = 1.0
+    return (jitter @ full)[:, :2].to(device=matrices.device, dtype=matrices.dtype)
+
+
+def _resample(
+    crops: torch.Tensor, amount: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """``crops`` scaled down by a random factor between 1 and half and back (every other
+    call keeps them as they are): the resizing a site applies before a recogniser sees
+    the face. ``amount`` 0 never resamples."""
+    if amount <= 0 or float(torch.rand(1, generator=generator)) < 0.5:
+        return crops
+    factor = 1.0 - 0.5 * float(torch.rand(1, generator=generator))
+    h, w = crops.shape[-2:]
+    small = F.interpolate(
+        crops,
+        size=(max(8, round(h * factor)), max(8, round(w * factor))),
+        mode="bilinear",
+        antialias=True,
+        align_corners=False,
+    )
+    return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
 
 
 def _per_face_lpips(

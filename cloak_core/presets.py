@@ -45,6 +45,16 @@ class AttackConfig:
     measured at (the whole photo at most 4 MP) gets its gradient smoothed by a Gaussian of
     sigma this factor times that ratio (working pixels), so single working pixels do not
     become coarse texture once enlarged (which LPIPS at the working size cannot see).
+    ``perceptual``: the perturbation is bounded per pixel by that many just-noticeable
+    differences of the original face (:mod:`cloak_core.perceptual`), in YCbCr, and the
+    update is a projected step of ``step_size`` times each pixel's own bound (so
+    ``step_size`` is then a fraction, not a pixel quantity, and ``noise`` a fraction of the
+    bound). ``texture_masking`` is how much local contrast raises the bound (grey levels
+    per grey level of local standard deviation) and ``chroma`` the colour channels'
+    bound as a fraction of the luminance one. ``diversity``: each step, every model sees
+    the faces under a random alignment jitter (scale, rotation and shift within that
+    fraction) and, every other step on average, resampled down by up to half and back:
+    input diversity, for perturbations that survive other detectors and resizing.
     """
 
     name: str
@@ -69,6 +79,10 @@ class AttackConfig:
     momentum: float | None = None
     lpips_budget: float | None = None
     smooth_upscaled: float | None = None
+    perceptual: float | None = None
+    texture_masking: float = 0.3
+    chroma: float = 0.5
+    diversity: float | None = None
     seed: int | None = None
 
     def with_overrides(

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 QUICK_IDENTITIES = 8
 QUICK_GALLERY = 4
 QUICK_PROBES = 2
-SWEEPS = ("steps", "step_size", "lpips_budget", "lpips_weight")
+SWEEPS = ("steps", "step_size", "lpips_budget", "lpips_weight", "perceptual", "diversity")
 DEFAULT_PRESETS = ("balanced", "strong", "paper")
 DEFAULT_FACTORS = (0.5, 1.0, 2.0)
 FRONTIER_JSON = "frontier.json"
@@ -104,6 +104,8 @@ class FrontierSettings:
 def point_value(preset: str, sweep: str, factor: float) -> float:
     """The swept setting's value at ``factor`` times the preset's own."""
     base = getattr(get_preset(preset), sweep)
+    if base is None:
+        raise UsageError(f"preset {preset!r} does not use {sweep}: sweep another setting")
     if sweep == "steps":
         return float(max(1, round(base * factor)))
     return float(base * factor)

@@ -1,0 +1,18 @@
+"""Image filters shared by the attack and the perceptual budget."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def gaussian_blur(images: torch.Tensor, kernel: int, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of ``(B, C, H, W)`` images, reflect padding, same shape."""
+    half = kernel // 2
+    x = torch.arange(kernel, dtype=images.dtype, device=images.device) - half
+    k = torch.exp(-(x * x) / (2 * sigma * sigma))
+    k = k / k.sum()
+    c = images.shape[1]
+    out = F.pad(images, (half, half, half, half), mode="reflect")
+    out = F.conv2d(out, k.view(1, 1, 1, kernel).expand(c, 1, 1, kernel), groups=c)
+    return F.conv2d(out, k.view(1, 1, kernel, 1).expand(c, 1, kernel, 1), groups=c)

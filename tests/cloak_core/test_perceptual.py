@@ -1,0 +1,135 @@
+"""The perceptual budget against references: YCbCr against OpenCV, the luminance threshold
+against Chou and Li's published curve, the masking against real faces, and the attack's
+budgeted steps staying inside the budget on real faces."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cloak_core.perceptual import budget, jnd_map, luminance_threshold, rgb_to_ycc, ycc_to_rgb
+
+
+def _face(faces_dir, identity: int = 0, index: int = 1) -> np.ndarray:
+    folder = sorted(faces_dir.iterdir())[identity]
+    return np.asarray(Image.open(folder / f"{index:03d}.png").convert("RGB"))
+
+
+def _tensor(rgb: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)[None]
+
+
+def test_ycc_matches_opencv_and_inverts(photos_dir):
+    rgb = np.asarray(Image.open(photos_dir / "obama.jpg").convert("RGB"))[::4, ::4].copy()
+    ours = rgb_to_ycc(_tensor(rgb))[0].permute(1, 2, 0).numpy() * 255
+    # Y, Cr, Cb; OpenCV offsets float chroma by 0.5 and rounds its chroma coefficients
+    # (0.564, 0.713) a little differently from JPEG's: within 0.1 grey levels.
+    ref = cv2.cvtColor(rgb.astype(np.float32), cv2.COLOR_RGB2YCrCb)
+    assert np.abs(ours[..., 0] - ref[..., 0]).max() < 1e-3
+    assert np.abs(ours[..., 1] - (ref[..., 2] - 0.5)).max() < 0.1  # Cb
+    assert np.abs(ours[..., 2] - (ref[..., 1] - 0.5)).max() < 0.1  # Cr
+    x = _tensor(rgb)
+    assert torch.allclose(ycc_to_rgb(rgb_to_ycc(x)), x, atol=1e-5)
+
+
+def test_luminance_threshold_follows_chou_and_li():
+    b = torch.tensor([0.0, 63.5, 127.0, 191.0, 255.0])
+    expected = [20.0, 17 * (1 - np.sqrt(0.5)) + 3, 3.0, 3 + 3 / 128 * 64, 6.0]
+    assert luminance_threshold(b).tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_texture_raises_the_budget_where_a_real_face_is_busy(faces_dir):
+    rgb = _face(faces_dir)
+    x = _tensor(rgb)
+    flat = jnd_map(x, texture=0.0)[0, 0].numpy()
+    masked = jnd_map(x, texture=0.3)[0, 0].numpy()
+    assert (masked >= flat - 1e-7).all()
+    # Where the local contrast is highest (edges, hair, eyes) the texture term adds the
+    # most; on the smoothest tenth it adds next to nothing.
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    local = cv2.GaussianBlur(grey * grey, (7, 7), 1.5) - cv2.GaussianBlur(grey, (7, 7), 1.5) ** 2
+    busy, smooth = local > np.percentile(local, 90), local < np.percentile(local, 10)
+    gain = masked - flat
+    assert gain[busy].mean() > 5 * gain[smooth].mean()
+    assert gain[busy].mean() * 255 > 3.0  # several grey levels
+
+
+def test_budget_splits_luminance_and_colour(faces_dir):
+    x = _tensor(_face(faces_dir))
+    bound = budget(x, 0.8, 0.3, 0.25)
+    assert torch.allclose(bound[:, 1], 0.25 * bound[:, 0])
+    assert torch.allclose(bound[:, 2], 0.25 * bound[:, 0])
+    assert torch.allclose(bound[:, :1], 0.8 * jnd_map(x, 0.3))
+
+
+def test_budgeted_steps_stay_inside_the_budget_and_move_the_face(store, faces_dir):
+    from cloak_core.attack import StageTimes, lowkey
+    from cloak_core.detect import Face
+    from cloak_core.models.base import ARCFACE_TEMPLATE_112
+    from cloak_core.pipeline import Protector
+    from cloak_core.presets import get_preset
+
+    images = [_face(faces_dir, k) for k in range(2)]
+    face = Face.from_template(ARCFACE_TEMPLATE_112, box=(0, 0, 112, 112))
+    config = replace(
+        get_preset("strong"),
+        steps=8,
+        step_size=0.25,
+        lpips_weight=0.0,
+        lpips_budget=None,
+        smooth_upscaled=None,
+        perceptual=0.8,
+        chroma=0.3,
+        diversity=0.05,
+        models=("sface",),
+        seed=0,
+    )
+    with Protector(config, store=store, device="cpu", models=config.models) as p:
+        model = p._model("sface")
+        regions = [p._plan(i, (112, 112), face, [model.spec], config) for i in range(2)]
+        batch = p._batch(regions, images, ["sface"], config)
+        delta = lowkey(
+            batch,
+            {"sface": model},
+            p._lpips_net("alex"),
+            config,
+            generator=torch.Generator().manual_seed(0),
+            times=StageTimes(torch.device("cpu")),
+        )
+        bound = budget(batch.pixels, 0.8, config.texture_masking, 0.3)
+        ycc = rgb_to_ycc(delta)
+        excess = ycc.abs() - bound
+        # The step ends with alternating projections onto the budget and the pixel range:
+        # within 1e-4 of the budget on all but the pixels near 0 or 1, where clipping a
+        # channel shifts colour: there within three grey levels.
+        out = batch.pixels + delta
+        near = ((out <= 0.02) | (out >= 0.98)).any(1, keepdim=True).expand_as(ycc)
+        assert float(excess[~near].max()) <= 1e-4
+        assert float(excess.max()) <= 3 / 255
+        assert float(ycc[:, 0].abs().mean()) > 0.5 * float(bound[:, 0].mean())
+        assert float(ycc[:, 1:].abs().mean()) < float(ycc[:, :1].abs().mean())
+        from cloak_core.attack import embed
+
+        with torch.no_grad():
+            before = embed(model, batch.pixels, batch.matrices["sface"], True)
+            after = embed(model, batch.pixels + delta, batch.matrices["sface"], True)
+        cos = torch.nn.functional.cosine_similarity(before, after).tolist()
+        assert max(cos) < 0.8, cos
+
+
+def test_jitter_is_the_identity_at_zero_and_bounded_otherwise():
+    from cloak_core.attack import _jitter
+
+    m = torch.tensor([[[0.9, -0.1, 3.0], [0.1, 0.9, -2.0]]], dtype=torch.float64).repeat(64, 1, 1)
+    g = torch.Generator().manual_seed(0)
+    assert torch.allclose(_jitter(m, (112, 112), 0.0, g), m)
+    out = _jitter(m, (112, 112), 0.05, g)
+    # Scale of each jittered map against the original's.
+    ratio = torch.linalg.det(out[:, :, :2]).sqrt() / torch.linalg.det(m[:, :, :2]).sqrt()
+    assert float(ratio.min()) >= 0.95 - 1e-9 and float(ratio.max()) <= 1.05 + 1e-9
+    assert float((ratio - 1).abs().max()) > 0.01  # it does move
