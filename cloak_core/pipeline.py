@@ -44,6 +44,9 @@ Progress = Callable[[float], None]
 REGION_MARGIN = 0.12
 # Faces optimised together in one batch (larger batches are split, one after the other).
 MAX_BATCH = {"cpu": 8, "cuda": 64}
+# ``hold_out`` leaves one model out of each face's attack only when the ensemble has at
+# least this many (with two, each face would be attacked by one model alone).
+HOLD_OUT_MIN_MODELS = 3
 # Whole-photo LPIPS is measured on copies scaled down to at most this many pixels.
 LPIPS_MEASURE_PIXELS = 4_000_000
 
@@ -67,6 +70,9 @@ class ProtectResult:
     the face crops (mean); ``models`` holds one :class:`ModelReport` per face per model;
     ``visibility`` one :class:`~cloak_core.visibility.Visibility` panel per face, on the
     face region at display scale (the independent verdict on how visible the change is).
+    ``held_out`` names, per face, the ensemble model its attack left out (``hold_out``),
+    whose report in ``models`` is then a black-box check: how a model the perturbation
+    was not made with sees the face.
     """
 
     data: bytes
@@ -81,6 +87,7 @@ class ProtectResult:
     models: dict[str, list[ModelReport]] = field(default_factory=dict)
     boxes: tuple[tuple[float, float, float, float], ...] = ()
     visibility: tuple[Visibility, ...] = ()
+    held_out: tuple[str | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -292,8 +299,15 @@ class Protector:
         images = [decoded[i].pixels for i in good]  # type: ignore[union-attr]
         with times.stage("detect"):
             faces = [self.detector.detect(_as_uint8(img), cancel=cancel) for img in images]
+        held_out = self.plan_hold_out(faces, config)
         protected = self.protect_pixels(
-            images, faces, progress=progress, cancel=cancel, config=config, times=times
+            images,
+            faces,
+            progress=progress,
+            cancel=cancel,
+            config=config,
+            times=times,
+            held_out=held_out,
         )
         seconds = time.perf_counter() - start
         results: list[ProtectResult | FaceCloakError] = list(decoded)  # type: ignore[arg-type]
@@ -319,6 +333,7 @@ class Protector:
                 width=width,
                 height=height,
                 boxes=tuple(f.box for f in faces[k]),
+                held_out=tuple(held_out[k]),
             )
             if measure:
                 result = self._measure(result, source, faces[k])
@@ -337,12 +352,14 @@ class Protector:
         cancel: threading.Event | None = None,
         config: AttackConfig | None = None,
         times: StageTimes | None = None,
+        held_out: Sequence[Sequence[str | None]] | None = None,
     ) -> list[np.ndarray]:
         """The attack on given faces: ``images`` are ``(H, W, 3)`` RGB uint8 or uint16.
 
         ``faces[i]`` lists the faces of ``images[i]`` (their landmarks are used). Returns
         copies of the images with every face protected, same shape and dtype; pixels
-        outside the face regions are unchanged.
+        outside the face regions are unchanged. ``held_out[i][j]``, when given, names the
+        ensemble model left out of face ``j`` of image ``i``'s attack (:meth:`plan_hold_out`).
         """
         config = config or self.config
         times = times or StageTimes(self.device)
@@ -363,15 +380,27 @@ class Protector:
         generator = torch.Generator().manual_seed(seed if seed is not None else 0)
         if seed is None:
             generator.seed()
-        # Similar sizes together, so padding to a common size wastes little.
-        order = sorted(range(len(regions)), key=lambda r: regions[r].work_size, reverse=True)
+        left_out = [h for hs in (held_out or [[None] * len(fs) for fs in faces]) for h in hs]
+        # Faces with the same ensemble together, similar sizes together within it, so
+        # padding to a common size wastes little.
+        order = sorted(
+            range(len(regions)),
+            key=lambda r: (left_out[r] or "", regions[r].work_size),
+            reverse=True,
+        )
         limit = MAX_BATCH.get(self.device.type, 8)
-        chunks = [order[i : i + limit] for i in range(0, len(order), limit)]
+        chunks: list[list[int]] = []
+        for r in order:
+            if chunks and len(chunks[-1]) < limit and left_out[chunks[-1][0]] == left_out[r]:
+                chunks[-1].append(r)
+            else:
+                chunks.append([r])
         lpips = self._lpips_net(config.lpips_net)
         for c, chunk in enumerate(chunks):
             chunk_regions = [regions[r] for r in chunk]
+            members = [n for n in names if n != left_out[chunk[0]]]
             with times.stage("prepare regions"):
-                batch = self._batch(chunk_regions, images, names, config)
+                batch = self._batch(chunk_regions, images, members, config)
 
             def chunk_progress(f: float, c: int = c) -> None:
                 if progress is not None:
@@ -379,7 +408,7 @@ class Protector:
 
             delta = lowkey(
                 batch,
-                models,
+                {n: models[n] for n in members},
                 lpips,
                 config,
                 generator=generator,
@@ -391,6 +420,19 @@ class Protector:
                 for k, region in enumerate(chunk_regions):
                     _blend(outputs[region.image], region, delta[k])
         return outputs
+
+    def plan_hold_out(
+        self, faces: Sequence[Sequence[Face]], config: AttackConfig | None = None
+    ) -> list[list[str | None]]:
+        """Per image, per face, the ensemble model its attack leaves out: with
+        ``hold_out`` and at least three models, each in turn (face ``k`` of the call
+        leaves out model ``k mod n``); otherwise none."""
+        config = config or self.config
+        names = list(config.models or self.model_names)
+        if not config.hold_out or len(names) < HOLD_OUT_MIN_MODELS:
+            return [[None] * len(fs) for fs in faces]
+        counter = iter(range(sum(len(fs) for fs in faces)))
+        return [[names[next(counter) % len(names)] for _ in fs] for fs in faces]
 
     def plan_regions(
         self, shape: tuple[int, int], faces: Sequence[Face], config: AttackConfig | None = None

@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -42,6 +42,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="store_true",
         help="one JSON object per image on stdout, with each face's similarities and "
         "visibility panel (CIEDE2000, PSNR, SSIM, DISTS on the face region)",
+    )
+    p.add_argument(
+        "--hold-out",
+        action="store_true",
+        help="with three or more models: leave one out of each face's attack in turn and "
+        "report, with --json, how that unseen model sees the face (an honest check that "
+        "a model the perturbation was not made with no longer matches it)",
     )
     p.add_argument(
         "--calibrate",
@@ -99,6 +106,14 @@ def json_line(
         "models": {name: [asdict(r) for r in reports] for name, reports in result.models.items()},
         "visibility": [v.as_dict() for v in result.visibility],
     }
+    if any(result.held_out):
+        # Per face: the model left out of its attack, and how that model sees the face.
+        record["held_out"] = [
+            None
+            if name is None or name not in result.models
+            else {"model": name, **asdict(result.models[name][i])}
+            for i, name in enumerate(result.held_out)
+        ]
     if calibration is not None:
         record["calibration"] = {
             name: [v.as_dict() for v in panels] for name, panels in calibration.items()
@@ -143,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
     from cloak_core.store import ModelStore
 
     config = attack_config(args)
+    if args.hold_out:
+        config = replace(config, hold_out=True)
     protector = Protector(config, store=ModelStore.from_env(), device=args.device)
     failed = 0
     rows: list[GridRow] = []

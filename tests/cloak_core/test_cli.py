@@ -134,3 +134,32 @@ def test_console_script_runs_bench_json(tmp_path, photos_dir):
     assert {"detect", "dlib forward", "dlib backward", "sface forward", "lpips forward"} <= set(
         row["stages"]
     )
+
+
+def test_protect_json_names_each_faces_held_out_model():
+    from dataclasses import replace
+    from pathlib import Path
+
+    from cloak_core.commands.protect import json_line
+    from cloak_core.pipeline import ModelReport, ProtectResult
+
+    def report(after: float) -> ModelReport:
+        return ModelReport(0.99, after, after, after > 0.5)
+
+    result = ProtectResult(
+        data=b"",
+        mime="image/jpeg",
+        format="JPEG",
+        faces=2,
+        seconds=1.0,
+        width=10,
+        height=10,
+        models={"a": [report(0.2), report(0.7)], "b": [report(0.1), report(0.3)]},
+        held_out=("b", "a"),
+    )
+    record = json.loads(json_line(Path("in.jpg"), Path("out.jpg"), result))
+    assert [h["model"] for h in record["held_out"]] == ["b", "a"]
+    assert [h["similarity_after"] for h in record["held_out"]] == [0.1, 0.7]
+    assert [h["same_person_after"] for h in record["held_out"]] == [False, True]
+    plain = replace(result, held_out=(None, None))
+    assert "held_out" not in json.loads(json_line(Path("in.jpg"), Path("out.jpg"), plain))

@@ -287,3 +287,35 @@ def test_every_image_mode_is_protected(fast, photos_dir, mode):
         assert out.format == fmt
         assert ("A" in out.getbands()) == ("A" in src.getbands() or "transparency" in src.info)
     assert result.data != data
+
+
+def test_hold_out_leaves_each_model_out_in_turn_and_reports_it(store, photos_dir, monkeypatch):
+    """With three models, each face's attack runs without one of them, in turn, and that
+    unseen model's measurement of the face is reported as its held-out check."""
+    import cloak_core.pipeline as pipeline
+
+    ensembles: list[tuple[tuple[str, ...], int]] = []
+    real = pipeline.lowkey
+
+    def spy(batch, models, *args, **kwargs):
+        ensembles.append((tuple(sorted(models)), batch.pixels.shape[0]))
+        return real(batch, models, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "lowkey", spy)
+    names = ("dlib", "sface", "mobilefacenet")
+    config = replace(get_preset("fast"), steps=2, models=names, hold_out=True, seed=0)
+    with Protector(config, store=store, device="cpu", models=names) as p:
+        result = p.protect_bytes((photos_dir / "obama_and_biden.jpg").read_bytes(), measure=True)
+        assert result.faces == 3
+        assert result.held_out == names  # face k leaves out model k
+        # Each face was attacked by the other two models only.
+        assert sorted(ensembles) == sorted((tuple(sorted(set(names) - {n})), 1) for n in names)
+        for k, name in enumerate(result.held_out):
+            assert len(result.models[name]) == 3 and result.models[name][k].similarity_before > 0.9
+        # Two models are too few to leave one out.
+        two = replace(config, models=("dlib", "sface"))
+        assert p.plan_hold_out([[None, None]], two) == [[None, None]]
+        assert p.plan_hold_out([[None], [None, None]], config) == [
+            ["dlib"],
+            ["sface", "mobilefacenet"],
+        ]
