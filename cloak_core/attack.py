@@ -332,8 +332,17 @@ class BudgetSteps:
     def step(self, lpips: torch.Tensor | None) -> bool:
         """One projected step; always ``True`` (no face stops early)."""
         direction = _direction(self.param.grad, self.velocity, self.batch, self.config)
+        if self.config.sign_steps:
+            direction = direction.sign()
+        else:
+            # Steps in proportion to the gradient: per face, the 90th percentile of its
+            # magnitude moves a full step, larger ones no more. Pixels that matter little
+            # to the models then change little, where sign steps move every pixel alike.
+            flat = direction.abs().flatten(1)
+            scale = torch.quantile(flat, 0.9, dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            direction = (direction / scale).clamp(-1.0, 1.0)
         p = self.param
-        p += self.config.step_size * self.bound * direction.sign()
+        p += self.config.step_size * self.bound * direction
         # Onto the budget and into the valid pixel range: clipping one RGB channel at 0 or
         # 1 shifts colour, so the two projections alternate a few times (they converge to
         # a point inside both, up to a fraction of a grey level).

@@ -55,6 +55,9 @@ class AttackConfig:
     the faces under a random alignment jitter (scale, rotation and shift within that
     fraction) and, every other step on average, resampled down by up to half and back:
     input diversity, for perturbations that survive other detectors and resizing.
+    ``sign_steps`` (with ``perceptual``): every pixel steps by the sign of its gradient;
+    ``False``: in proportion to the gradient (per face, its 90th percentile moves a full
+    step), so pixels that matter little to the models change little.
     ``hold_out``: with at least three ensemble models, each face's attack leaves one out
     in turn, and that model's measurement of the face is an honest black-box check of the
     protection (a model the perturbation was not made with), at the cost of one model
@@ -87,6 +90,7 @@ class AttackConfig:
     texture_masking: float = 0.3
     chroma: float = 0.5
     diversity: float | None = None
+    sign_steps: bool = True
     hold_out: bool = False
     seed: int | None = None
 
