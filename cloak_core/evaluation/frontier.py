@@ -93,19 +93,24 @@ class FrontierSettings:
             raise UsageError("name at least one preset")
         for name in self.presets:
             config = get_preset(name)
-            if getattr(config, self.sweep) is None:
-                raise UsageError(f"preset {name} has no {self.sweep} to sweep")
+            # A preset without the swept setting can still stand as its own point (x1).
+            if getattr(config, self.sweep) is None and self.preset_factors(name) != (1.0,):
+                raise UsageError(
+                    f"preset {name} has no {self.sweep} to sweep; give it as {name}@1 to "
+                    "show it as it is"
+                )
 
     def preset_factors(self, preset: str) -> tuple[float, ...]:
         """The factors ``preset`` is swept by."""
         return dict(self.only).get(preset, self.factors)
 
 
-def point_value(preset: str, sweep: str, factor: float) -> float:
-    """The swept setting's value at ``factor`` times the preset's own."""
+def point_value(preset: str, sweep: str, factor: float) -> float | None:
+    """The swept setting's value at ``factor`` times the preset's own (``None`` for a
+    preset that does not use it, shown as it is)."""
     base = getattr(get_preset(preset), sweep)
     if base is None:
-        raise UsageError(f"preset {preset!r} does not use {sweep}: sweep another setting")
+        return None
     if sweep == "steps":
         return float(max(1, round(base * factor)))
     return float(base * factor)
@@ -157,8 +162,10 @@ class Frontier:
         for preset in s.presets:
             for factor in s.preset_factors(preset):
                 value = point_value(preset, s.sweep, factor)
-                self.log(f"frontier: {preset}, {s.sweep} = {value:g} (x{factor:g})")
-                settings = self._eval_settings(preset=preset, overrides=((s.sweep, value),))
+                shown = "unused" if value is None else f"{value:g}"
+                self.log(f"frontier: {preset}, {s.sweep} = {shown} (x{factor:g})")
+                overrides = () if value is None else ((s.sweep, value),)
+                settings = self._eval_settings(preset=preset, overrides=overrides)
                 result = Evaluation(
                     settings,
                     self.store,
@@ -196,7 +203,7 @@ class Frontier:
         }
 
 
-def _point(report: dict, preset: str, factor: float, sweep: str, value: float) -> dict:
+def _point(report: dict, preset: str, factor: float, sweep: str, value: float | None) -> dict:
     """One frontier point from an evaluation report: rank-1 and visibility per evaluator."""
     groups = report["attack"]
     by_evaluator = {}
@@ -298,7 +305,7 @@ def markdown(frontier: dict) -> str:
             known = [r for r in ranks if r is not None]
             v = p["visibility"]
             lines.append(
-                f"| {p['preset']} | {p['value']:g} | "
+                f"| {p['preset']} | {'-' if p['value'] is None else format(p['value'], 'g')} | "
                 + " | ".join(_pct(r) for r in ranks)
                 + f" | {_pct(max(known) if known else None)} | {v['de2000_mean']:.2f} "
                 f"({v['de2000_p95']:.1f}) | {v['psnr']:.1f} | {v['ssim']:.3f} | "

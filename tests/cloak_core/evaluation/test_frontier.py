@@ -22,6 +22,16 @@ def test_point_values_scale_the_presets_own_setting() -> None:
         FrontierSettings(dataset=".", out=".", presets=("paper",), sweep="lpips_budget")
     with pytest.raises(UsageError, match="sweep"):
         FrontierSettings(dataset=".", out=".", sweep="noise")
+    # A preset without the swept setting stands as it is, at x1 only.
+    assert point_value("balanced", "perceptual", 1.0) is None
+    assert point_value("natural", "perceptual", 0.5) == pytest.approx(0.5)
+    FrontierSettings(
+        dataset=".",
+        out=".",
+        presets=("natural", "balanced"),
+        sweep="perceptual",
+        only=(("balanced", (1.0,)),),
+    )
 
 
 def test_frontier_on_a_tiny_set(faces_dir, store, tmp_path, monkeypatch, capsys) -> None:
