@@ -33,6 +33,8 @@ FLOORS: dict[str, tuple[float, float, float]] = {
     "dlib": (0.9, 0.89, 0.82),
     "sface": (0.9, 0.9, 0.87),
     "mobilefacenet": (0.9, 0.89, 0.86),
+    "facenet": (0.9, 0.88, 0.82),
+    "mobilefacenet128": (0.9, 0.9, 0.86),
 }
 DEFAULT_FLOOR = (0.8, 0.8, 0.8)
 BATCH = 32
