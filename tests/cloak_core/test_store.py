@@ -573,7 +573,7 @@ def test_every_declaration_sits_beside_its_user() -> None:
     """The store's table is the union of the modules' own ``WEIGHTS`` tuples."""
     from cloak_core import detect, dists, lpips
     from cloak_core.evaluation import evaluators
-    from cloak_core.models import REGISTRY, _FAMILIES
+    from cloak_core.models import _FAMILIES, REGISTRY
 
     declared = [w.name for m in (*_FAMILIES, detect, lpips, dists, evaluators) for w in m.WEIGHTS]
     assert sorted(declared) == sorted(WEIGHTS) and len(declared) == len(set(declared))
