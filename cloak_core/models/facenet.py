@@ -31,6 +31,7 @@ such crops (see there) and checked by identification on ``data/faces``.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -474,8 +475,15 @@ def convert(constants: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 def derive_state(graph_path: str | Path, target: str | Path) -> None:
-    """Convert the frozen graph at ``graph_path`` to the state dict file ``target``."""
-    torch.save(convert(read_graph_constants(graph_path)), target)
+    """Convert the frozen graph at ``graph_path`` to the state dict file ``target``.
+
+    Saved through a buffer, so the bytes do not depend on ``target``'s name (``torch.save``
+    to a path names the archive's folder after it) and one torch version always writes
+    the same file.
+    """
+    buffer = io.BytesIO()
+    torch.save(convert(read_graph_constants(graph_path)), buffer)
+    Path(target).write_bytes(buffer.getvalue())
 
 
 class FaceNet(FaceModel):

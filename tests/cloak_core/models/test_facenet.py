@@ -124,6 +124,10 @@ def test_the_conversion_reads_every_unit_and_its_constants(paths, tmp_path: Path
     assert abs(float(state["bn_eps"]) - 1e-3) < 1e-9
     weight = constants["InceptionResnetV1/Conv2d_1a_3x3/weights"]  # TF's HWIO
     assert torch.equal(state["stem.0.conv.weight"], torch.from_numpy(weight.transpose(3, 2, 0, 1)))
+    # The derived file's bytes do not depend on its name (its digest is recorded on fetch).
+    facenet.derive_state(paths[0], tmp_path / "a.pt")
+    facenet.derive_state(paths[0], tmp_path / "other-name.pt")
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "other-name.pt").read_bytes()
     del constants["InceptionResnetV1/Mixed_6a/Branch_0/Conv2d_1a_3x3/weights"]
     with pytest.raises(ModelStoreError, match="Mixed_6a/Branch_0"):
         facenet.convert(constants)
