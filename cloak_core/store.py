@@ -285,7 +285,8 @@ class ModelStore:
                     sha256=spec.sha256,
                     description=spec.description,
                     license=spec.license,
-                    sources=tuple(s.describe() for s in spec.sources),
+                    sources=tuple(s.describe() for s in spec.sources)
+                    + ((f"derived from {spec.derive_from}",) if spec.derive_from else ()),
                 )
             )
         return rows
