@@ -178,7 +178,9 @@ SPECS: tuple[ModelSpec, ...] = (
         weights=(WEIGHTS_FILE.name,),
         verification=VerificationRule("cosine", COSINE_THRESHOLD),
         build=build,
-        default=False,
+        # In the default ensemble: about 0.2 to 0.4 of dlib + SFace's cost per step, and
+        # better transfer to unseen recognisers (docs/DECISIONS.md, issue 13).
+        default=True,
         description=(
             "MobileFaceNet 128-d (facesdk 0.0.8): 112x112 face.evoLVe alignment with "
             "0.25 inner padding, BGR, ImageNet normalisation; same person when cosine >= "
