@@ -53,10 +53,51 @@ import numpy as np
 from PIL import Image
 
 from cloak_core.errors import CancelledError, ModelStoreError, UsageError
+from cloak_core.weights import PypiSource, WeightFile
 
 if TYPE_CHECKING:
     from cloak_core.store import ModelStore
 
+# The member is the same in every platform's mediapipe wheel; pin one so pip fetches a
+# wheel whatever the machine's own Python and platform are.
+_MEDIAPIPE = "mediapipe==0.10.21"
+_MEDIAPIPE_ARGS = (
+    "--only-binary=:all:",
+    "--python-version",
+    "3.11",
+    "--platform",
+    "manylinux_2_28_x86_64",
+)
+WEIGHTS: tuple[WeightFile, ...] = (
+    WeightFile(
+        name="face_detection_short_range.tflite",
+        sha256="bbff11cebd1eb27a1e004cae0b0e63ec8c551cbf34a4451148b4908b8db3eca8",
+        sources=(
+            PypiSource(
+                _MEDIAPIPE,
+                "mediapipe/modules/face_detection/face_detection_short_range.tflite",
+                _MEDIAPIPE_ARGS,
+            ),
+        ),
+        description="BlazeFace short range with TFLite metadata, 6 keypoints",
+        license="Apache-2.0",
+        auto_fetch=True,
+    ),
+    WeightFile(
+        name="face_detection_full_range_sparse.tflite",
+        sha256="2c3728e6da56f21e21a320433396fb06d40d9088f2247c05e5635a688d45dfe1",
+        sources=(
+            PypiSource(
+                _MEDIAPIPE,
+                "mediapipe/modules/face_detection/face_detection_full_range_sparse.tflite",
+                _MEDIAPIPE_ARGS,
+            ),
+        ),
+        description="BlazeFace full range: small faces in large photos",
+        license="Apache-2.0",
+        auto_fetch=True,
+    ),
+)
 SHORT_RANGE_MODEL = "face_detection_short_range.tflite"
 FULL_RANGE_MODEL = "face_detection_full_range_sparse.tflite"
 

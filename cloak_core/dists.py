@@ -34,10 +34,21 @@ from torch.nn import functional as F
 
 from cloak_core.errors import ModelStoreError, UsageError
 from cloak_core.lpips import Trunk, build_vgg16_trunk, vgg16_trunk
+from cloak_core.weights import PypiSource, WeightFile
 
 if TYPE_CHECKING:
     from cloak_core.store import ModelStore
 
+WEIGHTS: tuple[WeightFile, ...] = (
+    WeightFile(
+        name="dists_alpha_beta.pt",
+        sha256="f5e65c96230b7f6ca995691647d482237e4cab8a50c5c4a5784f219ef0748218",
+        sources=(PypiSource("dists-pytorch==0.1", "DISTS_pytorch/weights.pt"),),
+        description="DISTS alpha/beta channel weights (VGG16 trunk from lpips_vgg16.ckpt)",
+        license="MIT",
+        auto_fetch=True,
+    ),
+)  # the VGG16 trunk, lpips_vgg16.ckpt, is declared in cloak_core.lpips
 TRUNK_FILE = "lpips_vgg16.ckpt"
 WEIGHTS_FILE = "dists_alpha_beta.pt"
 

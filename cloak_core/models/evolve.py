@@ -32,6 +32,7 @@ from torch import nn
 
 from cloak_core.errors import ModelStoreError
 from cloak_core.models.base import ARCFACE_TEMPLATE_112, FaceModel, ModelSpec, VerificationRule
+from cloak_core.weights import UrlSource, WeightFile
 
 INPUT_SIZE = (112, 112)
 EMBEDDING_DIM = 512
@@ -47,6 +48,37 @@ RESNET_152_UNITS = (3, 8, 36, 3)
 # of 0.68, i.e. a cosine similarity of 0.32 (serengil/deepface, deepface/config/threshold.py).
 # `facecloak eval` reports each model's own best threshold on real pairs.
 COSINE_THRESHOLD = 0.32
+
+
+_EVOLVE_URL = "https://github.com/cmu-spuds/lowkey_gradio/releases/download/weights/"
+
+
+def _weight_file(name: str, description: str) -> WeightFile:
+    return WeightFile(
+        name=name,
+        sha256=None,  # not published: recorded at the first download, enforced after
+        sources=(UrlSource(_EVOLVE_URL + name),),
+        description=description,
+        license="MIT (face.evoLVe project)",
+    )
+
+
+WEIGHTS: tuple[WeightFile, ...] = (
+    _weight_file(
+        "Backbone_IR_152_Arcface_Epoch_112.pth", "face.evoLVe IR-152 ArcFace, 112x112, 512-d"
+    ),
+    _weight_file(
+        "Backbone_IR_152_Cosface_Epoch_70.pth", "face.evoLVe IR-152 CosFace, 112x112, 512-d"
+    ),
+    _weight_file(
+        "Backbone_ResNet_152_Arcface_Epoch_65.pth",
+        "face.evoLVe ResNet-152 ArcFace, 112x112, 512-d",
+    ),
+    _weight_file(
+        "Backbone_ResNet_152_Cosface_Epoch_68.pth",
+        "face.evoLVe ResNet-152 CosFace, 112x112, 512-d",
+    ),
+)
 
 
 class IRUnit(nn.Module):

