@@ -178,6 +178,7 @@ class Protector:
         self._lpips: dict[str, LPIPS] = {}
         self._detector: FaceDetector | None = None
         self._meter: VisibilityMeter | None = None
+        self._hold_out_turn = 0  # faces planned with ``hold_out`` so far
         for name in names:
             self._model(name)
         self._lpips_net(config.lpips_net)
@@ -425,14 +426,18 @@ class Protector:
         self, faces: Sequence[Sequence[Face]], config: AttackConfig | None = None
     ) -> list[list[str | None]]:
         """Per image, per face, the ensemble model its attack leaves out: with
-        ``hold_out`` and at least three models, each in turn (face ``k`` of the call
-        leaves out model ``k mod n``); otherwise none."""
+        ``hold_out`` and at least three models, each in turn, counting on from the faces
+        this protector planned before (so one-face photos do not all leave out the
+        same model); otherwise none."""
         config = config or self.config
         names = list(config.models or self.model_names)
         if not config.hold_out or len(names) < HOLD_OUT_MIN_MODELS:
             return [[None] * len(fs) for fs in faces]
-        counter = iter(range(sum(len(fs) for fs in faces)))
-        return [[names[next(counter) % len(names)] for _ in fs] for fs in faces]
+        plan = []
+        for fs in faces:
+            plan.append([names[(self._hold_out_turn + k) % len(names)] for k in range(len(fs))])
+            self._hold_out_turn += len(fs)
+        return plan
 
     def plan_regions(
         self, shape: tuple[int, int], faces: Sequence[Face], config: AttackConfig | None = None

@@ -316,7 +316,9 @@ def test_hold_out_leaves_each_model_out_in_turn_and_reports_it(store, photos_dir
         # Two models are too few to leave one out.
         two = replace(config, models=("dlib", "sface"))
         assert p.plan_hold_out([[None, None]], two) == [[None, None]]
+        # The turn goes on from call to call (three faces above).
         assert p.plan_hold_out([[None], [None, None]], config) == [
             ["dlib"],
             ["sface", "mobilefacenet"],
         ]
+        assert p.plan_hold_out([[None]], config) == [["dlib"]]
