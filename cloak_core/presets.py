@@ -57,7 +57,9 @@ class AttackConfig:
     input diversity, for perturbations that survive other detectors and resizing.
     ``sign_steps`` (with ``perceptual``): every pixel steps by the sign of its gradient;
     ``False``: in proportion to the gradient (per face, its 90th percentile moves a full
-    step), so pixels that matter little to the models change little.
+    step), so pixels that matter little to the models change little. ``soften`` (with
+    ``perceptual``): the final perturbation is blurred by a Gaussian of that many working
+    pixels, so regions at the bound meet in soft ramps rather than visible contour lines.
     ``hold_out``: with at least three ensemble models, each face's attack leaves one out
     in turn, and that model's measurement of the face is an honest black-box check of the
     protection (a model the perturbation was not made with), at the cost of one model
@@ -91,6 +93,7 @@ class AttackConfig:
     chroma: float = 0.5
     diversity: float | None = None
     sign_steps: bool = True
+    soften: float | None = None
     hold_out: bool = False
     seed: int | None = None
 
