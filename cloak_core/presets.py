@@ -177,7 +177,7 @@ PRESETS: dict[str, AttackConfig] = {
             work_scale=1.5,
             lpips_size=None,
             sample_views=True,
-            grad_sigma=1.0,
+            grad_sigma=2.0,
             face_mask=1.7,
             momentum=0.9,
             perceptual=1.0,
@@ -185,6 +185,7 @@ PRESETS: dict[str, AttackConfig] = {
             chroma=0.2,
             diversity=0.05,
             sign_steps=False,
+            soften=1.5,
         ),
         AttackConfig(
             name="paper",
