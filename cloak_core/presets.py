@@ -16,54 +16,75 @@ from cloak_core.errors import UsageError
 
 @dataclass(frozen=True)
 class AttackConfig:
-    """Settings of one protection run.
+    """Settings of one protection run, field by field. Pixel quantities are in 0..1 units.
 
-    Pixel quantities (``step_size``, ``noise``) are in 0..1 units. ``lpips_weight`` is the
-    ``c`` of the LowKey objective. ``cosine_target`` and ``euclidean_target_ratio`` are the
-    per-model goals past which a model's term stops pulling (``None`` disables the cap and
-    gives the paper's plain sum): a cosine model is satisfied once the cosine between
-    original and protected embedding is at or below ``cosine_target``; a Euclidean model
-    once the distance is ``euclidean_target_ratio`` times its same-person threshold.
-    ``work_scale`` caps the working resolution of a face region at that many times the
-    largest model input (faces larger than that are optimised on a coarser grid and the
-    perturbation is interpolated smoothly back to full resolution). ``lpips_size`` caps the
-    longer side at which LPIPS is computed (``None``: the working resolution). With
-    ``early_stop``, the attack ends once every model's capped term is met for every face
-    in the last step (the remaining steps could only trade protection for quality).
-    With ``sample_views``, each step uses one view of the objective (plain or blurred,
-    flipped or not, in turn) instead of all of them: the expected gradient is the same
-    (expectation over transformations) at a quarter of the cost per step. ``grad_sigma``
-    smooths the gradient with a Gaussian of that many working pixels before its sign.
-    ``face_mask`` limits the perturbation to a soft ellipse over the detected face box
-    grown by that factor (``None``: the whole region around the face).
-    ``momentum`` accumulates the gradient, each step's normalised to unit mean absolute
-    value, with that decay before its sign (MI-FGSM: steadier directions that transfer
-    better to models outside the ensemble). With ``lpips_budget``, a face whose LPIPS
-    against its original (at the working size) passes the budget goes back to its
-    previous step and is left there; the others keep going.
-    ``smooth_upscaled``: a face optimised on a grid coarser than the scale its photo is
-    measured at (the whole photo at most 4 MP) gets its gradient smoothed by a Gaussian of
-    sigma this factor times that ratio (working pixels), so single working pixels do not
-    become coarse texture once enlarged (which LPIPS at the working size cannot see).
-    ``perceptual``: the perturbation is bounded per pixel by that many just-noticeable
-    differences of the original face (:mod:`cloak_core.perceptual`), in YCbCr, and the
-    update is a projected step of ``step_size`` times each pixel's own bound (so
-    ``step_size`` is then a fraction, not a pixel quantity, and ``noise`` a fraction of the
-    bound). ``texture_masking`` is how much local contrast raises the bound (grey levels
-    per grey level of local standard deviation) and ``chroma`` the colour channels'
-    bound as a fraction of the luminance one. ``diversity``: each step, every model sees
-    the faces under a random alignment jitter (scale, rotation and shift within that
-    fraction) and, every other step on average, resampled down by up to half and back:
-    input diversity, for perturbations that survive other detectors and resizing.
-    ``sign_steps`` (with ``perceptual``): every pixel steps by the sign of its gradient;
-    ``False``: in proportion to the gradient (per face, its 90th percentile moves a full
-    step), so pixels that matter little to the models change little. ``soften`` (with
-    ``perceptual``): the final perturbation is blurred by a Gaussian of that many working
-    pixels, so regions at the bound meet in soft ramps rather than visible contour lines.
-    ``hold_out``: with at least three ensemble models, each face's attack leaves one out
-    in turn, and that model's measurement of the face is an honest black-box check of the
-    protection (a model the perturbation was not made with), at the cost of one model
-    fewer per face.
+    What is optimised:
+
+    - ``name``: the preset's name.
+    - ``steps``: update steps per batch of faces.
+    - ``models``: the attack ensemble (``None``: the store's default ensemble).
+    - ``cosine_target``: a cosine model's term stops pulling once the cosine between
+      original and protected embedding is at or below this (``None``: no cap, the paper's
+      plain normalised squared distance).
+    - ``euclidean_target_ratio``: a Euclidean model's term stops pulling once the distance
+      is this many times its same-person threshold (``None``: no cap).
+    - ``blur``, ``blur_kernel``, ``blur_sigma``: the objective also sees the protected
+      face through a Gaussian blur of that kernel and sigma (working pixels).
+    - ``flips``: the objective also sees each face mirrored.
+    - ``sample_views``: each step uses one view (plain or blurred, flipped or not, in
+      turn) instead of all: the same expected gradient at a quarter of the cost per step.
+    - ``diversity``: each step, every model sees the faces under a random alignment
+      jitter (scale, rotation and shift within that fraction) and, every other step on
+      average, resampled down by up to half and back (input diversity: perturbations
+      that survive other detectors' alignment and a site's resizing).
+    - ``hold_out``: with at least three ensemble models, each face's attack leaves one
+      out in turn, and that model's measurement of the face is an honest black-box check
+      (a model the perturbation was not made with), at one model fewer per face.
+
+    How visible it may be:
+
+    - ``lpips_weight``: the ``c`` of the LowKey objective, the LPIPS penalty's weight
+      (0: no penalty, LPIPS is not computed).
+    - ``lpips_net``: ``alex`` or ``vgg``, the network of that penalty.
+    - ``lpips_size``: the longer side at which LPIPS is computed (``None``: the working
+      resolution).
+    - ``lpips_budget``: a face whose LPIPS against its original (at the working size)
+      passes this goes back to its previous step and stays there.
+    - ``perceptual``: the perturbation is bounded per pixel by that many just-noticeable
+      differences of the original face, in YCbCr (:mod:`cloak_core.perceptual`); the
+      update becomes a projected step (:class:`cloak_core.attack.BudgetSteps`).
+    - ``texture_masking``: with ``perceptual``, how much local contrast raises the bound
+      (grey levels per grey level of local standard deviation).
+    - ``chroma``: with ``perceptual``, the colour channels' bound as a fraction of the
+      luminance one.
+    - ``face_mask``: the perturbation is limited to a soft ellipse over the detected face
+      box grown by this factor (``None``: the whole region around the face).
+    - ``soften``: with ``perceptual``, the final perturbation is blurred by a Gaussian of
+      that many working pixels, so regions at the bound meet in soft ramps rather than in
+      visible contour lines.
+
+    How it steps:
+
+    - ``step_size``: without ``perceptual``, the size of each signed step; with it, the
+      fraction of each pixel's bound a step may move it.
+    - ``noise``: the uniform start noise, in pixels (a fraction of the bound with
+      ``perceptual``).
+    - ``momentum``: the gradient is accumulated with this decay, each step's normalised
+      to unit mean absolute value (MI-FGSM: steadier directions that transfer better).
+    - ``grad_sigma``: the gradient is smoothed by a Gaussian of this many working pixels
+      before it is used (smoother perturbations that survive JPEG and resizing).
+    - ``smooth_upscaled``: a face optimised on a grid coarser than its photo is measured
+      at (the whole photo at most 4 MP) gets its gradient smoothed by a Gaussian of sigma
+      this factor times that ratio, so single working pixels do not become coarse
+      texture once enlarged.
+    - ``sign_steps``: with ``perceptual``, every pixel steps by the sign of its gradient;
+      ``False``: in proportion to it (per face, its 90th percentile moves a full step),
+      so pixels that matter little to the models change little.
+    - ``early_stop``: the attack ends once every model's capped term is met for every
+      face in the last step(s) (later steps could only trade quality for protection).
+    - ``work_scale``: a face region is optimised at most at this many times the largest
+      model input; larger faces on a coarser grid, the perturbation interpolated back.
+    - ``seed``: the start noise's and the random views' seed (``None``: random).
     """
 
     name: str
