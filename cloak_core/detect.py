@@ -148,7 +148,7 @@ class Face:
             cx, cy = kp.mean(0)
             half = 1.15 * scale
             box = (cx - half, cy - half, cx + half, cy + half)
-        return cls(box=tuple(box), keypoints=kp, score=score)
+        return cls(box=tuple(box), keypoints=kp, score=score, detector="template")
 
 
 @dataclasses.dataclass(frozen=True)
