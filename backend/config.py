@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from cloak_core.detect import DetectorConfig
 from cloak_core.errors import UsageError
 from cloak_core.presets import DEFAULT_PRESET, PRESETS
 
@@ -51,7 +52,9 @@ class DaemonConfig:
     the protector at once. Connections: at most ``max_connections`` open (fewer if the
     process's descriptors do not allow as many), each closed when it has not sent a
     request's headers within ``header_timeout`` of opening or of its last answer; a request
-    body must arrive within ``body_timeout``.
+    body must arrive within ``body_timeout``. ``face_threshold`` is the lowest score (0..1)
+    of the detector's recall pass at which a region is protected (see
+    :class:`cloak_core.detect.DetectorConfig`).
     """
 
     config_dir: Path
@@ -60,6 +63,7 @@ class DaemonConfig:
     privacy: str = "local-only"
     preset: str = DEFAULT_PRESET
     device: str = "auto"
+    face_threshold: float = DetectorConfig.face_threshold
     max_bytes: int = 40 * 1024 * 1024
     max_pixels: int = 50_000_000
     max_decoded_bytes: int = 200_000_000
@@ -89,6 +93,8 @@ class DaemonConfig:
             raise UsageError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise UsageError(f"unknown device {self.device!r}; choose auto, cpu or cuda")
+        if not 0.0 <= self.face_threshold <= 1.0:
+            raise UsageError(f"face_threshold must be within 0..1, got {self.face_threshold}")
         if not 0 <= self.port <= 65535:
             raise UsageError(f"port {self.port} is not between 0 and 65535")
         for name in (

@@ -56,11 +56,17 @@ def load_protector(config: DaemonConfig) -> ProtectorLike:
 
     Blocking (loads every model of the ensemble); the worker calls it in its own thread.
     """
+    from cloak_core.detect import DetectorConfig
     from cloak_core.pipeline import Protector
     from cloak_core.presets import get_preset
     from cloak_core.store import ModelStore
 
-    return Protector(get_preset(config.preset), store=ModelStore.from_env(), device=config.device)
+    return Protector(
+        get_preset(config.preset),
+        store=ModelStore.from_env(),
+        device=config.device,
+        detector_config=DetectorConfig(face_threshold=config.face_threshold),
+    )
 
 
 def inspect_image(data: bytes, *, max_pixels: int, max_decoded_bytes: int) -> ImageHeader:

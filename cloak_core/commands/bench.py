@@ -19,7 +19,12 @@ from typing import TYPE_CHECKING
 from PIL import Image
 
 from cloak_core import __version__
-from cloak_core.commands.common import add_attack_flags, attack_config
+from cloak_core.commands.common import (
+    add_attack_flags,
+    add_detector_flags,
+    attack_config,
+    detector_config,
+)
 from cloak_core.errors import UsageError
 
 if TYPE_CHECKING:  # torch is imported only when the command runs
@@ -31,6 +36,7 @@ DEFAULT_PHOTOS = {1: "obama.jpg", 2: "two_people.jpg"}
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure speed and memory of protection")
     add_attack_flags(p)
+    add_detector_flags(p)
     p.add_argument(
         "--sizes",
         type=lambda t: [float(v) for v in t.split(",")],
@@ -135,7 +141,12 @@ def run(args: argparse.Namespace) -> int:
 
     config = attack_config(args)
     photos = _photos(args)
-    protector = Protector(config, store=ModelStore.from_env(), device=args.device)
+    protector = Protector(
+        config,
+        store=ModelStore.from_env(),
+        device=args.device,
+        detector_config=detector_config(args),
+    )
     with protector:
         # Warm-up: first calls pay for lazy initialisation (detector, kernels).
         protector.protect_bytes(scaled_jpeg(photos[args.faces[0]], 0.1))

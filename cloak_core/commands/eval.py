@@ -7,7 +7,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cloak_core.commands.common import model_list, positive_int
+from cloak_core.commands.common import (
+    add_detector_flags,
+    detector_config,
+    model_list,
+    positive_int,
+)
 from cloak_core.evaluation.conditions import DEFAULT_CONDITIONS, conditions_from_flags
 from cloak_core.presets import DEFAULT_PRESET, PRESETS
 
@@ -65,10 +70,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--landmarks",
         default="auto",
-        choices=["auto", "template", "detect"],
+        choices=["auto", "template", "detect", "detector"],
         help="template: images are 112x112 ArcFace-aligned crops; detect: find faces "
-        "(auto: template when every image is 112x112)",
+        "(images without one left out); detector: the attack protects only the faces the "
+        "pipeline's detector finds, and a gallery image without one stays unprotected, as "
+        "it would be uploaded (auto: template when every image is 112x112). Every report "
+        "states the detector's recall",
     )
+    add_detector_flags(p)
     p.add_argument(
         "--joint",
         action="store_true",
@@ -128,7 +137,9 @@ def run(args: argparse.Namespace) -> int:
     store = ModelStore.from_env()
     from cloak_core.evaluation.runner import Evaluation
 
-    result = Evaluation(settings, store, progress=sys.stderr.isatty()).run()
+    result = Evaluation(
+        settings, store, progress=sys.stderr.isatty(), detector_config=detector_config(args)
+    ).run()
     written = write_outputs(result, settings.out)
     print((settings.out / REPORT_MD).read_text(), end="")
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)

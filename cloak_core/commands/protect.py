@@ -11,7 +11,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cloak_core.commands.common import add_attack_flags, attack_config, progress_bar
+from cloak_core.commands.common import (
+    add_attack_flags,
+    add_detector_flags,
+    attack_config,
+    detector_config,
+    progress_bar,
+)
 from cloak_core.errors import FaceCloakError, UsageError
 
 if TYPE_CHECKING:  # the pipeline pulls in torch: imported only when the command runs
@@ -33,6 +39,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     out.add_argument("-o", "--output", metavar="OUT", help="output file (one input only)")
     out.add_argument("--out-dir", metavar="DIR", help="folder for the outputs")
     add_attack_flags(p)
+    add_detector_flags(p)
     p.add_argument(
         "--format", default="same", choices=["same", "png", "jpeg", "webp"], help="output format"
     )
@@ -160,7 +167,12 @@ def run(args: argparse.Namespace) -> int:
     config = attack_config(args)
     if args.hold_out:
         config = replace(config, hold_out=True)
-    protector = Protector(config, store=ModelStore.from_env(), device=args.device)
+    protector = Protector(
+        config,
+        store=ModelStore.from_env(),
+        device=args.device,
+        detector_config=detector_config(args),
+    )
     failed = 0
     rows: list[GridRow] = []
     bar = progress_bar(len(args.inputs), "protecting")

@@ -60,6 +60,21 @@ def markdown(report: dict) -> str:
         )
     else:
         lines.append("- no attack (clean accuracy only)")
+    rc = report.get("detector_recall")
+    if rc:
+        unprotected = len(d.get("unprotected_gallery_images", []))
+        lines.append(
+            f"- detector recall: {rc['found']}/{rc['images']} images "
+            f"({_pct(rc['recall'])}), gallery {rc['gallery_found']}/{rc['gallery_images']} "
+            f"({_pct(rc['gallery_recall'])}); largest face found by "
+            + (", ".join(f"{k} {v}" for k, v in rc["largest_face_by_detector"].items()) or "none")
+            + (
+                f"; {unprotected} protected identities' gallery images left unprotected "
+                "(no face found)"
+                if report["protocol"]["landmarks"] == "detector"
+                else ""
+            )
+        )
     lines.append(
         f"- facecloak {report['facecloak']}, torch {report['versions'].get('torch')}, "
         f"total {report['timings'].get('total_seconds', 0):.0f} s"
@@ -95,6 +110,9 @@ def markdown(report: dict) -> str:
             "taken as a tight aligned crop): "
             + ", ".join(f"{n}: {k}" for n, k in fallbacks.items())
         )
+        lines.append("")
+    if rc and rc["missed"]:
+        lines.append("Faces the detector missed: " + ", ".join(f"`{m}`" for m in rc["missed"]))
         lines.append("")
     for note in report.get("notes", []):
         lines.append(f"- note: {note}")

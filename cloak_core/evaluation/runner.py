@@ -8,7 +8,11 @@ The steps, in order:
    distractors.
 2. Find each image's face: aligned 112x112 crops use the ArcFace template's landmarks,
    other images the detector (the largest face is the one evaluated; the attack protects
-   every face it finds).
+   every face it finds). The pipeline's own detector also runs on every image, and the
+   report states its recall. With ``landmarks="detector"`` the attack protects only the
+   faces the detector finds, where it finds them: a gallery image with no face found stays
+   in the gallery unprotected, exactly as it would be uploaded (the evaluators still see
+   it as they see any image: the template's face for aligned crops).
 3. Choose the attack ensembles (:mod:`~cloak_core.evaluation.ensembles`). Leave-one-out
    (default): each evaluator is scored on images protected by the ensemble minus every
    model sharing a weight file with it, so every protected figure is black-box;
@@ -60,7 +64,7 @@ from cloak_core.visibility import (
 )
 
 if TYPE_CHECKING:
-    from cloak_core.detect import Face
+    from cloak_core.detect import DetectorConfig, Face
     from cloak_core.store import ModelStore
 
 PIPELINES = ("dlib-bin", "opencv-sface")
@@ -76,7 +80,10 @@ class EvalSettings:
     ``attack_models`` fixes the ensemble (None: leave-one-out from the preset's ensemble).
     ``eval_models``: evaluator names (None: every registry model whose weights are on this
     machine, plus both pipelines). ``landmarks``: ``"auto"`` (template when every image is
-    112x112), ``"template"`` or ``"detect"``. ``joint``: protect all protected identities'
+    112x112), ``"template"``, ``"detect"`` (both: the same faces for the attack and the
+    evaluators; images without a detected face are left out) or ``"detector"`` (the attack
+    gets the pipeline detector's faces, as ``facecloak protect`` would; images where it
+    finds none stay unprotected). ``joint``: protect all protected identities'
     galleries at once instead of one identity at a time. ``attack``: False for clean
     accuracy only. ``resume``: keep every attacked batch in ``out/attack-cache`` as it is
     done and reuse the batches a run with the same settings and attack code already made
@@ -129,11 +136,37 @@ class _Image:
     path: Path
     pixels: np.ndarray
     faces: list[Face]
+    attack_faces: list[Face]  # what the attack protects; empty: the image stays as it is
 
     @property
     def face(self) -> Face:
         """The evaluated face: the largest one."""
         return max(self.faces, key=lambda f: f.size)
+
+
+def detector_recall(found: dict[Path, list[Face]], gallery: set[Path]) -> dict:
+    """The pipeline detector's recall: the share of images (every one shows a face) where it
+    found at least one, over the whole dataset and over the gallery, the images it missed,
+    and how many faces each detector found (``"blazeface"``, ``"retinaface"``; with
+    ``+estimated`` where the keypoints were estimated from the box)."""
+    missed = sorted(str(p) for p, fs in found.items() if not fs)
+    in_gallery = [p for p in found if p in gallery]
+    gallery_found = sum(1 for p in in_gallery if found[p])
+    by_detector: dict[str, int] = {}
+    for fs in found.values():
+        if fs:
+            name = max(fs, key=lambda f: f.size).detector
+            by_detector[name] = by_detector.get(name, 0) + 1
+    return {
+        "images": len(found),
+        "found": len(found) - len(missed),
+        "recall": (len(found) - len(missed)) / len(found) if found else None,
+        "gallery_images": len(in_gallery),
+        "gallery_found": gallery_found,
+        "gallery_recall": gallery_found / len(in_gallery) if in_gallery else None,
+        "largest_face_by_detector": by_detector,
+        "missed": missed,
+    }
 
 
 @dataclass(frozen=True)
@@ -172,6 +205,7 @@ class Evaluation:
         progress: bool = False,
         log: Callable[[str], None] | None = None,
         embeddings: dict | None = None,
+        detector_config: DetectorConfig | None = None,
     ) -> None:
         from cloak_core.pipeline import resolve_device
         from cloak_core.presets import get_preset
@@ -198,6 +232,9 @@ class Evaluation:
         self._prefilled: set[Path] = set()  # cache entries this run's workers made
         self.meter = VisibilityMeter(store, self.device)
         self.mode = "template"
+        self.whole_crops = True  # visibility and grid on whole aligned crops, not face boxes
+        self.detector_config = detector_config
+        self.recall: dict = {}
 
     # -- data ----------------------------------------------------------------------------
 
@@ -242,25 +279,31 @@ class Evaluation:
         probes = [(sp.identity, p) for sp in splits for p in sp.probes]
         pixels = {p: _load_rgb(p) for _, p in gallery + probes}
         mode = self.settings.landmarks
+        aligned = all(px.shape[:2] == ALIGNED_SIZE for px in pixels.values())
         if mode == "auto":
-            aligned = all(px.shape[:2] == ALIGNED_SIZE for px in pixels.values())
             mode = "template" if aligned else "detect"
-        if mode not in ("template", "detect"):
-            raise UsageError(f"landmarks {mode!r}: use auto, template or detect")
-        faces: dict[Path, list[Face]] = {}
-        if mode == "template":
+        if mode not in ("template", "detect", "detector"):
+            raise UsageError(f"landmarks {mode!r}: use auto, template, detect or detector")
+        found: dict[Path, list[Face]] = {}
+        with FaceDetector(self.store, config=self.detector_config) as detector:
+            for p, px in pixels.items():
+                found[p] = detector.detect(px)
+        self.recall = detector_recall(found, {p for _, p in gallery})
+        self.whole_crops = mode == "template" or (mode == "detector" and aligned)
+        if self.whole_crops:
             template_face = Face.from_template(ARCFACE_TEMPLATE_112)
             faces = {p: [template_face] for p in pixels}
         else:
-            with FaceDetector(self.store) as detector:
-                for p, px in pixels.items():
-                    faces[p] = detector.detect(px)
-        missing = [p for p, fs in faces.items() if not fs]
-        for p in missing:
-            self.notes.append(f"{p}: no face found; left out")
+            faces = found
+        for p, fs in faces.items():
+            if not fs:
+                self.notes.append(f"{p}: no face found; left out")
+        attack_faces = found if mode == "detector" else faces
 
         def build(items: list[tuple[str, Path]]) -> list[_Image]:
-            return [_Image(i, p, pixels[p], faces[p]) for i, p in items if faces[p]]
+            return [
+                _Image(i, p, pixels[p], faces[p], attack_faces[p]) for i, p in items if faces[p]
+            ]
 
         return build(gallery), build(probes), mode
 
@@ -305,7 +348,7 @@ class Evaluation:
 
         from cloak_core.pipeline import Protector
 
-        targets = [im for im in gallery if im.identity in scored]
+        targets = [im for im in gallery if im.identity in scored and im.attack_faces]
         protected: list[np.ndarray] = []
         label = "attack -" + ",".join(group.ensemble)
         with (
@@ -331,7 +374,7 @@ class Evaluation:
                     t = time.perf_counter()
                     pixels = protector.protect_pixels(
                         [im.pixels for im in chunk],
-                        [im.faces for im in chunk],
+                        [im.attack_faces for im in chunk],
                         seed=seed,
                         progress=step,
                     )
@@ -350,7 +393,8 @@ class Evaluation:
                 f"taken from {self.cache.directory} (their recorded attack time counted)"
             )
         by_path = {im.path: px for im, px in zip(targets, protected, strict=True)}
-        # Unprotected identities keep their clean pixels (they are never used protected).
+        # Unprotected identities keep their clean pixels (they are never used protected), and
+        # so do the images on which the detector found no face (they are uploaded as they are).
         group.protected = [by_path.get(im.path, im.pixels) for im in gallery]
         group.visibility = self._visibility(targets, protected)
 
@@ -363,7 +407,7 @@ class Evaluation:
         out = []
         for b, i in enumerate(range(0, len(targets), size)):
             chunk, seed = targets[i : i + size], self.settings.seed + b
-            pixels, faces = [im.pixels for im in chunk], [im.faces for im in chunk]
+            pixels, faces = [im.pixels for im in chunk], [im.attack_faces for im in chunk]
             out.append((seed, chunk, self.cache.path(config, seed, pixels, faces)))
         return out
 
@@ -372,12 +416,12 @@ class Evaluation:
     ) -> None:
         """Attack every batch not in the cache yet in ``jobs`` worker processes, which keep
         their results in the cache; :meth:`_protect` then reads them from there."""
-        targets = [im for im in gallery if im.identity in scored]
+        targets = [im for im in gallery if im.identity in scored and im.attack_faces]
         tasks = [
             AttackTask(
                 replace(self.config, models=group.ensemble),
                 [im.pixels for im in chunk],
-                [im.faces for im in chunk],
+                [im.attack_faces for im in chunk],
                 seed,
                 path,
             )
@@ -393,7 +437,7 @@ class Evaluation:
     def _region(self, im: _Image) -> tuple[int, int, int, int]:
         """Where ``im``'s visibility is measured: an aligned crop whole, otherwise the
         evaluated face's box grown as :func:`~cloak_core.visibility.face_region` does."""
-        if self.mode == "template":
+        if self.whole_crops:
             return (0, 0, im.pixels.shape[1], im.pixels.shape[0])
         return face_region(im.pixels.shape[:2], im.face.box)
 
@@ -435,13 +479,14 @@ class Evaluation:
                 self._prefill(groups, gallery, scored)
             for group in groups:
                 self._protect(group, gallery, scored)
-            attacked = sum(1 for im in gallery if im.identity in scored) * len(groups)
+            attacked = sum(1 for im in gallery if im.identity in scored and im.attack_faces)
+            attacked *= len(groups)
             self.timings["attack_seconds"] = sum(g.seconds for g in groups)
             self.timings["attack_images"] = attacked
             if attacked:
                 self.timings["attack_seconds_per_image"] = self.timings["attack_seconds"] / attacked
             t = time.perf_counter()
-            targets = [im for im in gallery if im.identity in scored]
+            targets = [im for im in gallery if im.identity in scored and im.attack_faces]
             self.calibration = calibration(
                 self.meter, [im.pixels for im in targets], [self._region(im) for im in targets]
             )
@@ -456,7 +501,7 @@ class Evaluation:
             info[ev.name]["fallbacks"] = ev.fallbacks
             ev.close()
         report = self._report(splits, protected_ids, gallery, probes, mode, groups, info, results)
-        height = 2 * ALIGNED_SIZE[0] if mode == "template" else None
+        height = 2 * ALIGNED_SIZE[0] if self.whole_crops else None
         return EvalResult(report, self._grid(gallery, groups, protected_ids), height)
 
     def _grid(
@@ -471,7 +516,11 @@ class Evaluation:
             k = next((k for k, im in enumerate(gallery) if im.identity == identity), None)
             if k is not None:
                 picked.append((k, identity.replace("_", " ")))
-        targets = [k for k, im in enumerate(gallery) if im.identity in set(protected_ids)]
+        targets = [
+            k
+            for k, im in enumerate(gallery)
+            if im.identity in set(protected_ids) and im.attack_faces
+        ]
         first = groups[0]
         by_de = sorted(
             range(len(targets)), key=lambda j: first.visibility[j].de2000_mean, reverse=True
@@ -579,7 +628,7 @@ class Evaluation:
         scored = set(protected_ids)
         attack_groups = []
         if s.attack:
-            targets = [im for im in gallery if im.identity in scored]
+            targets = [im for im in gallery if im.identity in scored and im.attack_faces]
             for g in groups:
                 attack_groups.append(
                     {
@@ -635,7 +684,12 @@ class Evaluation:
                     sp.identity for sp in splits if sp.identity not in scored
                 ],
                 "gallery_images": len(gallery),
-                "protected_gallery_images": sum(1 for im in gallery if im.identity in scored),
+                "protected_gallery_images": sum(
+                    1 for im in gallery if im.identity in scored and im.attack_faces
+                ),
+                "unprotected_gallery_images": [
+                    str(im.path) for im in gallery if im.identity in scored and not im.attack_faces
+                ],
                 "probe_images": sum(1 for im in probes if im.identity in scored),
             },
             "evaluators": info,
@@ -645,6 +699,7 @@ class Evaluation:
                 if s.attack
                 else None
             ),
+            "detector_recall": self.recall,
             "results": results,
             "timings": self.timings,
             "notes": self.notes,

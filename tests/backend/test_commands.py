@@ -61,3 +61,19 @@ def test_serve_refuses_a_non_loopback_address(tmp_path, host):
     assert out.returncode == 2
     assert "loopback" in out.stderr and host in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_serve_face_threshold_reaches_the_detector(tmp_path):
+    import argparse
+
+    from backend.commands.serve import add_parser, build_config
+    from cloak_core.detect import DetectorConfig
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--face-threshold", "0.6", "--config-dir", str(tmp_path)])
+    assert build_config(args).face_threshold == 0.6
+    default = build_config(parser.parse_args(["serve", "--config-dir", str(tmp_path)]))
+    assert default.face_threshold == DetectorConfig().face_threshold
+    out = facecloak("serve", "--face-threshold", "1.5", "--port", "0", config_dir=tmp_path)
+    assert out.returncode == 2 and "face_threshold" in out.stderr

@@ -210,8 +210,12 @@ def test_large_photos(detector, photos_dir):
 
 def test_min_score_and_min_face(store, photos_dir):
     rgb = load(photos_dir / "two_people.jpg")
+    # min_score is BlazeFace's: past it only the recall pass (RetinaFace) finds the faces,
+    # and a face_threshold no score reaches leaves none.
     with FaceDetector(store, min_score=0.99) as strict:
-        assert strict.detect(rgb) == []
+        assert [f.detector for f in strict.detect(rgb)] == ["retinaface", "retinaface"]
+    with FaceDetector(store, config=DetectorConfig(min_score=0.99, face_threshold=1.0)) as none:
+        assert none.detect(rgb) == []
     tiny = np.asarray(Image.fromarray(rgb).resize((rgb.shape[1] // 8, rgb.shape[0] // 8)))
     with FaceDetector(store, config=DetectorConfig(min_face=25)) as det:
         assert det.detect(tiny) == []  # faces of about 20 px are dropped

@@ -456,6 +456,7 @@ def test_the_table_holds_every_file_of_assets() -> None:
         "lpips_alexnet.ckpt",
         "lpips_vgg16.ckpt",
         "dists_alpha_beta.pt",
+        "retinaface_mobilenet0.25.pth",
     }
     for name, spec in WEIGHTS.items():
         assert spec.name == name
