@@ -40,7 +40,15 @@ function renderDaemon(daemon, settings) {
   $("daemon-detail").textContent = detail || "";
 }
 
-function renderSite(site, settings) {
+// While the service cannot protect, every upload on a site that is on is held back.
+const HELD_BACK = {
+  unreachable: "the FaceCloak service is not running.",
+  unpaired: "FaceCloak is not paired with the service.",
+  unverified: "the program on the service's port is not the paired service.",
+  error: "the FaceCloak service reports an error.",
+};
+
+function renderSite(site, settings, daemon) {
   const toggle = $("site-toggle");
   if (!site) {
     $("site-name").textContent = "This page";
@@ -53,8 +61,12 @@ function renderSite(site, settings) {
   toggle.disabled = false;
   toggle.checked = site.on;
   let hint = site.on ? "Uploads of photos are protected." : "Uploads go to the site unprotected.";
+  if (site.on && settings.enabled && HELD_BACK[daemon.state]) {
+    hint = `Uploads of photos are held back: ${HELD_BACK[daemon.state]}`;
+  }
   if (site.wanted && !site.granted) hint = "FaceCloak needs access to this site: turn it on to allow.";
   if (site.on && !settings.enabled) hint = "Protection is switched off everywhere.";
+  $("site-row").dataset.held = String(hint.startsWith("Uploads of photos are held back"));
   $("site-hint").textContent = hint;
 }
 
@@ -66,6 +78,19 @@ const STATE_TEXT = {
   failed: "Not uploaded",
 };
 
+// A protected photo is "Protected" once the page read it (see content/catcher.js).
+const DELIVERY_TEXT = {
+  pending: "Protected, handing it to the page",
+  read: "Protected",
+  handed: "Protected, handed to the page",
+  ignored: "Protected, but the page did not take it",
+};
+
+function stateText(entry) {
+  if (entry.state === "done" && entry.delivery) return DELIVERY_TEXT[entry.delivery] || STATE_TEXT.done;
+  return STATE_TEXT[entry.state] || entry.state;
+}
+
 function renderActivity(entries) {
   const list = $("activity");
   list.replaceChildren();
@@ -73,6 +98,7 @@ function renderActivity(entries) {
   for (const entry of entries) {
     const li = document.createElement("li");
     li.dataset.state = entry.state;
+    if (entry.delivery) li.dataset.delivery = entry.delivery;
     const name = document.createElement("div");
     name.className = "name";
     name.textContent = entry.name || "photo";
@@ -81,7 +107,7 @@ function renderActivity(entries) {
     const what = document.createElement("span");
     const faces = entry.faces == null ? "" : ` · ${entry.faces} face${entry.faces === 1 ? "" : "s"}`;
     const seconds = entry.state === "done" && entry.seconds != null ? ` · ${entry.seconds.toFixed(1)} s` : "";
-    what.textContent = `${STATE_TEXT[entry.state] || entry.state}${faces}${seconds}`;
+    what.textContent = `${stateText(entry)}${faces}${seconds}`;
     const where = document.createElement("span");
     where.textContent = entry.site || "";
     line.append(what, where);
@@ -106,7 +132,7 @@ async function refresh() {
   status = await ask("get-status", { url: tab?.url });
   renderDaemon(status.daemon, status.settings);
   $("global").checked = status.settings.enabled;
-  renderSite(status.site, status.settings);
+  renderSite(status.site, status.settings, status.daemon);
 }
 
 function say(text, kind = "") {
