@@ -274,7 +274,7 @@
   }
 
   /** Hand `files` to the page (`kind`: "input", "drop" or "paste"); resolves to the outcome. */
-  function handOver(kind, receiver, files, strings = [], init = {}) {
+  function handOver(kind, receiver, files, strings = [], init = {}, effects = null) {
     handed += 1;
     const id = `hand-${handed}`;
     // An element inside a shadow root would reach the guard as its host (an event's
@@ -284,7 +284,7 @@
       guard.dispatchEvent(new MouseEvent("facecloak-receiver", { relatedTarget: receiver }));
       const request = new CustomEvent("facecloak-hand", {
         cancelable: true,
-        detail: { id, kind, files, strings, init },
+        detail: { id, kind, files, strings, init, effects },
       });
       if (!guard.dispatchEvent(request)) return outcome;
       waiting.delete(id);
@@ -327,21 +327,33 @@
     picker.multiple = Boolean(multiple);
     if (directory) picker.webkitdirectory = true;
     let settled = false;
+    let released = false;
+    const release = () => {
+      if (released) return;
+      released = true;
+      pickerSettled();
+    };
+    // The held focus follows the files onto the page's input at once.
+    const deliverThenRelease = (files) => {
+      const outcome = deliver(files);
+      release();
+      return outcome;
+    };
     picker.addEventListener("change", () => {
       if (settled) return;
       settled = true;
       const files = Array.from(picker.files || []);
-      if (files.length) screen(files, deliver).finally(pickerSettled);
+      if (files.length) screen(files, deliverThenRelease).finally(release);
       else {
         cancel();
-        pickerSettled();
+        release();
       }
     });
     picker.addEventListener("cancel", () => {
       if (settled) return;
       settled = true;
       cancel();
-      pickerSettled();
+      release();
     });
     pickersOpen += 1;
     picker.click();
@@ -488,6 +500,8 @@
     swallow(event);
     const target = deepElementAt(event.clientX, event.clientY, event.composedPath()[0]);
     const strings = stringsOf(event.dataTransfer);
+    // As dragged: some pages ignore a drag that allows no effect (a new DataTransfer's "none").
+    const effects = { effectAllowed: event.dataTransfer.effectAllowed, dropEffect: event.dataTransfer.dropEffect };
     const init = {
       bubbles: true, cancelable: true, composed: true,
       clientX: event.clientX, clientY: event.clientY, screenX: event.screenX, screenY: event.screenY,
@@ -495,10 +509,13 @@
     };
     // The page saw the drag enter and move over it: end it there while the drop is held,
     // as if the pointer had left, so its drop area does not stay in its drag-over look.
-    target.dispatchEvent(new DragEvent("dragleave", { ...init, cancelable: false, dataTransfer: transferOf([], strings) }));
+    // Its coordinates are 0, 0, as when a drag leaves the window (pages that track whether
+    // the drag left the document, such as Fine Uploader, look at them).
+    const leave = { ...init, cancelable: false, clientX: 0, clientY: 0, screenX: 0, screenY: 0 };
+    target.dispatchEvent(new DragEvent("dragleave", { ...leave, dataTransfer: transferOf([], strings) }));
     screen(files, (out) => {
       const receiver = target?.isConnected ? target : document.documentElement;
-      return handOver("drop", receiver, out, strings, init);
+      return handOver("drop", receiver, out, strings, init, effects);
     });
   }
 

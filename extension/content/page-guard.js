@@ -325,9 +325,25 @@
     }, OUTCOME_MS);
   }
 
-  function handEvent(receiver, { id, kind, files, strings, init }) {
+  function handEvent(receiver, { id, kind, files, strings, init, effects }) {
     const report = reporter(id);
     const transfer = watchedTransfer(files, strings || [], () => report("read"));
+    // A new DataTransfer allows no effect ("none", and the browser keeps it so outside a
+    // dragstart); some pages ignore such a drag. It gets the effects the user's drag had.
+    if (effects && kind !== "paste") {
+      for (const name of ["effectAllowed", "dropEffect"]) {
+        let value = String(effects[name]);
+        const access = define({}, {
+          get() {
+            return value;
+          },
+          set(next) {
+            value = String(next);
+          },
+        });
+        defineProperty(transfer, name, { get: access.get, set: access.set, configurable: true, enumerable: true });
+      }
+    }
     let last;
     if (kind === "paste") {
       last = new MakeClipboardEvent("paste", { ...init, clipboardData: transfer });
