@@ -210,6 +210,28 @@ def test_pages_that_read_files_their_own_way(kind, extension, site, page, photos
     assert _wait_delivery(extension) == "read"
 
 
+def test_a_drop_the_page_does_not_take_is_not_called_protected(extension, site, page, photos_dir):
+    """Dropped where the page has no drop listener: protected, but not taken; both the
+    page's card and the popup say so, and nothing is uploaded."""
+    page.goto(site.url("fetch"))
+    _site_on(extension, page, True)
+    site.clear()
+    page.locator("h1").wait_for()
+    _drop(page, "h1", photos_dir / PHOTO)
+    page.wait_for_function(
+        "() => document.getElementById('facecloak-notice')?.dataset.reason === 'ignored'",
+        timeout=UPLOAD_TIMEOUT_MS,
+    )
+    assert "did not read" in notice(page)["text"]
+    assert _wait_delivery(extension) == "ignored"
+    popup = extension.open_popup(page)
+    expect(popup.locator("#activity li").first).to_contain_text(
+        "Protected, but the page did not take it"
+    )
+    popup.close()
+    assert site.received() == []
+
+
 # -- widgets: site on -----------------------------------------------------------------------
 
 
