@@ -160,7 +160,7 @@ def test_options_page_says_the_service_runs_and_hides_pairing_help(extension, da
     options.goto(extension.url("options.html"))
     running = options.locator("#daemon-running")
     expect(running).to_have_text(re.compile(f"^Running on port {daemon.port} \\(service "))
-    headings = options.locator("h2").all_inner_texts()
+    headings = options.locator("h2").all_text_contents()
     assert headings.index("Service") < headings.index("Pairing")  # the port comes first
     expect(options.locator("#pair-state")).to_have_text(re.compile("^Paired and connected"))
     for help_part in ("#pair-help", "#pair-code", "#pair"):
@@ -217,6 +217,9 @@ def test_a_drop_the_page_does_not_take_is_not_called_protected(extension, site, 
     _site_on(extension, page, True)
     site.clear()
     page.locator("h1").wait_for()
+    # It accepts drags (as pages that keep the browser from opening a dropped file do) but
+    # has no drop listener: without the first, the browser would not fire a drop at all.
+    page.evaluate("() => document.addEventListener('dragover', (e) => e.preventDefault())")
     _drop(page, "h1", photos_dir / PHOTO)
     page.wait_for_function(
         "() => document.getElementById('facecloak-notice')?.dataset.reason === 'ignored'",
