@@ -2,6 +2,7 @@
 // the list of sites (the suggested social sites plus any the user adds).
 
 import { ask } from "./lib/messages.js";
+import { presetOptions } from "./lib/strength.js";
 import {
   grantedPatterns,
   normalizeSite,
@@ -63,10 +64,26 @@ function pairingError(err) {
   return `Pairing did not work: ${message}`;
 }
 
+// What each preset is for; a preset of the daemon's that is not named here shows its name.
+const PRESET_HELP = {
+  fast: "fast: quickest, for a computer without a GPU",
+  strong: "strong: strongest protection, visibly alters faces",
+  paper: "paper: the LowKey paper's settings",
+};
+
 function renderOptions() {
   const s = status.settings;
   $("port").value = s.port;
-  $("preset").value = s.preset || "";
+  const select = $("preset");
+  select.replaceChildren();
+  const names = status.presets.includes(s.preset) || !s.preset ? status.presets : [...status.presets, s.preset];
+  for (const [value, text] of [["", "The service's own setting"], ...names.map((n) => [n, PRESET_HELP[n] || n])]) {
+    const option = document.createElement("option");
+    option.value = value;
+    option.textContent = text;
+    select.append(option);
+  }
+  select.value = s.preset || "";
   $("timeout").value = s.timeoutSeconds;
 }
 
@@ -121,6 +138,19 @@ async function renderSites() {
       });
       controls.append(remove);
     }
+    // The strength of this site's uploads (default: the preset above, else the service's).
+    const strength = document.createElement("select");
+    strength.className = "strength";
+    strength.setAttribute("aria-label", `Strength on ${site}`);
+    const fallback = status.settings.preset || status.daemon.preset;
+    presetOptions(strength, status.presets, status.settings.sitePresets?.[site], fallback);
+    strength.addEventListener("change", () => {
+      ask("set-site-preset", { site, preset: strength.value || null })
+        .then(() => say("sites-message", `Strength on ${site}: ${strength.value || "default"}.`, "good"))
+        .catch((err) => say("sites-message", err.message, "bad"))
+        .finally(load);
+    });
+    controls.prepend(strength);
     controls.append(toggle);
     row.append(label, controls);
     container.append(row);

@@ -4,6 +4,8 @@
 
 import { ACTIVITY_KEY, readActivity } from "./lib/activity.js";
 import { ask } from "./lib/messages.js";
+import { matchWords, PREVIEW_KEY, readPreview } from "./lib/preview.js";
+import { presetOptions } from "./lib/strength.js";
 import { originPatterns, siteLabel } from "./lib/sites.js";
 
 const $ = (id) => document.getElementById(id);
@@ -55,6 +57,7 @@ function renderSite(site, settings, daemon) {
     $("site-hint").textContent = "FaceCloak works on web sites (http and https) only.";
     toggle.disabled = true;
     toggle.checked = false;
+    $("strength-row").hidden = true;
     return;
   }
   $("site-name").textContent = siteLabel(site.site);
@@ -66,8 +69,45 @@ function renderSite(site, settings, daemon) {
   }
   if (site.wanted && !site.granted) hint = "FaceCloak needs access to this site: turn it on to allow.";
   if (site.on && !settings.enabled) hint = "Protection is switched off everywhere.";
+  renderStrength(site, settings);
   $("site-row").dataset.held = String(hint.startsWith("Uploads of photos are held back"));
   $("site-hint").textContent = hint;
+}
+
+// The strength (preset) of the current site's uploads; shown while the site is on.
+function renderStrength(site, settings) {
+  const row = $("strength-row");
+  row.hidden = !site.on;
+  if (row.hidden || document.activeElement === $("site-preset")) return;
+  const fallback = settings.preset || status.daemon.preset;
+  presetOptions($("site-preset"), status.presets, settings.sitePresets?.[site.site], fallback);
+}
+
+function renderPreview(preview) {
+  const list = $("preview-faces");
+  list.replaceChildren();
+  $("preview").hidden = !preview?.faces?.length;
+  if (!preview?.faces?.length) return;
+  const where = [preview.name, preview.site].filter(Boolean).join(" on ");
+  $("preview-caption").textContent = `${where}${preview.preset ? ` · preset ${preview.preset}` : ""}`;
+  preview.faces.forEach((face, i) => {
+    const li = document.createElement("li");
+    for (const [key, label] of [["before", "Before"], ["after", "After (posted)"]]) {
+      const img = document.createElement("img");
+      img.src = face[key]; // a data: URL from the daemon (checked in lib/preview.js)
+      img.alt = `${label}, face ${i + 1}`;
+      img.className = key;
+      li.append(img);
+    }
+    const words = document.createElement("div");
+    words.className = "words";
+    words.textContent = matchWords(face);
+    const note = document.createElement("small");
+    note.textContent = `Face ${i + 1}: before, and as posted`;
+    words.append(note);
+    li.append(words);
+    list.append(li);
+  });
 }
 
 const STATE_TEXT = {
@@ -107,7 +147,8 @@ function renderActivity(entries) {
     const what = document.createElement("span");
     const faces = entry.faces == null ? "" : ` · ${entry.faces} face${entry.faces === 1 ? "" : "s"}`;
     const seconds = entry.state === "done" && entry.seconds != null ? ` · ${entry.seconds.toFixed(1)} s` : "";
-    what.textContent = `${stateText(entry)}${faces}${seconds}`;
+    const preset = entry.state === "done" && entry.preset ? ` · ${entry.preset}` : "";
+    what.textContent = `${stateText(entry)}${faces}${seconds}${preset}`;
     const where = document.createElement("span");
     where.textContent = entry.site || "";
     line.append(what, where);
@@ -166,6 +207,15 @@ $("site-toggle").addEventListener("change", (event) => {
     });
 });
 
+$("site-preset").addEventListener("change", (event) => {
+  const site = status?.site?.site;
+  if (!site) return;
+  ask("set-site-preset", { site, preset: event.target.value || null })
+    .then(() => say(`Strength on ${site}: ${event.target.value || "default"}.`, "good"))
+    .then(refresh)
+    .catch((err) => say(err.message, "bad"));
+});
+
 $("global").addEventListener("change", (event) => {
   ask("set-enabled", { enabled: event.target.checked })
     .then(refresh)
@@ -180,11 +230,13 @@ $("reload").addEventListener("click", () => {
 
 chrome.storage.onChanged.addListener((changes, area) => {
   if (area === "session" && changes[ACTIVITY_KEY]) renderActivity(changes[ACTIVITY_KEY].newValue || []);
+  if (area === "session" && changes[PREVIEW_KEY]) renderPreview(changes[PREVIEW_KEY].newValue || null);
 });
 
 (async () => {
   tab = await currentTab().catch(() => null);
   renderActivity(await readActivity());
+  renderPreview(await readPreview());
   await refresh();
   setInterval(() => refresh().catch(() => {}), 3000);
 })().catch((err) => say(err.message, "bad"));

@@ -10,7 +10,8 @@
 import { DaemonClient, DaemonError } from "./daemon.js";
 import { fromBase64, toBase64 } from "./base64.js";
 import { protectImage } from "./protector.js";
-import { EXTENSION_ORIGIN, loadSettings, loadToken } from "./settings.js";
+import { EXTENSION_ORIGIN, loadSettings, loadToken, presetFor } from "./settings.js";
+import { savePreview } from "./preview.js";
 import { activeSites } from "./registration.js";
 import { daemonAcceptsSite, normalizeSite, siteCovering } from "./sites.js";
 
@@ -140,7 +141,8 @@ async function protectAll(files, { ids, site, settings, activity, post, signal }
           mime: file.mime,
           // The daemon validates `site` as a host name; IP-literal sites are not sent.
           site: daemonAcceptsSite(site) ? site : undefined,
-          preset: settings.preset,
+          preset: presetFor(settings, site),
+          preview: true,
           timeoutSeconds: settings.timeoutSeconds,
           signal: both,
           onProgress: (p) => {
@@ -157,8 +159,10 @@ async function protectAll(files, { ids, site, settings, activity, post, signal }
         if (!/^image\//.test(result.mime || file.mime)) {
           throw new DaemonError("failed", "The FaceCloak service did not answer with a photo.");
         }
+        if (result.preview) await savePreview({ ...result.preview, site, name: file.name });
         await activity.update(ids[index], {
           state: "done",
+          preset: result.preset ?? null,
           delivery: "pending", // until the catcher says what the page did with it
           progress: 1,
           faces: result.faces,
