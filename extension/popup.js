@@ -31,9 +31,11 @@ function renderDaemon(daemon, settings) {
   const pill = $("daemon-state");
   pill.textContent = DAEMON_TEXT[daemon.state] || daemon.state;
   pill.className = `pill ${daemon.state}`;
-  const preset = settings.preset || daemon.preset;
+  // The preset this tab's uploads get: the site's own strength, else the global choice.
+  const own = status?.site?.on && settings.sitePresets?.[status.site.site];
+  const preset = own || settings.preset || daemon.preset;
   const detail = {
-    connected: `Service ${daemon.version || ""} on ${daemon.device || "?"} · preset ${preset || "?"}`,
+    connected: `Service ${daemon.version || ""} on ${daemon.device || "?"} · preset ${preset || "?"}${own ? " here" : ""}`,
     unpaired: "Open the options below and enter the code that “facecloak pair” prints.",
     unreachable: "Start the FaceCloak service: run “facecloak serve”.",
     unverified: `${daemon.message || ""} FaceCloak sends it nothing.`,
