@@ -145,10 +145,13 @@ def test_strength_per_site_and_the_popups_preview(extension, site, page, photos_
         sizes = faces.first.locator("img").evaluate_all(
             "imgs => imgs.map(i => [i.className, i.naturalWidth, i.src.slice(0, 23)])"
         )
+        sizes_src = faces.first.locator("img").evaluate_all("imgs => imgs.map(i => i.src)")
         assert [s[0] for s in sizes] == ["before", "after"]
         assert all(0 < s[1] <= 96 and s[2] == "data:image/jpeg;base64," for s in sizes), sizes
-        # The crops are in the extension's session storage only: the page cannot reach them.
-        assert page.evaluate("typeof chrome === 'undefined' || !chrome.storage")
+        # The crops are only in the extension's session storage (lastPreview); that content
+        # scripts, and so pages, cannot read it is checked in test_trust.py ("read session").
+        stored = extension.worker.evaluate("chrome.storage.session.get('lastPreview')")
+        assert stored["lastPreview"]["faces"][0]["before"] == sizes_src[0]
         popup.screenshot(path=str(tmp_path / "popup-preview.png"))
         popup.close()
     finally:
