@@ -11,7 +11,7 @@ PORT   ?= 8765
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: setup models chromium run test lint format bench eval clean
+.PHONY: setup models chromium widgets extension run test lint format bench eval clean
 
 setup: $(STAMP)
 
@@ -41,7 +41,26 @@ run: models
 	@echo ""
 	$(VENV)/bin/facecloak serve --port $(PORT)
 
-test: models chromium
+# The real upload widgets the e2e tests load (tests/e2e/widgets), from the npm registry at
+# the versions package-lock.json pins. Without npm the widget tests skip and say why.
+WIDGETS := tests/e2e/widgets
+widgets: $(WIDGETS)/node_modules/.installed
+
+$(WIDGETS)/node_modules/.installed: $(WIDGETS)/package.json $(WIDGETS)/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+	  cd $(WIDGETS) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
+	else echo "npm is missing: the widget tests will skip (install Node.js and npm to run them)"; fi
+
+# The extension as a zip for "Load unpacked" after unzipping, or a store upload.
+extension: dist/facecloak-extension.zip
+
+dist/facecloak-extension.zip: manifest.json $(shell find extension -type f)
+	@mkdir -p dist
+	rm -f $@
+	$(PYTHON) -m zipfile -c $@ manifest.json extension
+	@echo "wrote $@"
+
+test: models chromium widgets
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 lint: setup

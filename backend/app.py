@@ -72,6 +72,7 @@ def create_app(
         "jobs": ("/v1/jobs", {"POST": handlers.create_job}),
         "job": ("/v1/jobs/{id}", {"GET": handlers.job_status}),
         "job_result": ("/v1/jobs/{id}/result", {"GET": handlers.job_result}),
+        "job_preview": ("/v1/jobs/{id}/preview", {"GET": handlers.job_preview}),
         "settings": ("/v1/settings", {"GET": handlers.get_settings, "PUT": handlers.put_settings}),
     }
     for name, (path, methods) in routes.items():

@@ -17,6 +17,7 @@ from backend.errors import (
     BadRequestError,
     DaemonError,
     ForbiddenError,
+    NotFoundError,
     NotReadyError,
     RequestTimeoutError,
     TooLargeError,
@@ -49,7 +50,8 @@ PROOF_BODY_LIMIT = 1024
 
 
 async def health(request: web.Request) -> web.Response:
-    """``GET /v1/health``: status (starting/ready/failed/stopping), device, models, queue."""
+    """``GET /v1/health``: status (starting/ready/failed/stopping), device, models, presets,
+    queue."""
     worker = request.app[WORKER_KEY]
     protector = worker.protector
     body: dict[str, Any] = {
@@ -57,6 +59,7 @@ async def health(request: web.Request) -> web.Response:
         "version": __version__,
         "device": str(protector.device) if protector else request.app[CONFIG_KEY].device,
         "models": list(protector.model_names) if protector else [],
+        "presets": list(PRESETS),
         "queue": worker.queue_info(),
     }
     return web.json_response(body)
@@ -153,6 +156,24 @@ async def job_result(request: web.Request) -> web.Response:
     if not job.finished:
         raise NotReadyError(f"the job is {job.state.value}; ask again when it is done")
     return _result_response(job)
+
+
+async def job_preview(request: web.Request) -> web.Response:
+    """``GET /v1/jobs/{id}/preview``: the faces of the last protected photo, before and after.
+
+    ``{"id", "preset", "faces": [{"before", "after", "models", "matched", ...}]}`` (see
+    :func:`backend.jobs.preview_payload`). The crops show the original photo's faces, so
+    like every job route it needs the token of the job's owner and the extension's origin;
+    only the latest ``/v1/jobs`` job has one (404 for an older job's, 409 before it is done).
+    """
+    job = request.app[WORKER_KEY].get(request.match_info["id"], owner=request[TOKEN_KEY].digest)
+    if not job.finished:
+        raise NotReadyError(f"the job is {job.state.value}; ask again when it is done")
+    if job.error is not None:
+        raise job.error
+    if job.preview is None:
+        raise NotFoundError("no preview for this job: only the last photo's is kept")
+    return web.json_response(job.preview, headers={"Cache-Control": "no-store"})
 
 
 async def get_settings(request: web.Request) -> web.Response:

@@ -16,14 +16,21 @@ output), so a batch stops within a fraction of a second; should one not have sto
 and the worker takes the next batch once the thread comes back.
 Progress comes from the protector's callback: steps done over steps planned.
 Finished jobs are kept for ``result_ttl`` seconds, then forgotten.
+
+Jobs of ``/v1/jobs`` (the extension's) are measured lightly (``measure="models"``): the
+worker keeps, for the last such job only, a preview of its faces (small crops before and
+after, and how many of the ensemble's models still match each), which only the job's
+owner can read (``GET /v1/jobs/{id}/preview``). A newer job's preview replaces it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import enum
 import functools
 import hmac
@@ -81,6 +88,8 @@ class Job:
     error: BaseException | None = None
     finished_at: float | None = None
     abandoned: bool = False  # its client went away
+    wants_preview: bool = False  # measure its faces for a preview (``/v1/jobs`` jobs)
+    preview: dict[str, Any] | None = None  # the preview, while this is the latest one
     _done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
@@ -92,10 +101,12 @@ class Job:
         await self._done.wait()
 
     def to_json(self) -> dict[str, Any]:
-        """``{"id", "state", "progress", "faces", "error"}`` as ``GET /v1/jobs/{id}`` answers."""
+        """``{"id", "state", "preset", "progress", "faces", "error"}`` as ``GET /v1/jobs/{id}``
+        answers."""
         return {
             "id": self.id,
             "state": self.state.value,
+            "preset": self.preset,
             "progress": round(self.progress, 4),
             "faces": self.result.faces if self.result is not None else None,
             "error": error_body(self.error) if self.error is not None else None,
@@ -210,6 +221,7 @@ class Worker:
             owner=owner,
             decoded_bytes=decoded_bytes,
         )
+        job.wants_preview = register
         if register:
             self.expire()
             self._jobs[job.id] = job
@@ -265,6 +277,13 @@ class Worker:
         """``{"waiting", "running", "limit"}`` for ``/v1/health``."""
         running = len(self._batch.jobs) if self._batch is not None else 0
         return {"waiting": len(self._queue), "running": running, "limit": self.config.queue_size}
+
+    def _keep_preview(self, job: Job, preview: dict[str, Any]) -> None:
+        """Give ``job`` the preview of its faces and forget every older job's: the daemon
+        holds the crops of one photo at most."""
+        for other in self._jobs.values():
+            other.preview = None
+        job.preview = preview
 
     # -- the worker -------------------------------------------------------------------
 
@@ -322,6 +341,8 @@ class Worker:
         too_long = JobTimeoutError(f"the image took longer than {self.config.job_timeout:g} s")
         timer = loop.call_later(self.config.job_timeout, batch.stop, too_long)
         started = time.monotonic()
+        # Only protectors that are asked for previews need to know the keyword.
+        measure = {"measure": "models"} if any(job.wants_preview for job in jobs) else {}
         call = functools.partial(
             _protect_then_trim,
             self.protector,
@@ -331,6 +352,7 @@ class Worker:
             config=get_preset(jobs[0].preset),
             max_pixels=self.config.max_pixels,
             max_decoded_bytes=self.config.max_decoded_bytes,
+            **measure,
         )
         running = loop.run_in_executor(self._executor, call)
         late = False
@@ -356,7 +378,10 @@ class Worker:
                     outcome = batch.stop_reason
                 job._finish(error=_reported(outcome))
             else:
-                job._finish(result=outcome)
+                preview = preview_payload(job.id, job.preset, outcome)
+                job._finish(result=_without_previews(outcome))
+                if job.wants_preview:
+                    self._keep_preview(job, preview)
         if late:
             log.warning(
                 "a batch did not stop %g s after its deadline; its jobs were answered, the "
@@ -370,6 +395,37 @@ class Worker:
         )
         self._batch = None
         self._batch_done.set()
+
+
+def preview_payload(job_id: str, preset: str, result: Any) -> dict[str, Any]:
+    """``{"id", "preset", "faces": [...]}``: per face, ``before`` and ``after`` as JPEG data
+    URLs, ``models`` (how many models measured it), ``matched`` (how many still say it is
+    the same person after protection), and the models' ``same_person`` and ``similarity``.
+    """
+    faces = []
+    for preview in getattr(result, "previews", ()):
+        faces.append(
+            {
+                "before": _data_url(preview.before),
+                "after": _data_url(preview.after),
+                "models": len(preview.same_person),
+                "matched": sum(preview.same_person.values()),
+                "same_person": dict(preview.same_person),
+                "similarity": dict(preview.similarity),
+            }
+        )
+    return {"id": job_id, "preset": preset, "faces": faces}
+
+
+def _without_previews(result: Any) -> Any:
+    """``result`` without its crops (kept only in the latest job's preview payload)."""
+    if dataclasses.is_dataclass(result) and getattr(result, "previews", ()):
+        return dataclasses.replace(result, previews=())
+    return result
+
+
+def _data_url(jpeg: bytes) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
 def _protect_then_trim(protector: Any, items: list[bytes], **kwargs: Any) -> list[Any]:

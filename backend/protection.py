@@ -33,8 +33,11 @@ class ProtectorLike(Protocol):
         config: Any = None,
         max_pixels: int | None = None,
         max_decoded_bytes: int | None = None,
+        measure: bool | str = False,
     ) -> Sequence[Any]:
         """One result (with ``data``, ``mime``, ``faces``, ``seconds``) or error per item.
+
+        ``measure="models"`` (passed only for jobs that want a preview) adds ``previews``.
 
         ``config`` is the :class:`cloak_core.presets.AttackConfig` of every item;
         ``max_pixels`` and ``max_decoded_bytes`` the decoded-size limits (over them:

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "cloak_core.commands.bench",
     "backend.commands.serve",
     "backend.commands.pair",
+    "backend.commands.service",
     "cloak_core.commands.models",
 )
 

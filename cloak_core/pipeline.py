@@ -9,6 +9,7 @@ into the original pixels, encode. Pixels outside the face regions are never touc
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from cloak_core.align import (
     align_faces,
@@ -49,6 +51,11 @@ MAX_BATCH = {"cpu": 8, "cuda": 64}
 HOLD_OUT_MIN_MODELS = 3
 # Whole-photo LPIPS is measured on copies scaled down to at most this many pixels.
 LPIPS_MEASURE_PIXELS = 4_000_000
+# Side of the preview crops (``measure="models"``), their JPEG quality, and how much of
+# the face box's larger side the square around a face takes.
+PREVIEW_SIZE = 96
+PREVIEW_QUALITY = 80
+PREVIEW_MARGIN = 1.4
 
 
 @dataclass(frozen=True)
@@ -59,6 +66,22 @@ class ModelReport:
     similarity_after: float
     score_after: float
     same_person_after: bool
+
+
+@dataclass(frozen=True)
+class FacePreview:
+    """One face as the user sees it: small crops and what the models say after protection.
+
+    ``before`` and ``after`` are JPEG crops (at most PREVIEW_SIZE pixels a side) of the
+    same square around the face, from the original and from the encoded output.
+    ``same_person[model]`` is whether that model still matches the protected face to the
+    original one (its own verification rule), ``similarity[model]`` their cosine.
+    """
+
+    before: bytes
+    after: bytes
+    same_person: dict[str, bool]
+    similarity: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -88,6 +111,7 @@ class ProtectResult:
     boxes: tuple[tuple[float, float, float, float], ...] = ()
     visibility: tuple[Visibility, ...] = ()
     held_out: tuple[str | None, ...] = ()
+    previews: tuple[FacePreview, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -231,7 +255,7 @@ class Protector:
         *,
         out_format: str = "same",
         quality: int | None = None,
-        measure: bool = False,
+        measure: bool | str = False,
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
         config: AttackConfig | None = None,
@@ -262,7 +286,7 @@ class Protector:
         *,
         out_format: str = "same",
         quality: int | None = None,
-        measure: bool = False,
+        measure: bool | str = False,
         progress: Progress | None = None,
         cancel: threading.Event | None = None,
         config: AttackConfig | None = None,
@@ -279,7 +303,12 @@ class Protector:
         decoding, detection, the attack and encoding, part way, and raises
         :class:`~cloak_core.errors.CancelledError`.
         ``times`` collects seconds per stage (decode, detect, the attack's stages, encode).
+        ``measure``: ``True`` fills LPIPS, per-model reports and the visibility panel
+        (seconds per photo); ``"models"`` only :attr:`ProtectResult.previews`, the models'
+        verdicts on the encoded output and small crops (one forward pass per model).
         """
+        if measure not in (False, True, "models"):
+            raise UsageError(f"measure must be False, True or 'models', got {measure!r}")
         start = time.perf_counter()
         times = times or StageTimes(self.device)
         decoded: list[DecodedImage | FaceCloakError] = []
@@ -338,7 +367,9 @@ class Protector:
                 boxes=tuple(f.box for f in faces[k]),
                 held_out=tuple(held_out[k]),
             )
-            if measure:
+            if measure == "models":
+                result = self._measure_models(result, source, faces[k])
+            elif measure:
                 result = self._measure(result, source, faces[k])
             results[i] = result
         return results
@@ -536,6 +567,49 @@ class Protector:
 
     # -- measurement -------------------------------------------------------------------
 
+    def _measure_models(
+        self, result: ProtectResult, source: DecodedImage, faces: Sequence[Face]
+    ) -> ProtectResult:
+        """Fill in :attr:`ProtectResult.previews`: per face, crops before and after, and
+        whether each model of the ensemble still matches the protected face (measured on
+        the encoded output, as :meth:`_measure` does, but without LPIPS, the re-encoded
+        baseline or the visibility panel)."""
+        if not faces:
+            return result
+        limit = max(50_000_000, result.width * result.height)
+        output = decode_image(result.data, max_pixels=limit)
+        original = _to_tensor(source.pixels, None, self.device)[0]
+        after = _to_tensor(output.pixels, None, self.device)[0]
+        landmarks = torch.as_tensor(np.stack([f.landmarks for f in faces]), dtype=torch.float64)
+        same: list[dict[str, bool]] = [{} for _ in faces]
+        cosines: list[dict[str, float]] = [{} for _ in faces]
+        with torch.no_grad():
+            for name in self.model_names:
+                model = self._model(name)
+                spec, rule = model.spec, model.spec.verification
+                e0, e2 = (
+                    model(align_faces(img, landmarks, spec.template, spec.input_size)).float()
+                    for img in (original, after)
+                )
+                cos = F.cosine_similarity(e0, e2, dim=-1)
+                verdict = rule.same_person(e0, e2)
+                for i in range(len(faces)):
+                    same[i][name] = bool(verdict[i])
+                    cosines[i][name] = round(float(cos[i]), 4)
+        before_pixels, after_pixels = _as_uint8(source.pixels), _as_uint8(output.pixels)
+        previews = []
+        for i, face in enumerate(faces):
+            box = _preview_box(face.box, before_pixels.shape[:2])
+            previews.append(
+                FacePreview(
+                    before=_jpeg_crop(before_pixels, box),
+                    after=_jpeg_crop(after_pixels, box),
+                    same_person=same[i],
+                    similarity=cosines[i],
+                )
+            )
+        return replace(result, previews=tuple(previews))
+
     def _measure(
         self, result: ProtectResult, source: DecodedImage, faces: Sequence[Face]
     ) -> ProtectResult:
@@ -600,6 +674,31 @@ def _as_uint8(pixels: np.ndarray) -> np.ndarray:
     if pixels.dtype == np.uint8:
         return pixels
     return (pixels.astype(np.float32) * (255.0 / np.iinfo(pixels.dtype).max) + 0.5).astype(np.uint8)
+
+
+def _preview_box(
+    box: tuple[float, float, float, float], shape: tuple[int, int]
+) -> tuple[int, int, int, int]:
+    """A square around a face box (PREVIEW_MARGIN times its larger side), kept inside an
+    image of ``shape`` = ``(H, W)`` (smaller at the image's edges)."""
+    height, width = shape
+    x0, y0, x1, y1 = box
+    side = max(x1 - x0, y1 - y0) * PREVIEW_MARGIN
+    side = max(2, min(int(round(side)), width, height))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left = int(round(min(max(cx - side / 2, 0), width - side)))
+    top = int(round(min(max(cy - side / 2, 0), height - side)))
+    return left, top, left + side, top + side
+
+
+def _jpeg_crop(pixels: np.ndarray, box: tuple[int, int, int, int]) -> bytes:
+    """``pixels[box]`` (RGB uint8) scaled to at most PREVIEW_SIZE a side, as JPEG bytes."""
+    x0, y0, x1, y1 = box
+    crop = Image.fromarray(np.ascontiguousarray(pixels[y0:y1, x0:x1]))
+    crop.thumbnail((PREVIEW_SIZE, PREVIEW_SIZE), Image.LANCZOS)
+    buf = io.BytesIO()
+    crop.save(buf, format="JPEG", quality=PREVIEW_QUALITY)
+    return buf.getvalue()
 
 
 def _to_tensor(

@@ -11,6 +11,7 @@ import {
   EXTENSION_ORIGIN,
   loadSettings,
   loadToken,
+  PRESETS,
   restrictStorage,
   saveSettings,
   saveToken,
@@ -61,7 +62,13 @@ async function daemonStatus() {
   } catch (err) {
     return { state: "unreachable", message: err.message };
   }
-  const base = { device: health.device, version: health.version, queue: health.queue };
+  const base = {
+    device: health.device,
+    version: health.version,
+    queue: health.queue,
+    // The daemon's presets, for the strength choices (this extension's list if it has none).
+    presets: Array.isArray(health.presets) && health.presets.length ? health.presets.map(String) : null,
+  };
   try {
     const remote = await c.getSettings();
     return { ...base, state: "connected", preset: remote.preset };
@@ -86,7 +93,18 @@ const handlers = {
   async "get-status"({ url }) {
     const settings = await loadSettings();
     const [daemon, site] = await Promise.all([daemonStatus(), siteStatus(url, settings)]);
-    return { daemon, site, settings, paired: Boolean(await loadToken()) };
+    const presets = daemon.presets || [...PRESETS];
+    return { daemon, site, settings, presets, paired: Boolean(await loadToken()) };
+  },
+
+  // The strength for one site: a preset's name, or null for the global choice.
+  async "set-site-preset"({ site, preset }) {
+    const key = normalizeSite(site);
+    if (!key) throw new Error(`"${site}" is not a web site's address.`);
+    const settings = await loadSettings();
+    const sitePresets = { ...settings.sitePresets, [key]: preset || null };
+    await saveSettings({ sitePresets });
+    return { site: key, preset: preset || null };
   },
 
   // The popup or options page asked for host access (a user gesture) before sending this.
@@ -106,7 +124,9 @@ const handlers = {
     const settings = await loadSettings();
     const sites = { ...settings.sites };
     delete sites[site];
-    const next = await saveSettings({ sites });
+    const sitePresets = { ...settings.sitePresets };
+    delete sitePresets[site];
+    const next = await saveSettings({ sites, sitePresets });
     await settingsChanged(next, [site]);
     return {};
   },

@@ -2,6 +2,7 @@
 // the list of sites (the suggested social sites plus any the user adds).
 
 import { ask } from "./lib/messages.js";
+import { presetOptions } from "./lib/strength.js";
 import {
   grantedPatterns,
   normalizeSite,
@@ -29,12 +30,60 @@ function renderPairing() {
   else text = `Paired; the service answered: ${d.message}`;
   $("pair-state").textContent = text;
   $("unpair").hidden = !status.paired;
+  // The help and the code field are for pairing: hidden while paired and connected.
+  const done = status.paired && d.state === "connected";
+  $("pair-help").hidden = done;
+  $("pair-code").hidden = done;
+  $("pair").hidden = done;
 }
+
+function renderDaemon() {
+  const d = status.daemon;
+  const port = status.settings.port;
+  const text = {
+    connected: `Running on port ${port} (service ${d.version || "?"}, ${d.device || "?"}).`,
+    unpaired: `Running on port ${port}; this browser is not paired with it yet.`,
+    unverified: `Something answers on port ${port}, but it is not the paired service.`,
+    unreachable: `Not running on port ${port}: start it with “facecloak serve” (or “make run”).`,
+  }[d.state];
+  $("daemon-running").textContent = text || `Port ${port}: ${d.message || d.state}`;
+  $("daemon-running").dataset.state = d.state;
+}
+
+/** A pairing failure in plain words, with what to do next. */
+function pairingError(err) {
+  const message = String(err?.message || err);
+  const port = status?.settings?.port;
+  if (status?.daemon?.state === "unreachable" || /fetch|network|not running|unreachable/i.test(message)) {
+    return `The FaceCloak service is not running on port ${port}. Start it with “facecloak serve”, check the port above, then try again.`;
+  }
+  if (!$("pair-code").value.trim()) return "Enter the code that “facecloak pair” printed.";
+  if (/code|expired|invalid|401|403|refused|denied/i.test(message)) {
+    return "The service did not accept that code. Codes work once and expire: run “facecloak pair” again and enter the new code.";
+  }
+  return `Pairing did not work: ${message}`;
+}
+
+// What each preset is for; a preset of the daemon's that is not named here shows its name.
+const PRESET_HELP = {
+  fast: "fast: quickest, for a computer without a GPU",
+  strong: "strong: strongest protection, visibly alters faces",
+  paper: "paper: the LowKey paper's settings",
+};
 
 function renderOptions() {
   const s = status.settings;
   $("port").value = s.port;
-  $("preset").value = s.preset || "";
+  const select = $("preset");
+  select.replaceChildren();
+  const names = status.presets.includes(s.preset) || !s.preset ? status.presets : [...status.presets, s.preset];
+  for (const [value, text] of [["", "The service's own setting"], ...names.map((n) => [n, PRESET_HELP[n] || n])]) {
+    const option = document.createElement("option");
+    option.value = value;
+    option.textContent = text;
+    select.append(option);
+  }
+  select.value = s.preset || "";
   $("timeout").value = s.timeoutSeconds;
 }
 
@@ -63,7 +112,9 @@ async function renderSites() {
     row.className = "row";
     row.dataset.site = site;
     const label = document.createElement("label");
-    label.textContent = siteLabel(site) === site ? site : `${siteLabel(site)} (${site})`;
+    const name = siteLabel(site);
+    // A label that names its host already ("X (twitter.com)") does not get it twice.
+    label.textContent = name === site || name.includes(`(${site})`) ? name : `${name} (${site})`;
     const controls = document.createElement("div");
     controls.className = "inline";
     const toggle = document.createElement("input");
@@ -87,6 +138,19 @@ async function renderSites() {
       });
       controls.append(remove);
     }
+    // The strength of this site's uploads (default: the preset above, else the service's).
+    const strength = document.createElement("select");
+    strength.className = "strength";
+    strength.setAttribute("aria-label", `Strength on ${site}`);
+    const fallback = status.settings.preset || status.daemon.preset;
+    presetOptions(strength, status.presets, status.settings.sitePresets?.[site], fallback);
+    strength.addEventListener("change", () => {
+      ask("set-site-preset", { site, preset: strength.value || null })
+        .then(() => say("sites-message", `Strength on ${site}: ${strength.value || "default"}.`, "good"))
+        .catch((err) => say("sites-message", err.message, "bad"))
+        .finally(load);
+    });
+    controls.prepend(strength);
     controls.append(toggle);
     row.append(label, controls);
     container.append(row);
@@ -96,6 +160,7 @@ async function renderSites() {
 async function load() {
   status = await ask("get-status", {});
   renderPairing();
+  renderDaemon();
   renderOptions();
   await renderSites();
 }
@@ -107,7 +172,7 @@ $("pair").addEventListener("click", async () => {
     $("pair-code").value = "";
     say("pair-message", "Paired with the FaceCloak service.", "good");
   } catch (err) {
-    say("pair-message", err.message, "bad");
+    say("pair-message", pairingError(err), "bad");
   }
   await load();
 });

@@ -98,17 +98,43 @@
     return `${err.message}\nNothing was uploaded. ${tail}`;
   }
 
+  // What the page did with the files it was handed (see handOver): the notice and the
+  // popup say "protected" only when the page read them.
+  const OUTCOME_NOTICE = {
+    read: (count, faces) => ({
+      kind: "done",
+      title: `${plural(count, "photo")} protected`,
+      message: `FaceCloak protected ${plural(faces, "face")}; the page received only the protected ${count === 1 ? "photo" : "photos"}.`,
+      autoHideMs: 4000,
+    }),
+    handed: (count, faces) => ({
+      kind: "done",
+      title: `${plural(count, "photo")} protected, handed to the page`,
+      message: `FaceCloak protected ${plural(faces, "face")} and handed the page the protected ${count === 1 ? "photo" : "photos"}; it has not read ${count === 1 ? "it" : "them"} yet.`,
+      autoHideMs: 6000,
+    }),
+    ignored: (count) => ({
+      kind: "error",
+      reason: "ignored",
+      title: "The page did not take the protected photo",
+      message:
+        `FaceCloak protected ${plural(count, "photo")}, but this page did not read ${count === 1 ? "it" : "them"}, so nothing was uploaded.\n` +
+        "Try again with the page's own upload button, or drop the photo on its upload area.",
+    }),
+  };
+
   /**
    * Sort `files` by their bytes, protect the images among them (others pass untouched,
    * order kept), then call `deliver(files)` with the result; files with no image are
-   * delivered as they are. On failure nothing is delivered and the notice says why: the
-   * upload never reaches the page.
+   * delivered as they are. `deliver` returns (a promise of) what the page did with them:
+   * "read", "handed" or "ignored". On failure nothing is delivered and the notice says why:
+   * the upload never reaches the page. Resolves when it is settled either way.
    */
   async function screen(files, deliver) {
     const types = await Promise.all(files.map(photoType));
     const positions = files.flatMap((_, i) => (types[i] ? [i] : []));
     if (!positions.length) {
-      deliver(files);
+      await deliver(files);
       return;
     }
     const count = positions.length;
@@ -126,7 +152,7 @@
       if (result === null) {
         // Protection was turned off for this site after the page loaded: the user's choice.
         notice.hide();
-        deliver(files);
+        await deliver(files);
         return;
       }
       const out = files.slice();
@@ -134,13 +160,10 @@
         out[fileIndex] = result[k];
       });
       const faces = result.faces.reduce((a, b) => a + (Number(b) || 0), 0);
-      notice.show({
-        kind: "done",
-        title: `${plural(count, "photo")} protected`,
-        message: `FaceCloak protected ${plural(faces, "face")} before the upload.`,
-        autoHideMs: 4000,
-      });
-      deliver(out);
+      notice.show({ kind: "progress", title, message: "Handing the protected photos to the page…", progress: 1 });
+      const outcome = (await deliver(out)) || "handed";
+      result.report(outcome);
+      notice.show((OUTCOME_NOTICE[outcome] || OUTCOME_NOTICE.handed)(count, faces));
     } catch (err) {
       notice.show({
         kind: "error",
@@ -211,16 +234,91 @@
     event.stopImmediatePropagation();
   }
 
-  function deliverTo(input, files) {
-    input.files = transferOf(files, []).files;
-    input.dispatchEvent(new Event("input", { bubbles: true, composed: true }));
-    input.dispatchEvent(new Event("change", { bubbles: true }));
+  // ---- handing files over ------------------------------------------------------------
+  // The page guard hands them over in the page's own world (page-guard.js: drops whose
+  // items give file entries and handles, and a watch on whether the page reads them) and
+  // answers what the page did; without a guard the catcher dispatches them itself.
+
+  const OUTCOME_WAIT_MS = 5000;
+  const waiting = new Map(); // id -> resolve(outcome)
+  let handed = 0;
+
+  function outcomeOf(id) {
+    return new Promise((resolve) => {
+      waiting.set(id, resolve);
+      setTimeout(() => {
+        if (waiting.delete(id)) resolve("handed");
+      }, OUTCOME_WAIT_MS);
+    });
   }
+
+  function dispatchItself(kind, receiver, files, strings, init) {
+    if (kind === "input") {
+      receiver.files = transferOf(files, []).files;
+      receiver.dispatchEvent(new Event("input", { bubbles: true, composed: true }));
+      receiver.dispatchEvent(new Event("change", { bubbles: true }));
+      return "handed";
+    }
+    const transfer = transferOf(files, strings);
+    let last;
+    if (kind === "paste") {
+      last = new ClipboardEvent("paste", { ...init, clipboardData: transfer });
+      receiver.dispatchEvent(last);
+    } else {
+      for (const type of ["dragenter", "dragover", "drop"]) {
+        last = new DragEvent(type, { ...init, dataTransfer: transfer });
+        receiver.dispatchEvent(last);
+      }
+    }
+    return last.defaultPrevented ? "handed" : "ignored";
+  }
+
+  /** Hand `files` to the page (`kind`: "input", "drop" or "paste"); resolves to the outcome. */
+  function handOver(kind, receiver, files, strings = [], init = {}, effects = null) {
+    handed += 1;
+    const id = `hand-${handed}`;
+    // An element inside a shadow root would reach the guard as its host (an event's
+    // relatedTarget is retargeted), so there the catcher hands the files over itself.
+    if (guard && !(receiver.getRootNode?.() instanceof ShadowRoot)) {
+      const outcome = outcomeOf(id); // the page may read the files while they are handed over
+      guard.dispatchEvent(new MouseEvent("facecloak-receiver", { relatedTarget: receiver }));
+      const request = new CustomEvent("facecloak-hand", {
+        cancelable: true,
+        detail: { id, kind, files, strings, init, effects },
+      });
+      if (!guard.dispatchEvent(request)) return outcome;
+      waiting.delete(id);
+    }
+    return Promise.resolve(dispatchItself(kind, receiver, files, strings, init));
+  }
+
+  const deliverTo = (input, files) => handOver("input", input, files);
 
   // ---- file pickers --------------------------------------------------------------------
   // The catcher opens every picker itself, on an input that only it holds (never in the
   // document, so its events reach no one else), and gives the page's input the screened
   // files afterwards. The page's own input never holds the originals.
+
+  // A page may read its input when the window gets the focus back after the picker closed
+  // (or on a timer it starts then): while a picker of the catcher's is open or its photos
+  // are being protected, the window's `focus` is held, and given to the page once the
+  // files are on its input (or the picker was cancelled, or the upload held back).
+  let pickersOpen = 0;
+  let heldFocus = false;
+
+  function onWindowFocus(event) {
+    if (!event.isTrusted || event.target !== window || pickersOpen === 0) return;
+    event.stopImmediatePropagation();
+    heldFocus = true;
+  }
+
+  function pickerSettled() {
+    pickersOpen = Math.max(0, pickersOpen - 1);
+    if (pickersOpen === 0 && heldFocus) {
+      heldFocus = false;
+      window.dispatchEvent(new FocusEvent("focus"));
+    }
+  }
 
   function openPicker({ accept, multiple, directory }, deliver, cancel) {
     const picker = document.createElement("input");
@@ -229,18 +327,35 @@
     picker.multiple = Boolean(multiple);
     if (directory) picker.webkitdirectory = true;
     let settled = false;
+    let released = false;
+    const release = () => {
+      if (released) return;
+      released = true;
+      pickerSettled();
+    };
+    // The held focus follows the files onto the page's input at once.
+    const deliverThenRelease = (files) => {
+      const outcome = deliver(files);
+      release();
+      return outcome;
+    };
     picker.addEventListener("change", () => {
       if (settled) return;
       settled = true;
       const files = Array.from(picker.files || []);
-      if (files.length) screen(files, deliver);
-      else cancel();
+      if (files.length) screen(files, deliverThenRelease).finally(release);
+      else {
+        cancel();
+        release();
+      }
     });
     picker.addEventListener("cancel", () => {
       if (settled) return;
       settled = true;
       cancel();
+      release();
     });
+    pickersOpen += 1;
     picker.click();
   }
 
@@ -312,6 +427,14 @@
     guard?.dispatchEvent(new CustomEvent("facecloak-deliver", { detail }));
   }
 
+  box.addEventListener("facecloak-outcome", (event) => {
+    const { id, outcome } = event.detail || {};
+    const resolve = waiting.get(id);
+    if (!resolve || !["read", "handed", "ignored"].includes(outcome)) return;
+    waiting.delete(id);
+    resolve(outcome);
+  });
+
   box.addEventListener(HELLO, meet);
   box.addEventListener("facecloak-pick", (event) => {
     const { id, accept, multiple, directory } = event.detail || {};
@@ -319,7 +442,11 @@
     event.preventDefault();
     openPicker(
       { accept: String(accept || ""), multiple: Boolean(multiple), directory: Boolean(directory) },
-      (files) => answer({ id, files }),
+      (files) => {
+        const outcome = outcomeOf(id);
+        answer({ id, files });
+        return outcome;
+      },
       () => answer({ id, cancelled: true }),
     );
   });
@@ -358,9 +485,9 @@
     heldInputs.set(input, token);
     if (event.type === "input") swallowCompanion(input);
     screen(files, (out) => {
-      if (heldInputs.get(input) !== token) return; // the user picked other files meanwhile
+      if (heldInputs.get(input) !== token) return "ignored"; // the user picked other files meanwhile
       heldInputs.delete(input);
-      deliverTo(input, out);
+      return deliverTo(input, out);
     });
   }
 
@@ -373,15 +500,22 @@
     swallow(event);
     const target = deepElementAt(event.clientX, event.clientY, event.composedPath()[0]);
     const strings = stringsOf(event.dataTransfer);
+    // As dragged: some pages ignore a drag that allows no effect (a new DataTransfer's "none").
+    const effects = { effectAllowed: event.dataTransfer.effectAllowed, dropEffect: event.dataTransfer.dropEffect };
     const init = {
       bubbles: true, cancelable: true, composed: true,
       clientX: event.clientX, clientY: event.clientY, screenX: event.screenX, screenY: event.screenY,
       ctrlKey: event.ctrlKey, shiftKey: event.shiftKey, altKey: event.altKey, metaKey: event.metaKey,
     };
+    // The page saw the drag enter and move over it: end it there while the drop is held,
+    // as if the pointer had left, so its drop area does not stay in its drag-over look.
+    // Its coordinates are 0, 0, as when a drag leaves the window (pages that track whether
+    // the drag left the document, such as Fine Uploader, look at them).
+    const leave = { ...init, cancelable: false, clientX: 0, clientY: 0, screenX: 0, screenY: 0 };
+    target.dispatchEvent(new DragEvent("dragleave", { ...leave, dataTransfer: transferOf([], strings) }));
     screen(files, (out) => {
-      const dataTransfer = transferOf(out, strings);
       const receiver = target?.isConnected ? target : document.documentElement;
-      receiver.dispatchEvent(new DragEvent("drop", { ...init, dataTransfer }));
+      return handOver("drop", receiver, out, strings, init, effects);
     });
   }
 
@@ -396,11 +530,8 @@
     const target = first instanceof Element ? deepActiveElement(first) : first;
     const strings = stringsOf(event.clipboardData);
     screen(files, (out) => {
-      const clipboardData = transferOf(out, strings);
       const receiver = target?.isConnected ? target : document;
-      receiver.dispatchEvent(
-        new ClipboardEvent("paste", { bubbles: true, cancelable: true, composed: true, clipboardData }),
-      );
+      return handOver("paste", receiver, out, strings, { bubbles: true, cancelable: true, composed: true });
     });
   }
 
@@ -410,4 +541,5 @@
   window.addEventListener("change", onFileInput, capture);
   window.addEventListener("drop", onDrop, capture);
   window.addEventListener("paste", onPaste, capture);
+  window.addEventListener("focus", onWindowFocus, capture);
 })();

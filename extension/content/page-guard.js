@@ -109,13 +109,7 @@
       call(dispatch, input, new MakeEvent("cancel", { bubbles: true }));
       return;
     }
-    const transfer = new MakeDataTransfer();
-    const items = call(transferItems, transfer);
-    const files = detail.files;
-    for (let i = 0; i < files.length; i += 1) call(addItem, items, files[i]);
-    call(setInputFiles, input, call(transferFiles, transfer));
-    call(dispatch, input, new MakeEvent("input", { bubbles: true, composed: true }));
-    call(dispatch, input, new MakeEvent("change", { bubbles: true }));
+    handInput(input, detail.files, detail.id);
   });
   call(listen, doc, HELLO, meet, true);
   call(dispatch, doc, new MakeMouseEvent(HELLO, { relatedTarget: box }));
@@ -139,6 +133,245 @@
       }
     }
   }
+
+  // ---- handing the page its protected files ----------------------------------------------
+  // The catcher screens every file first; what arrives here is only ever protected photos
+  // and files that are not photos. The guard hands them over in the page's own world, so
+  // that they look like the browser's: a drop whose items give a file entry
+  // (`webkitGetAsEntry()`, whose `file()` gives the File) and a file handle
+  // (`getAsFileSystemHandle()`, where the browser has it), as a real drop's do; a paste;
+  // files on an input. It watches whether the page reads them (the files, an item's file,
+  // an entry's or a handle's file) and tells the catcher: "read", or after OUTCOME_MS
+  // "handed" (the page took the event or has the input) or "ignored" (nobody took it).
+
+  const OUTCOME_MS = 3000;
+  const { create } = Object;
+  const later = setTimeout;
+  const MakePromise = Promise;
+  const MakeDragEvent = DragEvent;
+  const MakeClipboardEvent = ClipboardEvent;
+  const MakeDOMException = DOMException;
+  const iteratorOf = Array.prototype[Symbol.iterator];
+  const setData = DataTransfer.prototype.setData;
+  const itemsLength = getter(DataTransferItemList.prototype, "length");
+  const itemAt = (list, i) => list[i]; // an indexed getter: the page cannot replace it
+  const itemKind = getter(DataTransferItem.prototype, "kind");
+  const fileName = getter(File.prototype, "name");
+  const defaultPrevented = getter(Event.prototype, "defaultPrevented");
+  const inputFilesGet = getter(HTMLInputElement.prototype, "files");
+  const listProto = DataTransferItemList.prototype;
+  const entryProto = globalThis.FileSystemFileEntry?.prototype || Object.prototype;
+  const directoryProto = globalThis.FileSystemDirectoryEntry?.prototype || Object.prototype;
+  const handleProto = globalThis.FileSystemFileHandle?.prototype || Object.prototype;
+  const hasHandles = typeof DataTransferItem.prototype.getAsFileSystemHandle === "function";
+  let nextReceiver = null;
+
+  const fixed = (value) => ({ value, enumerable: true, configurable: true });
+  function define(target, props) {
+    for (const key of Reflect.ownKeys(props)) defineProperty(target, key, fixed(props[key]));
+    return target;
+  }
+  const soon = (fn, ...args) => call(later, window, () => attempt(fn, undefined, ...args), 0);
+  const resolved = (value) => new MakePromise((ok) => ok(value));
+
+  function reporter(id) {
+    let done = false;
+    const report = (outcome) => {
+      if (done || !catcher) return;
+      done = true;
+      call(dispatch, catcher, new MakeCustomEvent("facecloak-outcome", { detail: { id, outcome } }));
+    };
+    return report;
+  }
+
+  /** A file entry (and its root folder) such as a real drop's item gives for `file`. */
+  function fileEntry(file, onRead) {
+    const name = call(fileName, file);
+    const root = create(directoryProto);
+    const entry = create(entryProto);
+    const filesystem = define({}, { name: "facecloak-drop", root });
+    define(root, {
+      isFile: false, isDirectory: true, name: "", fullPath: "/", filesystem,
+      createReader() {
+        let given = false;
+        return define({}, {
+          readEntries(ok) {
+            const out = given ? [] : [entry];
+            given = true;
+            if (typeof ok === "function") soon(ok, out);
+          },
+        });
+      },
+      getParent(ok) {
+        if (typeof ok === "function") soon(ok, root);
+      },
+    });
+    define(entry, {
+      isFile: true, isDirectory: false, name, fullPath: `/${name}`, filesystem,
+      file(ok) {
+        onRead();
+        if (typeof ok === "function") soon(ok, file);
+      },
+      getParent(ok) {
+        if (typeof ok === "function") soon(ok, root);
+      },
+    });
+    return entry;
+  }
+
+  /** A file handle such as `getAsFileSystemHandle()` gives for a dropped `file`. */
+  function fileHandle(file, onRead) {
+    const handle = create(handleProto);
+    return define(handle, {
+      kind: "file", name: call(fileName, file),
+      getFile() {
+        onRead();
+        return resolved(file);
+      },
+      isSameEntry(other) {
+        return resolved(other === handle);
+      },
+      queryPermission() {
+        return resolved("granted");
+      },
+      requestPermission() {
+        return resolved("granted");
+      },
+      createWritable() {
+        return new MakePromise((_, fail) => fail(new MakeDOMException("Not allowed.", "NotAllowedError")));
+      },
+    });
+  }
+
+  /** A DataTransfer of `files` and `strings` whose every way of reading a file is watched. */
+  function watchedTransfer(files, strings, onRead) {
+    const transfer = new MakeDataTransfer();
+    for (let i = 0; i < strings.length; i += 1) attempt(setData, transfer, strings[i].type, strings[i].data);
+    const list = call(transferItems, transfer);
+    for (let i = 0; i < files.length; i += 1) call(addItem, list, files[i]);
+    const fileList = call(transferFiles, transfer);
+    // The browser makes new item objects at every access; the page gets fixed ones.
+    const items = [];
+    const count = call(itemsLength, list);
+    for (let i = 0, f = 0; i < count; i += 1) {
+      const item = itemAt(list, i);
+      items[i] = item;
+      if (call(itemKind, item) !== "file") continue;
+      const file = files[f];
+      f += 1;
+      let entry = null;
+      let handle = null;
+      define(item, {
+        getAsFile() {
+          onRead();
+          return file;
+        },
+        webkitGetAsEntry() {
+          entry = entry || fileEntry(file, onRead);
+          return entry;
+        },
+      });
+      if (hasHandles) {
+        define(item, {
+          getAsFileSystemHandle() {
+            handle = handle || fileHandle(file, onRead);
+            return resolved(handle);
+          },
+        });
+      }
+    }
+    const itemList = create(listProto);
+    for (let i = 0; i < items.length; i += 1) defineProperty(itemList, i, fixed(items[i]));
+    define(itemList, {
+      length: items.length,
+      [Symbol.iterator]() {
+        return call(iteratorOf, items);
+      },
+    });
+    defineProperty(transfer, "items", {
+      get: define({}, { items() { return itemList; } }).items, configurable: true, enumerable: true,
+    });
+    defineProperty(transfer, "files", {
+      get: define({}, { files() { onRead(); return fileList; } }).files, configurable: true, enumerable: true,
+    });
+    return transfer;
+  }
+
+  /** Put `files` on the page's `input`, fire `input` and `change`, and watch for a read. */
+  function handInput(input, files, id) {
+    const report = reporter(id);
+    const transfer = new MakeDataTransfer();
+    const list = call(transferItems, transfer);
+    for (let i = 0; i < files.length; i += 1) call(addItem, list, files[i]);
+    call(setInputFiles, input, call(transferFiles, transfer));
+    // Watch reads of this input's files for a while (an own accessor over the browser's).
+    const watch = define({}, {
+      files() {
+        report("read");
+        return call(inputFilesGet, this);
+      },
+    }).files;
+    const set = define({}, {
+      files(value) {
+        call(setInputFiles, this, value);
+      },
+    }).files;
+    attempt(defineProperty, undefined, input, "files", { get: watch, set, configurable: true, enumerable: true });
+    call(dispatch, input, new MakeEvent("input", { bubbles: true, composed: true }));
+    call(dispatch, input, new MakeEvent("change", { bubbles: true }));
+    call(later, window, () => {
+      attempt(Reflect.deleteProperty, undefined, input, "files");
+      report("handed");
+    }, OUTCOME_MS);
+  }
+
+  function handEvent(receiver, { id, kind, files, strings, init, effects }) {
+    const report = reporter(id);
+    const transfer = watchedTransfer(files, strings || [], () => report("read"));
+    // A new DataTransfer allows no effect ("none", and the browser keeps it so outside a
+    // dragstart); some pages ignore such a drag. It gets the effects the user's drag had.
+    if (effects && kind !== "paste") {
+      for (const name of ["effectAllowed", "dropEffect"]) {
+        let value = String(effects[name]);
+        const access = define({}, {
+          get() {
+            return value;
+          },
+          set(next) {
+            value = String(next);
+          },
+        });
+        defineProperty(transfer, name, { get: access.get, set: access.set, configurable: true, enumerable: true });
+      }
+    }
+    let last;
+    if (kind === "paste") {
+      last = new MakeClipboardEvent("paste", { ...init, clipboardData: transfer });
+      call(dispatch, receiver, last);
+    } else {
+      // A fresh drag: entered, over, dropped (the held one was left with a dragleave).
+      for (const type of ["dragenter", "dragover", "drop"]) {
+        last = new MakeDragEvent(type, { ...init, dataTransfer: transfer });
+        call(dispatch, receiver, last);
+      }
+    }
+    const taken = call(defaultPrevented, last);
+    call(later, window, () => report(taken ? "handed" : "ignored"), OUTCOME_MS);
+  }
+
+  call(listen, box, "facecloak-receiver", (event) => {
+    nextReceiver = call(relatedTarget, event);
+  });
+  call(listen, box, "facecloak-hand", (event) => {
+    const detail = call(customDetail, event);
+    const receiver = nextReceiver;
+    nextReceiver = null;
+    if (!receiver || !detail || typeof detail.id !== "string" || !detail.files) return;
+    if ((detail.kind === "input") !== isFileInput(receiver)) return; // the catcher does it
+    call(preventDefault, event); // handed here: the catcher does not dispatch it itself
+    if (detail.kind === "input") handInput(receiver, detail.files, detail.id);
+    else handEvent(receiver, detail);
+  });
 
   /**
    * Ask the catcher to open a picker for `input`: "taken" (it did; the files come back

@@ -6,6 +6,7 @@
   if (globalThis.FaceCloakProtectClient) return;
 
   const PORT_NAME = "facecloak-protect";
+  const REPORT_WAIT_MS = 15000;
 
   function toBase64(buffer) {
     const view = new Uint8Array(buffer);
@@ -37,7 +38,9 @@
    * Protect `images` ([{file, mime}], `mime` the image type its bytes show).
    * `onProgress(index, {state, progress, faces})` reports each photo. Resolves to File[]
    * (protected, same names; the declared type kept unless it was an image type, which the
-   * service's answer replaces) or null (protection is off here); rejects with ProtectError.
+   * service's answer replaces; `faces` per file, and `report(outcome)` to tell the service
+   * worker what the page did with them) or null (protection is off here); rejects with
+   * ProtectError.
    */
   async function protect(images, onProgress) {
     const files = await Promise.all(
@@ -78,7 +81,26 @@
             return new File([fromBase64(data)], file.name, { type, lastModified: file.lastModified });
           });
           out.faces = reply.files.map((f) => f.faces);
-          finish(resolve, out);
+          // The port stays open for one more message: what the page did with the files.
+          settled = true;
+          const close = () => {
+            try {
+              port.disconnect();
+            } catch {
+              // already gone
+            }
+          };
+          const timer = setTimeout(close, REPORT_WAIT_MS);
+          out.report = (outcome) => {
+            clearTimeout(timer);
+            try {
+              port.postMessage({ type: "delivered", outcome });
+            } catch {
+              // the service worker went away: nothing to tell
+            }
+            close();
+          };
+          resolve(out);
         } else {
           finish(
             reject,

@@ -172,7 +172,7 @@ export class DaemonClient {
     return response;
   }
 
-  /** GET /v1/health: {status, version, device, models, queue}. No token needed. */
+  /** GET /v1/health: {status, version, device, models, presets, queue}. No token needed. */
   async health() {
     return (await this.#request("/v1/health", { auth: false })).json();
   }
@@ -234,6 +234,14 @@ export class DaemonClient {
   /** GET /v1/jobs/{id}: {state, progress (0..1), faces, error}. */
   async jobStatus(id, { signal } = {}) {
     return (await this.#request(`/v1/jobs/${encodeURIComponent(id)}`, { signal })).json();
+  }
+
+  /**
+   * GET /v1/jobs/{id}/preview: {id, preset, faces: [{before, after, models, matched}]},
+   * the crops as JPEG data URLs. Only this token's latest job has one.
+   */
+  async jobPreview(id, { signal } = {}) {
+    return (await this.#request(`/v1/jobs/${encodeURIComponent(id)}/preview`, { signal })).json();
   }
 
   /** GET /v1/jobs/{id}/result: {bytes (ArrayBuffer), mime, faces, seconds}. */

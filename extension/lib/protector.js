@@ -22,12 +22,13 @@ function sleep(ms, signal) {
 /**
  * Protect `bytes` (ArrayBuffer of an image of type `mime`) for `site`.
  * `onProgress({state, progress, faces})` is called on every poll; `signal` cancels. Resolves to
- * {bytes, mime, faces, seconds}; rejects with DaemonError (code "timeout" past
- * `timeoutSeconds`).
+ * {bytes, mime, faces, seconds, preset, preview}; rejects with DaemonError (code "timeout"
+ * past `timeoutSeconds`). With `preview`, `preview` is the daemon's preview of the faces
+ * (see DaemonClient.jobPreview), or null when it has none.
  */
 export async function protectImage(
   client,
-  { bytes, mime, site, preset, timeoutSeconds, onProgress, signal },
+  { bytes, mime, site, preset, preview = false, timeoutSeconds, onProgress, signal },
 ) {
   const timeout = AbortSignal.timeout(timeoutSeconds * 1000);
   const deadline = signal ? AbortSignal.any([signal, timeout]) : timeout;
@@ -39,7 +40,9 @@ export async function protectImage(
       onProgress({ state: job.state, progress: Number(job.progress) || 0, faces: job.faces ?? null });
       if (job.state === "done") {
         const result = await client.jobResult(id, { signal: deadline });
-        return { ...result, faces: result.faces ?? job.faces ?? null };
+        // The preview is a nicety: a daemon without one (older, or a newer photo's) is fine.
+        const faces = preview ? await client.jobPreview(id, { signal: deadline }).catch(() => null) : null;
+        return { ...result, faces: result.faces ?? job.faces ?? null, preset: job.preset ?? null, preview: faces };
       }
       if (job.state === "failed") {
         throw new DaemonError("failed", job.error || "The FaceCloak service could not protect this photo.");

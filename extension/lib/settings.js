@@ -24,23 +24,51 @@ export async function restrictStorage() {
   }
 }
 
-/** Default values; `preset: null` means "the daemon's own preset". */
+/**
+ * Default values; `preset: null` means "the daemon's own preset". `sitePresets` maps a
+ * site key to the preset its uploads use instead (the strength per site).
+ */
 export const DEFAULT_SETTINGS = Object.freeze({
   enabled: true,
   port: 8765,
   preset: null,
   timeoutSeconds: 300,
   sites: {},
+  sitePresets: {},
 });
 
-export const PRESETS = Object.freeze(["fast", "balanced", "strong", "paper"]);
+/**
+ * The presets this extension knows; the daemon's own list (GET /v1/health `presets`) is
+ * shown instead when it answers, so a preset added to the daemon needs no new extension.
+ * The daemon refuses a preset it does not know (400), so a name is only checked here for
+ * its shape.
+ */
+export const PRESETS = Object.freeze(["fast", "balanced", "natural", "strong", "paper"]);
+const PRESET_NAME = /^[a-z][a-z0-9_-]{0,31}$/;
+
+function checkPreset(preset) {
+  if (preset !== null && !(typeof preset === "string" && PRESET_NAME.test(preset))) {
+    throw new Error(`The preset must be one of ${PRESETS.join(", ")}.`);
+  }
+  return preset;
+}
+
+/** The preset for uploads on `site`: its own, else the global choice, else null (the daemon's). */
+export function presetFor(settings, site) {
+  return (site && settings.sitePresets?.[site]) || settings.preset || null;
+}
 
 const KEYS = Object.keys(DEFAULT_SETTINGS);
 
 /** The settings, with defaults filled in. `sites` maps a site key to true/false. */
 export async function loadSettings() {
   const stored = await chrome.storage.local.get(KEYS);
-  return { ...DEFAULT_SETTINGS, ...stored, sites: { ...(stored.sites || {}) } };
+  return {
+    ...DEFAULT_SETTINGS,
+    ...stored,
+    sites: { ...(stored.sites || {}) },
+    sitePresets: { ...(stored.sitePresets || {}) },
+  };
 }
 
 /**
@@ -57,11 +85,12 @@ export async function saveSettings(patch) {
     }
     clean.port = port;
   }
-  if ("preset" in patch) {
-    if (patch.preset !== null && !PRESETS.includes(patch.preset)) {
-      throw new Error(`The preset must be one of ${PRESETS.join(", ")}.`);
+  if ("preset" in patch) clean.preset = checkPreset(patch.preset);
+  if ("sitePresets" in patch) {
+    clean.sitePresets = {};
+    for (const [site, preset] of Object.entries(patch.sitePresets || {})) {
+      if (preset !== null) clean.sitePresets[site] = checkPreset(preset);
     }
-    clean.preset = patch.preset;
   }
   if ("timeoutSeconds" in patch) {
     const seconds = Number(patch.timeoutSeconds);

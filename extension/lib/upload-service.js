@@ -10,11 +10,14 @@
 import { DaemonClient, DaemonError } from "./daemon.js";
 import { fromBase64, toBase64 } from "./base64.js";
 import { protectImage } from "./protector.js";
-import { EXTENSION_ORIGIN, loadSettings, loadToken } from "./settings.js";
+import { EXTENSION_ORIGIN, loadSettings, loadToken, presetFor } from "./settings.js";
+import { savePreview } from "./preview.js";
 import { activeSites } from "./registration.js";
 import { daemonAcceptsSite, normalizeSite, siteCovering } from "./sites.js";
 
 export const PROTECT_PORT = "facecloak-protect";
+// What the page did with the protected files, as the catcher reports it.
+const DELIVERY = ["read", "handed", "ignored"];
 const MAX_FILES = 20;
 const MAX_BASE64_CHARS = Math.ceil((40 * 1024 * 1024) / 3) * 4;
 
@@ -64,7 +67,14 @@ export function servePort(port, activity) {
   let used = false;
   const controller = new AbortController();
   port.onDisconnect.addListener(() => controller.abort());
+  let protectedIds = null; // once protected: the activity entries the page's outcome updates
   port.onMessage.addListener(async (message) => {
+    if (protectedIds && message?.type === "delivered" && DELIVERY.includes(message.outcome)) {
+      const ids = protectedIds;
+      protectedIds = null;
+      await Promise.all(ids.map((id) => activity.update(id, { delivery: message.outcome })));
+      return;
+    }
     if (used || message?.type !== "protect") {
       port.disconnect();
       return;
@@ -84,13 +94,16 @@ export function servePort(port, activity) {
       if (!validFiles(message.files)) {
         throw new DaemonError("rejected", "FaceCloak was handed something that is not a photo.");
       }
+      const ids = message.files.map(() => crypto.randomUUID());
       const results = await protectAll(message.files, {
+        ids,
         site,
         settings,
         activity,
         post,
         signal: controller.signal,
       });
+      protectedIds = ids;
       post({ type: "protected", files: results });
     } catch (err) {
       const known = err instanceof DaemonError;
@@ -104,12 +117,10 @@ export function servePort(port, activity) {
   });
 }
 
-async function protectAll(files, { site, settings, activity, post, signal }) {
+async function protectAll(files, { ids, site, settings, activity, post, signal }) {
   const stop = new AbortController();
   const both = AbortSignal.any([signal, stop.signal]);
   const client = new DaemonClient({ port: settings.port, token: await loadToken(), origin: EXTENSION_ORIGIN });
-  const batch = crypto.randomUUID();
-  const ids = files.map((_, i) => `${batch}-${i}`);
   await Promise.all(
     files.map((f, i) =>
       activity.update(ids[i], { site, name: f.name, state: "sending", progress: 0, faces: null }),
@@ -130,7 +141,8 @@ async function protectAll(files, { site, settings, activity, post, signal }) {
           mime: file.mime,
           // The daemon validates `site` as a host name; IP-literal sites are not sent.
           site: daemonAcceptsSite(site) ? site : undefined,
-          preset: settings.preset,
+          preset: presetFor(settings, site),
+          preview: true,
           timeoutSeconds: settings.timeoutSeconds,
           signal: both,
           onProgress: (p) => {
@@ -147,8 +159,11 @@ async function protectAll(files, { site, settings, activity, post, signal }) {
         if (!/^image\//.test(result.mime || file.mime)) {
           throw new DaemonError("failed", "The FaceCloak service did not answer with a photo.");
         }
+        if (result.preview) await savePreview({ ...result.preview, site, name: file.name });
         await activity.update(ids[index], {
           state: "done",
+          preset: result.preset ?? null,
+          delivery: "pending", // until the catcher says what the page did with it
           progress: 1,
           faces: result.faces,
           seconds: result.seconds,

@@ -67,6 +67,7 @@ class ReencodingProtector:
         self.model_names = ["reencode-only"]
         self.batches: list[int] = []
         self.configs: list[object] = []
+        self.measures: list[object] = []
         self.closed = False
         self.thread_names: set[str] = set()
 
@@ -79,8 +80,10 @@ class ReencodingProtector:
         config=None,
         max_pixels=None,
         max_decoded_bytes=None,
+        measure=False,
     ):
         self.batches.append(len(items))
+        self.measures.append(measure)
         self.configs.append(config)
         self.thread_names.add(threading.current_thread().name)
         for step in range(self.steps):

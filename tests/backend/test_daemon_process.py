@@ -7,6 +7,7 @@ Marked slow: the daemon loads the default ensemble and protects real photos from
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import signal
 import time
@@ -190,3 +191,49 @@ async def test_disconnect_and_sigterm_on_a_real_daemon(tmp_path, photos_dir):
                 await http.get(daemon.url("/v1/health"))
     finally:
         daemon.stop()
+
+
+async def test_preview_of_a_real_photo_through_the_job_api(daemon, token, photos_dir, store):
+    """The extension's path: a job, then the preview of its faces, measured on the output."""
+    original = (photos_dir / PHOTO).read_bytes()
+    async with aiohttp.ClientSession() as http:
+        headers = auth(token)
+        resp = await http.post(
+            daemon.url("/v1/jobs?site=facebook.com&preset=fast"), data=original, headers=headers
+        )
+        assert resp.status == 202
+        job_id = (await resp.json())["id"]
+        for _ in range(600):
+            job = await (await http.get(daemon.url(f"/v1/jobs/{job_id}"), headers=headers)).json()
+            if job["state"] in ("done", "failed"):
+                break
+            await asyncio.sleep(0.2)
+        assert job["state"] == "done" and job["preset"] == "fast", job
+        result = await http.get(daemon.url(f"/v1/jobs/{job_id}/result"), headers=headers)
+        output = await result.read()
+        preview_url = daemon.url(f"/v1/jobs/{job_id}/preview")
+        resp = await http.get(preview_url, headers=headers)
+        assert resp.status == 200, await resp.text()
+        assert resp.headers["Cache-Control"] == "no-store"
+        preview = await resp.json()
+        # A page's origin gets nothing, not even with the token.
+        page = {**headers, "Origin": "https://attacker.example"}
+        assert (await http.get(preview_url, headers=page)).status == 403
+    assert preview["id"] == job_id and preview["preset"] == "fast"
+    [face] = preview["faces"]
+    models = daemon.health()["models"]
+    assert face["models"] == len(models) and set(face["same_person"]) == set(models)
+    assert face["matched"] == sum(face["same_person"].values())
+    crops = {}
+    for key in ("before", "after"):
+        prefix, _, data = face[key].partition(",")
+        assert prefix == "data:image/jpeg;base64"
+        crops[key] = Image.open(io.BytesIO(base64.b64decode(data)))
+        assert crops[key].format == "JPEG" and max(crops[key].size) <= 96
+    assert crops["before"].size == crops["after"].size
+    assert crops["before"].tobytes() != crops["after"].tobytes()
+    # The daemon's SFace number agrees with an SFace measurement made here on the output.
+    if "sface" in face["similarity"]:
+        [cosine] = sface_cosines(store, original, output)
+        assert abs(face["similarity"]["sface"] - cosine) < 0.02, (face["similarity"], cosine)
+    print(f"\npreview: {face['matched']} of {face['models']} models match; {face['similarity']}")

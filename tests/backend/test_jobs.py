@@ -51,7 +51,14 @@ async def test_job_flow_with_real_progress(config):
             return job if job["state"] == "done" else None
 
         job = await _until(done)
-        assert job == {"id": job_id, "state": "done", "progress": 1.0, "faces": 0, "error": None}
+        assert job == {
+            "id": job_id,
+            "state": "done",
+            "preset": "fast",
+            "progress": 1.0,
+            "faces": 0,
+            "error": None,
+        }
         running = [p for state, p in seen if state == "running"]
         assert any(0 < p < 1 for p in running), seen  # progress moved while it ran
         assert running == sorted(running)  # and never went back

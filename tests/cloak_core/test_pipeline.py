@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cloak_core.errors import CancelledError, ImageError, UnsupportedImageError
+from cloak_core.errors import CancelledError, ImageError, UnsupportedImageError, UsageError
 from cloak_core.imageio import decode_image
 from cloak_core.pipeline import Protector
 from cloak_core.presets import get_preset
@@ -257,6 +257,31 @@ def test_measure_reports_every_model_on_the_encoded_output(fast, photos_dir):
     assert set(result.models) == set(fast.model_names)
     assert 0.0 <= result.lpips < 0.2 and result.lpips_faces is not None
     assert torch.is_tensor(torch.tensor(result.seconds))
+
+
+def test_light_measure_gives_the_models_verdicts_and_crops_only(fast, photos_dir):
+    """``measure="models"``: the same verdicts as the full measurement (same seed, same
+    output), crops of the face before and after, and none of the costly parts."""
+    config = replace(get_preset("fast").with_overrides(steps=2), seed=0)
+    data = (photos_dir / "obama_small.jpg").read_bytes()
+    light = fast.protect_bytes(data, measure="models", config=config)
+    full = fast.protect_bytes(data, measure=True, config=config)
+    assert light.data == full.data and light.faces == 1
+    assert light.lpips is None and light.models == {} and light.visibility == ()
+    assert full.previews == ()
+    [face] = light.previews
+    assert face.same_person == {n: full.models[n][0].same_person_after for n in fast.model_names}
+    for name in fast.model_names:
+        assert face.similarity[name] == pytest.approx(
+            full.models[name][0].similarity_after, abs=1e-3
+        )
+    before, after = (Image.open(io.BytesIO(b)) for b in (face.before, face.after))
+    assert before.format == after.format == "JPEG"
+    assert before.size == after.size and max(before.size) <= 96
+    # The protection shows in the crop (the face is in it).
+    assert np.abs(np.asarray(before, float) - np.asarray(after, float)).mean() > 0.5
+    with pytest.raises(UsageError, match="measure"):
+        fast.protect_bytes(data, measure="panel", config=config)
 
 
 def _mode_variant(photos_dir, mode: str) -> tuple[bytes, str]:

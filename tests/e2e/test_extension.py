@@ -11,10 +11,13 @@ daemon, nothing arrives and the page shows FaceCloak's explanation.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
+from playwright.sync_api import expect
 from upload_site import PAGES
 from uploads import (
     PHOTO,
@@ -102,6 +105,64 @@ def test_popup_shows_progress_then_results(extension, site, page, photos_dir, tm
         SCREENSHOTS.mkdir(parents=True, exist_ok=True)
         for name in ("popup-progress.png", "popup-done.png"):
             shutil.copyfile(tmp_path / name, SCREENSHOTS / name)
+
+
+def test_strength_per_site_and_the_popups_preview(extension, site, page, photos_dir, tmp_path):
+    """A site's own strength wins over the global preset and reaches the daemon (the job's
+    preset, as the daemon reports it); the popup then shows the photo's faces before and
+    after, with the daemon's measured numbers in words."""
+    page.goto(site.url("fetch"))
+    extension.set_site(page, True)
+    site.clear()
+    host = urlsplit(page.url).hostname
+    options = extension.context.new_page()
+    options.goto(extension.url("options.html"))
+    # The global preset becomes balanced (mirrored to the daemon as its own); this site: fast.
+    expect(options.locator("#preset option[value=balanced]")).to_have_count(1)
+    options.select_option("#preset", "balanced")
+    options.click("#save-options")
+    expect(options.locator("#options-message")).to_have_text("Saved.")
+    strength = options.locator(f".row[data-site='{host}'] select.strength")
+    expect(strength.locator("option")).to_contain_text(["Default (balanced)", "fast"])
+    strength.select_option("fast")
+    expect(options.locator("#sites-message")).to_have_text(f"Strength on {host}: fast.")
+    try:
+        popup = extension.open_popup(page, viewport={"width": 340, "height": 560})
+        expect(popup.locator("#site-preset")).to_have_value("fast")
+        upload(page, "fetch", photos_dir / PHOTO)
+        wait_for_upload(page, site, "fetch")
+        done = popup.locator("#activity li[data-state=done]").first
+        done.wait_for()
+        assert "· fast" in done.inner_text()  # the preset the daemon ran the job with
+        faces = popup.locator("#preview-faces li")
+        expect(faces).to_have_count(1, timeout=10_000)
+        words = faces.first.locator(".words").inner_text()
+        print(f"popup preview: {words!r}")
+        assert re.match(r"^Not matched by [0-9] of [0-9] models", words), words
+        unmatched, models = map(int, re.findall(r"[0-9]+", words)[:2])
+        assert 1 <= models and unmatched <= models
+        assert PHOTO in popup.locator("#preview-caption").inner_text()
+        sizes = faces.first.locator("img").evaluate_all(
+            "imgs => imgs.map(i => [i.className, i.naturalWidth, i.src.slice(0, 23)])"
+        )
+        sizes_src = faces.first.locator("img").evaluate_all("imgs => imgs.map(i => i.src)")
+        assert [s[0] for s in sizes] == ["before", "after"]
+        assert all(0 < s[1] <= 96 and s[2] == "data:image/jpeg;base64," for s in sizes), sizes
+        # The crops are only in the extension's session storage (lastPreview); that content
+        # scripts, and so pages, cannot read it is checked in test_trust.py ("read session").
+        stored = extension.worker.evaluate("chrome.storage.session.get('lastPreview')")
+        assert stored["lastPreview"]["faces"][0]["before"] == sizes_src[0]
+        popup.screenshot(path=str(tmp_path / "popup-preview.png"))
+        popup.close()
+    finally:
+        options.select_option("#preset", "fast")  # the daemon's own again, for later tests
+        options.click("#save-options")
+        expect(options.locator("#options-message")).to_have_text("Saved.")
+        options.locator(f".row[data-site='{host}'] select.strength").select_option("")
+        expect(options.locator("#sites-message")).to_have_text(f"Strength on {host}: default.")
+        options.close()
+    if os.environ.get("FACECLOAK_UPDATE_SCREENSHOTS"):
+        shutil.copyfile(tmp_path / "popup-preview.png", SCREENSHOTS / "popup-preview.png")
 
 
 def test_site_off_uploads_the_original(extension, site, page, photos_dir):

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 from aiohttp import web
+from widget_pages import NODE_MODULES, WIDGETS, widget_page
 
 _HEAD = """<!doctype html><html><head><meta charset="utf-8"><title>{title}</title></head>
 <body><h1>{title}</h1>{body}<p id="status">ready</p>
@@ -213,6 +214,98 @@ document.getElementById("frame").srcdoc = `<input type="file" id="picker"><scrip
 }
 _PAGES.update(_PICKER_PAGES)
 
+# Pages that read files in the less common ways real uploaders do (each uploads with fetch).
+_READER_PAGES = {
+    "focus": (
+        "Reads the input when the window gets the focus back",
+        '<input type="file" id="picker">',
+        _SEND
+        + """
+// The cancel detection many uploaders use: once the picker closes the window gets the
+// focus back; a moment later, an input that is still empty means "cancelled".
+const input = document.getElementById("picker");
+input.addEventListener("click", () => {
+  window.addEventListener("focus", () => setTimeout(() => {
+    const files = [...input.files];
+    if (!files.length) document.getElementById("status").textContent = "cancelled";
+    else send(files, "focus");
+  }, 300), { once: true });
+});
+""",
+    ),
+    "poll": (
+        "Polls the input on a timer started by the click",
+        '<input type="file" id="picker">',
+        _SEND
+        + """
+const input = document.getElementById("picker");
+input.addEventListener("click", () => {
+  const started = Date.now();
+  const timer = setInterval(() => {
+    if (input.files.length) {
+      clearInterval(timer);
+      send([...input.files], "poll");
+    } else if (Date.now() - started > 120000) {
+      clearInterval(timer);
+    }
+  }, 100);
+});
+""",
+    ),
+    "oninput": (
+        "Reads the input on its input event",
+        '<input type="file" id="picker">',
+        _SEND
+        + """
+const input = document.getElementById("picker");
+input.addEventListener("input", () => send([...input.files], "oninput"));
+""",
+    ),
+    "entry": (
+        "Drop read through webkitGetAsEntry()",
+        '<div id="zone" style="width:400px;height:300px;border:3px dashed #888">Drop here</div>',
+        _SEND
+        + """
+const zone = document.getElementById("zone");
+zone.addEventListener("dragover", (e) => e.preventDefault());
+zone.addEventListener("drop", (e) => {
+  e.preventDefault();
+  const entries = [...e.dataTransfer.items].map((item) => item.webkitGetAsEntry());
+  const entry = entries[0];
+  if (!entry || !entry.isFile) {
+    document.getElementById("status").textContent = "no entry";
+    return;
+  }
+  entry.file((f) => send([f], "entry"), () => {
+    document.getElementById("status").textContent = "entry failed";
+  });
+});
+""",
+    ),
+    "handle": (
+        "Drop read through getAsFileSystemHandle()",
+        '<div id="zone" style="width:400px;height:300px;border:3px dashed #888">Drop here</div>',
+        _SEND
+        + """
+const zone = document.getElementById("zone");
+zone.addEventListener("dragover", (e) => e.preventDefault());
+zone.addEventListener("drop", async (e) => {
+  e.preventDefault();
+  // As file-selector (react-dropzone) does: every handle is asked for during the event.
+  const handles = [...e.dataTransfer.items].filter((i) => i.kind === "file")
+    .map((i) => i.getAsFileSystemHandle());
+  const handle = await handles[0];
+  if (!handle || handle.kind !== "file") {
+    document.getElementById("status").textContent = "no handle";
+    return;
+  }
+  send([await handle.getFile()], "handle");
+});
+""",
+    ),
+}
+_PAGES.update(_READER_PAGES)
+
 PAGES = ("fetch", "xhr", "drop", "paste")
 
 
@@ -269,6 +362,8 @@ class UploadSite:
 
     async def _page(self, request: web.Request) -> web.Response:
         name = request.match_info["page"]
+        if name in WIDGETS:
+            return web.Response(text=widget_page(name), content_type="text/html")
         if name not in _PAGES:
             raise web.HTTPNotFound()
         title, body, script = _PAGES[name]
@@ -279,8 +374,11 @@ class UploadSite:
         page = request.match_info["page"]
         if request.content_type.startswith("multipart/"):
             form = await request.post()
-            for field in form.getall("photo", []):
-                self._record(Upload(page, field.filename, field.content_type, field.file.read()))
+            for field in form.values():  # every file, whatever its field's name
+                if isinstance(field, web.FileField):
+                    self._record(
+                        Upload(page, field.filename, field.content_type, field.file.read())
+                    )
         elif request.content_type == "application/json":
             body = await request.json()
             header, _, payload = body["dataUrl"].partition(",")
@@ -288,11 +386,13 @@ class UploadSite:
         else:
             name = unquote(request.headers.get("X-Filename", ""))
             self._record(Upload(page, name, request.content_type, await request.read()))
-        return web.json_response({"ok": True})
+        return web.json_response({"ok": True, "success": True})  # Fine Uploader wants success
 
     async def _start(self) -> None:
         app = web.Application(client_max_size=64 * 2**20)
         app.router.add_get("/{page}", self._page)
+        if NODE_MODULES.is_dir():  # the widgets, once `make widgets` installed them
+            app.router.add_static("/npm/", NODE_MODULES, follow_symlinks=False)
         app.router.add_post("/upload/{page}", self._upload)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
