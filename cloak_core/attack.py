@@ -353,14 +353,9 @@ class BudgetSteps:
         return True
 
     def finish(self, penalty: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        """The final masked perturbation; with ``soften``, blurred by a Gaussian of that
-        many working pixels first (plateaus at the budget's bound meet in soft ramps, not
-        in the contour lines of a posterised image)."""
+        """The final masked perturbation."""
         x = self.batch.pixels
-        delta = self._delta()
-        if self.config.soften:
-            delta = _smooth(delta, self.config.soften)
-        return (x + self.batch.masks * delta).clamp(0.0, 1.0) - x
+        return (x + self.batch.masks * self._delta()).clamp(0.0, 1.0) - x
 
 
 def _direction(

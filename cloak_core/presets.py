@@ -59,9 +59,6 @@ class AttackConfig:
       luminance one.
     - ``face_mask``: the perturbation is limited to a soft ellipse over the detected face
       box grown by this factor (``None``: the whole region around the face).
-    - ``soften``: with ``perceptual``, the final perturbation is blurred by a Gaussian of
-      that many working pixels, so regions at the bound meet in soft ramps rather than in
-      visible contour lines.
 
     How it steps:
 
@@ -114,7 +111,6 @@ class AttackConfig:
     chroma: float = 0.5
     diversity: float | None = None
     sign_steps: bool = True
-    soften: float | None = None
     hold_out: bool = False
     seed: int | None = None
 
@@ -198,7 +194,7 @@ PRESETS: dict[str, AttackConfig] = {
             work_scale=1.5,
             lpips_size=None,
             sample_views=True,
-            grad_sigma=2.0,
+            grad_sigma=1.0,
             face_mask=1.7,
             momentum=0.9,
             perceptual=1.0,
@@ -206,7 +202,6 @@ PRESETS: dict[str, AttackConfig] = {
             chroma=0.2,
             diversity=0.05,
             sign_steps=False,
-            soften=1.5,
         ),
         AttackConfig(
             name="paper",
