@@ -123,9 +123,9 @@ def test_gradient_reaches_input(model, faces: torch.Tensor) -> None:
     assert all(not p.requires_grad for p in model.parameters())
 
 
-def test_spec_is_default_with_its_template_and_threshold() -> None:
+def test_spec_has_its_template_and_threshold() -> None:
     spec = REGISTRY["mobilefacenet128"]
-    assert spec.default  # a member of the default attack ensemble
+    assert not spec.default  # an evaluator and an ensemble member by name, not a default
     assert spec.weights == (WEIGHTS,) and spec.input_size == (112, 112)
     assert spec.embedding_dim == 128 and spec.verification.metric == "cosine"
     # facesdk's reference points return before their 0.25 padding: ArcFace's template.
