@@ -42,11 +42,14 @@ run: models
 	$(VENV)/bin/facecloak serve --port $(PORT)
 
 # The real upload widgets the e2e tests load (tests/e2e/widgets), from the npm registry at
-# the versions package-lock.json pins. Without npm the widget tests skip and say why.
+# the versions package-lock.json pins; npm from apt where it is missing. Without npm the
+# widget tests skip and say why.
 WIDGETS := tests/e2e/widgets
 widgets: $(WIDGETS)/node_modules/.installed
 
 $(WIDGETS)/node_modules/.installed: $(WIDGETS)/package.json $(WIDGETS)/package-lock.json
+	@command -v npm >/dev/null 2>&1 || ($(SUDO) apt-get update -qq && \
+	  $(SUDO) apt-get install -y -qq nodejs npm) || echo "could not install npm with apt"
 	@if command -v npm >/dev/null 2>&1; then \
 	  cd $(WIDGETS) && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error && touch node_modules/.installed; \
 	else echo "npm is missing: the widget tests will skip (install Node.js and npm to run them)"; fi
