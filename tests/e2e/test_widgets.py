@@ -23,7 +23,6 @@ scoped fixtures: one daemon, one Chromium). The last test prints the table.
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import shutil
@@ -36,6 +35,7 @@ from playwright.sync_api import expect
 from uploads import (
     PHOTO,
     PROTECT_TIMEOUT_MS,
+    copy_image,
     cosine,
     notice,
     rgb,
@@ -82,17 +82,7 @@ def _drop(page, selector: str, path) -> None:
 
 def _paste(page, focus: str, path) -> None:
     """Put the photo on the clipboard as a PNG image and press Ctrl+V in ``focus``."""
-    page.evaluate(
-        """async (b64) => {
-          const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-          const bitmap = await createImageBitmap(new Blob([bytes]));
-          const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
-          canvas.getContext("2d").drawImage(bitmap, 0, 0);
-          const png = await canvas.convertToBlob({ type: "image/png" });
-          await navigator.clipboard.write([new ClipboardItem({ "image/png": png })]);
-        }""",
-        base64.b64encode(path.read_bytes()).decode(),
-    )
+    copy_image(page, path)
     page.bring_to_front()
     page.click("h1")
     page.locator(focus).first.focus()

@@ -35,21 +35,26 @@ def upload(page, kind: str, path: Path, others: tuple[Path, ...] = ()) -> None:
         cdp.detach()
     elif kind == "paste":
         # Put the photo on the clipboard as an image, then press Ctrl+V in the page.
-        page.evaluate(
-            """async (b64) => {
-              const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
-              const bitmap = await createImageBitmap(new Blob([bytes]));
-              const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
-              canvas.getContext("2d").drawImage(bitmap, 0, 0);
-              const png = await canvas.convertToBlob({ type: "image/png" });
-              await navigator.clipboard.write([new ClipboardItem({ "image/png": png })]);
-            }""",
-            base64.b64encode(path.read_bytes()).decode(),
-        )
+        copy_image(page, path)
         page.click("#editor")
         page.keyboard.press("Control+V")
     else:
         raise ValueError(kind)
+
+
+def copy_image(page, path: Path) -> None:
+    """Put the photo at ``path`` on the page's clipboard as a PNG image."""
+    page.evaluate(
+        """async (b64) => {
+          const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+          const bitmap = await createImageBitmap(new Blob([bytes]));
+          const canvas = new OffscreenCanvas(bitmap.width, bitmap.height);
+          canvas.getContext("2d").drawImage(bitmap, 0, 0);
+          const png = await canvas.convertToBlob({ type: "image/png" });
+          await navigator.clipboard.write([new ClipboardItem({ "image/png": png })]);
+        }""",
+        base64.b64encode(path.read_bytes()).decode(),
+    )
 
 
 def notice(page) -> dict:
