@@ -297,6 +297,9 @@ class SignSteps:
 
 # Alternating projections onto the perceptual budget and the valid pixel range per step.
 _PROJECTIONS = 4
+# The Gaussian that separates a perturbation's fine detail from its smooth part (``detail``).
+_DETAIL_SIGMA = 1.5
+_DETAIL_KERNEL = 7
 
 
 class BudgetSteps:
@@ -349,6 +352,10 @@ class BudgetSteps:
         x = self.batch.pixels
         for _ in range(_PROJECTIONS):
             p.copy_(torch.maximum(torch.minimum(p, self.bound), -self.bound))
+            if self.config.detail is not None and self.config.detail < 2:
+                smooth = gaussian_blur(p, _DETAIL_KERNEL, _DETAIL_SIGMA)
+                limit = self.config.detail * self.bound
+                p.copy_(smooth + torch.maximum(torch.minimum(p - smooth, limit), -limit))
             p.copy_(rgb_to_ycc((x + ycc_to_rgb(p)).clamp(0.0, 1.0) - x))
         return True
 

@@ -57,6 +57,10 @@ class AttackConfig:
       (grey levels per grey level of local standard deviation).
     - ``chroma``: with ``perceptual``, the colour channels' bound as a fraction of the
       luminance one.
+    - ``detail``: with ``perceptual``, the perturbation's fine detail (what a Gaussian of
+      1.5 working pixels smooths away) is bounded by this fraction of the bound, so a
+      change of sign is a ramp rather than a step (steps read as drawn lines on smooth
+      skin); ``None`` (or 2 and above): no such bound.
     - ``face_mask``: the perturbation is limited to a soft ellipse over the detected face
       box grown by this factor (``None``: the whole region around the face).
 
@@ -109,6 +113,7 @@ class AttackConfig:
     perceptual: float | None = None
     texture_masking: float = 0.3
     chroma: float = 0.5
+    detail: float | None = None
     diversity: float | None = None
     sign_steps: bool = True
     hold_out: bool = False
@@ -200,6 +205,7 @@ PRESETS: dict[str, AttackConfig] = {
             perceptual=1.0,
             texture_masking=0.3,
             chroma=0.2,
+            detail=0.25,
             diversity=0.05,
             sign_steps=False,
         ),

@@ -45,6 +45,16 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help="attack preset")
     p.add_argument("--steps", type=positive_int, help="override the preset's number of steps")
     p.add_argument(
+        "--set",
+        dest="settings",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set one attack setting of the preset, e.g. perceptual=0.7 (repeatable): a "
+        "frontier point evaluated in full",
+    )
+    p.add_argument(
         "--attack-models",
         type=model_list,
         metavar="A,B",
@@ -104,6 +114,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+def _setting(text: str) -> tuple[str, float]:
+    """``NAME=VALUE`` as ``(name, float value)``; the name is checked against the preset's
+    fields when the run starts."""
+    name, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if not sep or not name.strip() or number is None:
+        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER, got {text!r}")
+    return name.strip(), number
+
+
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:
     """The :class:`EvalSettings` the flags describe."""
     from cloak_core.evaluation.runner import EvalSettings
@@ -116,6 +139,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         probes_per_identity=args.probes_per_identity,
         preset=args.preset,
         steps=args.steps,
+        overrides=tuple(args.settings),
         attack_models=args.attack_models,
         eval_models=args.eval_models,
         conditions=conditions_from_flags(args.conditions, args.jpeg, args.resize),

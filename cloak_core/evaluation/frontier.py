@@ -39,7 +39,15 @@ if TYPE_CHECKING:
 QUICK_IDENTITIES = 8
 QUICK_GALLERY = 4
 QUICK_PROBES = 2
-SWEEPS = ("steps", "step_size", "lpips_budget", "lpips_weight", "perceptual", "diversity")
+SWEEPS = (
+    "steps",
+    "step_size",
+    "lpips_budget",
+    "lpips_weight",
+    "perceptual",
+    "diversity",
+    "detail",
+)
 DEFAULT_PRESETS = ("balanced", "strong", "paper")
 DEFAULT_FACTORS = (0.5, 1.0, 2.0)
 FRONTIER_JSON = "frontier.json"

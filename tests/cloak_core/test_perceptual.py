@@ -67,7 +67,9 @@ def test_budget_splits_luminance_and_colour(faces_dir):
     assert torch.allclose(bound[:, :1], 0.8 * jnd_map(x, 0.3))
 
 
-def test_budgeted_steps_stay_inside_the_budget_and_move_the_face(store, faces_dir):
+def _budgeted_attack(store, faces_dir, **changes):
+    """Two real aligned faces attacked by SFace with budgeted steps: the batch, the
+    perturbation and the model."""
     from cloak_core.attack import StageTimes, lowkey
     from cloak_core.detect import Face
     from cloak_core.models.base import ARCFACE_TEMPLATE_112
@@ -88,6 +90,7 @@ def test_budgeted_steps_stay_inside_the_budget_and_move_the_face(store, faces_di
         diversity=0.05,
         models=("sface",),
         seed=0,
+        **changes,
     )
     with Protector(config, store=store, device="cpu", models=config.models) as p:
         model = p._model("sface")
@@ -101,25 +104,62 @@ def test_budgeted_steps_stay_inside_the_budget_and_move_the_face(store, faces_di
             generator=torch.Generator().manual_seed(0),
             times=StageTimes(torch.device("cpu")),
         )
-        bound = budget(batch.pixels, 0.8, config.texture_masking, 0.3)
-        ycc = rgb_to_ycc(delta)
-        excess = ycc.abs() - bound
-        # The step ends with alternating projections onto the budget and the pixel range:
-        # within 1e-4 of the budget on all but the pixels near 0 or 1, where clipping a
-        # channel shifts colour: there within three grey levels.
-        out = batch.pixels + delta
-        near = ((out <= 0.02) | (out >= 0.98)).any(1, keepdim=True).expand_as(ycc)
-        assert float(excess[~near].max()) <= 1e-4
-        assert float(excess.max()) <= 3 / 255
-        assert float(ycc[:, 0].abs().mean()) > 0.5 * float(bound[:, 0].mean())
-        assert float(ycc[:, 1:].abs().mean()) < float(ycc[:, :1].abs().mean())
-        from cloak_core.attack import embed
+    return batch, delta, model
 
-        with torch.no_grad():
-            before = embed(model, batch.pixels, batch.matrices["sface"], True)
-            after = embed(model, batch.pixels + delta, batch.matrices["sface"], True)
-        cos = torch.nn.functional.cosine_similarity(before, after).tolist()
-        assert max(cos) < 0.8, cos
+
+def _moved(model, batch, delta) -> list[float]:
+    """The cosine of each face's SFace embedding before and after ``delta``."""
+    from cloak_core.attack import embed
+
+    with torch.no_grad():
+        before = embed(model, batch.pixels, batch.matrices["sface"], True)
+        after = embed(model, batch.pixels + delta, batch.matrices["sface"], True)
+    return torch.nn.functional.cosine_similarity(before, after).tolist()
+
+
+def test_budgeted_steps_stay_inside_the_budget_and_move_the_face(store, faces_dir):
+    batch, delta, model = _budgeted_attack(store, faces_dir)
+    bound = budget(batch.pixels, 0.8, 0.3, 0.3)
+    ycc = rgb_to_ycc(delta)
+    excess = ycc.abs() - bound
+    # The step ends with alternating projections onto the budget and the pixel range:
+    # within 1e-4 of the budget on all but the pixels near 0 or 1, where clipping a
+    # channel shifts colour: there within three grey levels.
+    out = batch.pixels + delta
+    near = ((out <= 0.02) | (out >= 0.98)).any(1, keepdim=True).expand_as(ycc)
+    assert float(excess[~near].max()) <= 1e-4
+    assert float(excess.max()) <= 3 / 255
+    assert float(ycc[:, 0].abs().mean()) > 0.5 * float(bound[:, 0].mean())
+    assert float(ycc[:, 1:].abs().mean()) < float(ycc[:, :1].abs().mean())
+    cos = _moved(model, batch, delta)
+    assert max(cos) < 0.8, cos
+
+
+def test_detail_bound_turns_sign_changes_into_ramps(store, faces_dir):
+    """With ``detail``, what a Gaussian of the perturbation smooths away stays within that
+    fraction of the bound (inside the face, away from clipped pixels), far below the fine
+    detail of the same attack without it, and the faces still move."""
+    from cloak_core.attack import _DETAIL_KERNEL, _DETAIL_SIGMA
+    from cloak_core.filters import gaussian_blur
+
+    def fine(delta):
+        ycc = rgb_to_ycc(delta)
+        return ycc - gaussian_blur(ycc, _DETAIL_KERNEL, _DETAIL_SIGMA)
+
+    batch, free, _ = _budgeted_attack(store, faces_dir)
+    batch, ramped, model = _budgeted_attack(store, faces_dir, detail=0.2)
+    bound = budget(batch.pixels, 0.8, 0.3, 0.3)
+    out = batch.pixels + ramped
+    inside = (batch.masks >= 0.999) & ~((out <= 0.02) | (out >= 0.98)).any(1, keepdim=True)
+    inside = inside.expand_as(bound).clone()
+    inside[..., :4, :] = inside[..., -4:, :] = False  # the blur's reflected border
+    inside[..., :4] = inside[..., -4:] = False
+    assert int(inside.sum()) > 0.5 * inside.numel()
+    excess = fine(ramped).abs() - 0.2 * bound
+    assert float(excess[inside].max()) <= 0.1 * float(bound.max()), float(excess[inside].max())
+    lum_free, lum_ramped = fine(free)[:, :1].abs().mean(), fine(ramped)[:, :1].abs().mean()
+    assert float(lum_ramped) < 0.5 * float(lum_free), (float(lum_ramped), float(lum_free))
+    assert max(_moved(model, batch, ramped)) < 0.9
 
 
 def test_jitter_is_the_identity_at_zero_and_bounded_otherwise():

@@ -34,6 +34,40 @@ def test_point_values_scale_the_presets_own_setting() -> None:
     )
 
 
+def test_eval_set_evaluates_one_frontier_point(store, tmp_path) -> None:
+    from cloak_core.cli import build_parser
+    from cloak_core.commands.eval import settings_from_args
+    from cloak_core.evaluation.runner import Evaluation
+
+    parser = build_parser()
+    args = parser.parse_args(
+        [
+            "eval",
+            "--dataset",
+            ".",
+            "--preset",
+            "natural",
+            "--set",
+            "perceptual=0.7",
+            "--set",
+            "diversity=0",
+            "--out",
+            str(tmp_path),
+            "--device",
+            "cpu",
+        ]
+    )
+    settings = settings_from_args(args)
+    assert settings.overrides == (("perceptual", 0.7), ("diversity", 0.0))
+    config = Evaluation(settings, store).config
+    assert (config.name, config.perceptual, config.diversity) == ("natural", 0.7, 0.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["eval", "--dataset", ".", "--set", "perceptual"])
+    bad = parser.parse_args(["eval", "--dataset", ".", "--set", "noise_level=1"])
+    with pytest.raises(UsageError, match="not an attack setting"):
+        Evaluation(settings_from_args(bad), store)
+
+
 def test_frontier_on_a_tiny_set(faces_dir, store, tmp_path, monkeypatch, capsys) -> None:
     from cloak_core.evaluation import frontier as module
 
