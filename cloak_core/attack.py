@@ -36,7 +36,7 @@ from cloak_core.errors import CancelledError
 from cloak_core.filters import gaussian_blur
 from cloak_core.lpips import LPIPS
 from cloak_core.models.base import FaceModel
-from cloak_core.perceptual import budget, rgb_to_ycc, ycc_to_rgb
+from cloak_core.perceptual import budget, rgb_to_ycc, ycc_gradient, ycc_to_rgb
 from cloak_core.presets import AttackConfig
 
 
@@ -278,7 +278,14 @@ class SignSteps:
         direction = _direction(delta.grad, self.velocity, self.batch, self.config)
         if self.previous is not None:
             self.previous.copy_(delta)
-        delta += self.config.step_size * self.active * direction.sign()
+        if self.config.colour_steps is None:
+            delta += self.config.step_size * self.active * direction.sign()
+        else:
+            # Signed steps in YCbCr: colour moves at ``colour_steps`` of luminance's rate.
+            rates = torch.tensor([1.0, self.config.colour_steps, self.config.colour_steps])
+            rates = rates.to(dtype=delta.dtype, device=delta.device).view(1, 3, 1, 1)
+            step = rates * ycc_gradient(direction).sign()
+            delta += self.config.step_size * self.active * ycc_to_rgb(step)
         # Keep x + delta inside [0, 1] so the clamp never hides a step.
         delta.copy_((x + delta).clamp(0.0, 1.0) - x)
         return True

@@ -52,6 +52,12 @@ def ycc_to_rgb(images: torch.Tensor) -> torch.Tensor:
     return torch.einsum("ij,bjhw->bihw", _matrix(True, images), images)
 
 
+def ycc_gradient(grad: torch.Tensor) -> torch.Tensor:
+    """A gradient with respect to RGB ``(B, 3, H, W)`` as one with respect to the same
+    change expressed in YCbCr (the chain rule through :func:`ycc_to_rgb`)."""
+    return torch.einsum("ji,bjhw->bihw", _matrix(True, grad), grad)
+
+
 def luminance_threshold(background: torch.Tensor) -> torch.Tensor:
     """Chou and Li's visibility threshold (grey levels) over a ``background`` (0..255)."""
     dark = 17.0 * (1.0 - torch.sqrt(background.clamp(0.0, 255.0) / 127.0)) + 3.0

@@ -61,6 +61,9 @@ class AttackConfig:
       1.5 working pixels smooths away) is bounded by this fraction of the bound, so a
       change of sign is a ramp rather than a step (steps read as drawn lines on smooth
       skin); ``None`` (or 2 and above): no such bound.
+    - ``colour_steps``: without ``perceptual``, each signed step is taken in YCbCr, the
+      colour channels moving at this fraction of the luminance rate (``None``: LowKey's
+      signed steps on R, G and B, whose independent signs make strong colour noise).
     - ``face_mask``: the perturbation is limited to a soft ellipse over the detected face
       box grown by this factor (``None``: the whole region around the face).
 
@@ -114,6 +117,7 @@ class AttackConfig:
     texture_masking: float = 0.3
     chroma: float = 0.5
     detail: float | None = None
+    colour_steps: float | None = None
     diversity: float | None = None
     sign_steps: bool = True
     hold_out: bool = False

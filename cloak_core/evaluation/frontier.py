@@ -55,7 +55,14 @@ FRONTIER_MD = "frontier.md"
 FRONTIER_PNG = "frontier.png"
 CALIBRATION_QUALITIES = (90, 75)
 # The colour of each preset's curve (others cycle through matplotlib's defaults).
-_COLOURS = {"balanced": "#1f77b4", "strong": "#d62728", "paper": "#2ca02c", "fast": "#9467bd"}
+_COLOURS = {
+    "balanced": "#1f77b4",
+    "natural": "#ff7f0e",
+    "strong": "#d62728",
+    "paper": "#2ca02c",
+    "fast": "#9467bd",
+}
+_OTHER_COLOURS = ("#8c564b", "#e377c2", "#17becf", "#bcbd22")
 
 
 @dataclass(frozen=True)
@@ -279,6 +286,14 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
+def _factors(frontier: dict) -> str:
+    """Each preset's swept factors, as ``balanced x0.5/1/2``."""
+    by_preset: dict[str, list[str]] = {}
+    for p in frontier["points"]:
+        by_preset.setdefault(p["preset"], []).append(f"{p['factor']:g}")
+    return ", ".join(f"{name} x{'/'.join(fs)}" for name, fs in by_preset.items())
+
+
 def markdown(frontier: dict) -> str:
     """The frontier as a Markdown table: one row per point, one column per evaluator."""
     s = frontier["settings"]
@@ -290,8 +305,8 @@ def markdown(frontier: dict) -> str:
         "",
         f"- dataset `{s['dataset']}`, mode {s['mode']}: {sc['identities']} protected "
         f"identities, {sc['protected_gallery_images']} protected faces, {sc['probes']} probes",
-        f"- sweep: `{s['sweep']}` x {', '.join(f'{f:g}' for f in s['factors'])} of each "
-        "preset's own value; leave-one-out (every rank-1 is black-box)",
+        f"- sweep: `{s['sweep']}`, as multiples of each preset's own value: {_factors(frontier)};"
+        " leave-one-out (every rank-1 is black-box)",
         "- visibility on the face region at display scale: CIEDE2000 mean (p95), PSNR, "
         "DISTS; LPIPS-Alex is the attack's own metric",
         "",
@@ -362,7 +377,7 @@ def plot(frontier: dict, path: Path) -> None:
     for r, cond in enumerate(conditions):
         for c, ev in enumerate(evaluators):
             ax = axes[r][c]
-            for preset in presets:
+            for k, preset in enumerate(presets):
                 xs, ys = [], []
                 for p in frontier["points"]:
                     if p["preset"] != preset:
@@ -384,7 +399,7 @@ def plot(frontier: dict, path: Path) -> None:
                     np.asarray(xs)[order],
                     np.asarray(ys)[order],
                     "o-",
-                    color=_COLOURS.get(preset),
+                    color=_COLOURS.get(preset) or _OTHER_COLOURS[k % len(_OTHER_COLOURS)],
                     label=preset,
                     ms=4,
                 )
