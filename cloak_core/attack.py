@@ -117,7 +117,7 @@ class StageTimes:
 def lowkey(
     batch: FaceBatch,
     models: Mapping[str, FaceModel],
-    lpips: LPIPS,
+    lpips: LPIPS | None,
     config: AttackConfig,
     *,
     generator: torch.Generator | None = None,
@@ -130,7 +130,8 @@ def lowkey(
     ``batch.pixels + perturbation`` is the protected region, in 0..1. ``progress`` is called
     with steps done / steps planned after every step; setting ``cancel`` stops the attack
     with :class:`CancelledError`. ``times``, when given, collects seconds per stage:
-    alignment, each model's forward and backward, LPIPS.
+    alignment, each model's forward and backward, LPIPS. ``lpips`` may be ``None`` when
+    the config does not measure it (:attr:`AttackConfig.measures_lpips`).
 
     Each step computes the objective's gradient (:func:`ascend_identity` for the models'
     terms, then the LPIPS penalty when ``lpips_weight`` is set) and hands it to the update
@@ -150,7 +151,9 @@ def lowkey(
         rule = BudgetSteps(batch, config, generator)
     else:
         rule = SignSteps(batch, config, generator)
-    measured = bool(config.lpips_weight) or config.lpips_budget is not None
+    measured = config.measures_lpips
+    if measured and lpips is None:
+        raise ValueError(f"preset {config.name!r} measures LPIPS: pass its network")
     lpips_x = _lpips_view(x, config.lpips_size) if measured else None
 
     def penalty(adv: torch.Tensor) -> torch.Tensor:

@@ -207,7 +207,8 @@ class Protector:
         self._hold_out_turn = 0  # faces planned with ``hold_out`` so far
         for name in names:
             self._model(name)
-        self._lpips_net(config.lpips_net)
+        if config.measures_lpips:
+            self._lpips_net(config.lpips_net)
 
     # -- resources ---------------------------------------------------------------------
 
@@ -429,7 +430,7 @@ class Protector:
                 chunks[-1].append(r)
             else:
                 chunks.append([r])
-        lpips = self._lpips_net(config.lpips_net)
+        lpips = self._lpips_net(config.lpips_net) if config.measures_lpips else None
         for c, chunk in enumerate(chunks):
             chunk_regions = [regions[r] for r in chunk]
             members = [n for n in names if n != left_out[chunk[0]]]

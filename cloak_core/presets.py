@@ -135,6 +135,11 @@ class AttackConfig:
             models=self.models if models is None else models,
         )
 
+    @property
+    def measures_lpips(self) -> bool:
+        """Whether the attack computes LPIPS at all (a penalty weight or a budget)."""
+        return bool(self.lpips_weight) or self.lpips_budget is not None
+
     def with_settings(self, overrides: Sequence[tuple[str, float]]) -> AttackConfig:
         """A copy with each ``(field, value)`` of ``overrides`` set (``steps`` rounded to an
         int): how a frontier sweep moves one strength setting of a preset."""

@@ -48,8 +48,8 @@ def attack_pool(
     Leave-one-out removes from this pool whatever shares weights with an evaluator, so
     each evaluator is attacked by all the other models available (with only the two
     default models, each black-box ensemble would be a single model, far weaker than
-    what a user runs); the evaluator outside the default ensemble (MobileFaceNet here)
-    is scored against exactly the default ensemble. Raises UsageError for unknown names.
+    what a user runs); an evaluator outside the default ensemble is scored against every
+    other model present. Raises UsageError for unknown names.
     """
     from cloak_core.models import available, get_spec
 

@@ -35,6 +35,18 @@ def test_default_ensemble_is_every_default_model(fast):
     assert "facenet" not in fast.model_names  # about as costly as dlib + SFace together
 
 
+def test_lpips_is_loaded_only_for_presets_that_measure_it(store, photos_dir):
+    """`natural` has no LPIPS in its loop: it protects a photo without loading the
+    network; `balanced` loads it when the Protector is made."""
+    with Protector(get_preset("balanced"), store=store, models=("sface",)) as p:
+        assert set(p._lpips) == {"alex"}
+    natural = replace(get_preset("natural"), steps=1)
+    with Protector(natural, store=store, models=("sface",)) as p:
+        result = p.protect_bytes((photos_dir / "obama-240p.jpg").read_bytes())
+        assert result.faces == 1
+        assert p._lpips == {}
+
+
 def test_pixels_outside_face_regions_are_unchanged(fast, photos_dir):
     data = (photos_dir / "two_people.jpg").read_bytes()
     image = decode_image(data).pixels
