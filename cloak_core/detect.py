@@ -329,14 +329,15 @@ class FaceDetector:
             if not self._detectors:
                 raise UsageError("this FaceDetector is closed; create a new one")
             cfg = self.config
-            proposals = self._proposals(rgb, cancel)
+            photo = _Pyramid(rgb)
+            proposals = self._proposals(photo, cancel)
             proposals = _nms(proposals, cfg.nms_iou)
-            faces = [c for c in (self._verify(rgb, p, cancel) for p in proposals) if c is not None]
+            faces = [c for c in (self._verify(photo, p, cancel) for p in proposals) if c]
             faces = [c for c in faces if c.score >= cfg.min_score]
             faces = _nms(faces, cfg.nms_iou)
             # BlazeFace's verified faces first (six keypoints, the design's detector); the
             # recall pass adds the faces none of them covers.
-            faces += self._recall_pass(rgb, faces, cancel)
+            faces += self._recall_pass(photo, faces, cancel)
         out = []
         for c in faces:
             keypoints, detector = c.keypoints, c.detector
@@ -352,7 +353,7 @@ class FaceDetector:
     # -- stages ---------------------------------------------------------------------
 
     def _recall_pass(
-        self, rgb: np.ndarray, covered: list[_Candidate], cancel: threading.Event | None
+        self, photo: _Pyramid, covered: list[_Candidate], cancel: threading.Event | None
     ) -> list[_Candidate]:
         """RetinaFace on the whole photo (downscaled, black border), then a second look at each
         proposal that no face of ``covered`` overlaps, in a view twice its box's side; a
@@ -360,10 +361,8 @@ class FaceDetector:
         Keypoints eyes, nose, mouth centre, in source pixels, from the second look (more
         pixels on the face)."""
         cfg = self.config
-        h, w = rgb.shape[:2]
-        big = max(w, h) > cfg.recall_size
-        source = Image.fromarray(rgb) if big else None
-        small, sx, sy = _downscaled(rgb, source, min(1.0, cfg.recall_size / max(w, h)))
+        h, w = photo.rgb.shape[:2]
+        small, sx, sy = photo.downscaled(cfg.recall_size / max(w, h))
         pad = round(cfg.recall_pad * max(small.shape[:2]))
         view = np.zeros((small.shape[0] + 2 * pad, small.shape[1] + 2 * pad, 3), np.uint8)
         view[pad : pad + small.shape[0], pad : pad + small.shape[1]] = small
@@ -375,7 +374,7 @@ class FaceDetector:
             side = float(max(first.box[2] - first.box[0], first.box[3] - first.box[1]))
             crop = int(math.ceil(side * _RECALL_VERIFY_FACTOR))
             x0, y0 = int(math.floor(cx - crop / 2)), int(math.floor(cy - crop / 2))
-            look, scale = _view(rgb, x0, y0, crop, crop, _RECALL_VERIFY_SIZE)
+            look, scale = photo.view(x0, y0, crop, crop, _RECALL_VERIFY_SIZE)
             seen = self._retina(look, float(x0), float(y0), scale, scale, 0.05, cancel)
             second = max(
                 (c for c in seen if _iou(c.box, first.box) >= cfg.nms_iou),
@@ -415,21 +414,18 @@ class FaceDetector:
             out.append(_Candidate(corners.reshape(4), keypoints, float(score), "retinaface"))
         return out
 
-    def _proposals(self, rgb: np.ndarray, cancel: threading.Event | None) -> list[_Candidate]:
+    def _proposals(self, photo: _Pyramid, cancel: threading.Event | None) -> list[_Candidate]:
         """First-stage boxes: both models on the whole photo, full range on the tiles."""
-        h, w = rgb.shape[:2]
+        h, w = photo.rgb.shape[:2]
         cfg = self.config
         found: list[_Candidate] = []
-        big = max(w, h) > cfg.view_size
-        # One copy for every downscaled level (PIL's resize takes its own image type).
-        source = Image.fromarray(rgb) if big else None
-        whole, sx, sy = _downscaled(rgb, source, min(1.0, cfg.view_size / max(w, h)))
+        whole, sx, sy = photo.downscaled(cfg.view_size / max(w, h))
         for key in ("short", "full"):
             found += self._detect(key, whole, 0.0, 0.0, sx, sy, cancel)
         smallest = max(cfg.smallest_face, cfg.smallest_fraction * max(w, h))
         for side in _tile_sides(max(w, h), smallest):
             tile_view = min(cfg.view_size, _TILE_VIEW_SIZE)
-            level, sx, sy = _downscaled(rgb, source, min(1.0, tile_view / side))
+            level, sx, sy = photo.downscaled(tile_view / side)
             tile = max(1, round(side * sx))
             for u0, v0 in _tile_origins(level.shape[1], level.shape[0], tile):
                 view = np.ascontiguousarray(level[v0 : v0 + tile, u0 : u0 + tile])
@@ -437,7 +433,7 @@ class FaceDetector:
         return [c for c in found if c.score >= cfg.proposal_score]
 
     def _verify(
-        self, rgb: np.ndarray, proposal: _Candidate, cancel: threading.Event | None
+        self, photo: _Pyramid, proposal: _Candidate, cancel: threading.Event | None
     ) -> _Candidate | None:
         """Second look at a proposal in three views centred on it; ``None`` if not a face."""
         cx, cy = (proposal.box[:2] + proposal.box[2:]) / 2
@@ -447,7 +443,7 @@ class FaceDetector:
         for key, factor in _VERIFY_VIEWS:
             crop = int(math.ceil(side * factor))
             x0, y0 = int(math.floor(cx - crop / 2)), int(math.floor(cy - crop / 2))
-            view, scale = _view(rgb, x0, y0, crop, crop, self.config.view_size)
+            view, scale = photo.view(x0, y0, crop, crop, self.config.view_size)
             seen = self._detect(key, view, float(x0), float(y0), scale, scale, cancel)
             best = max(
                 (c for c in seen if _iou(c.box, expected) >= self.config.nms_iou),
@@ -590,59 +586,81 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def _view(
-    rgb: np.ndarray, x0: int, y0: int, w: int, h: int, max_side: int
-) -> tuple[np.ndarray, float]:
-    """The region ``[x0, x0 + w) x [y0, y0 + h)`` of ``rgb``, zero outside the image,
-    downscaled by ``scale <= 1`` so that its longer side is at most ``max_side``.
+class _Pyramid:
+    """A photo ``(H, W, 3)`` uint8 RGB and its copies reduced 2, 4, 8, ... times (box filter),
+    each made from the previous one when first needed.
 
-    Returns ``(view (h', w', 3) uint8 C-contiguous, scale)``, with ``w' = w * scale`` and
-    ``h' = h * scale`` exactly (the scale is chosen so), so view pixel ``u`` covers source
-    pixels ``[x0 + u / scale, x0 + (u + 1) / scale)``.
+    Every view is resampled from the smallest copy that still has its resolution, so a
+    large photo is read in full once (one PIL copy, one halving) rather than once per view
+    and per tiling level (measured on a 12 MP photo: 0.1 s of CPU instead of 0.45 s).
     """
-    img_h, img_w = rgb.shape[:2]
-    long = max(w, h)
-    out_long = min(long, max_side)
-    scale = out_long / long
-    vw, vh = max(1, round(w * scale)), max(1, round(h * scale))
-    scale_x, scale_y = vw / w, vh / h
-    view = np.zeros((vh, vw, 3), dtype=np.uint8)
-    xs0, ys0, xs1, ys1 = max(x0, 0), max(y0, 0), min(x0 + w, img_w), min(y0 + h, img_h)
-    if xs1 <= xs0 or ys1 <= ys0:
-        return view, scale_x
-    if vw == w and vh == h:
-        view[ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0] = rgb[ys0:ys1, xs0:xs1]
-        return view, 1.0
-    # Output pixels wholly inside the image, and the exact source box they cover.
-    u0, u1 = math.ceil((xs0 - x0) * scale_x - 1e-9), math.floor((xs1 - x0) * scale_x + 1e-9)
-    v0, v1 = math.ceil((ys0 - y0) * scale_y - 1e-9), math.floor((ys1 - y0) * scale_y + 1e-9)
-    if u1 <= u0 or v1 <= v0:
-        return view, scale_x
-    src_box = (
-        x0 + u0 / scale_x - xs0,
-        y0 + v0 / scale_y - ys0,
-        x0 + u1 / scale_x - xs0,
-        y0 + v1 / scale_y - ys0,
-    )
-    region = Image.fromarray(np.ascontiguousarray(rgb[ys0:ys1, xs0:xs1]))
-    small = region.resize(
-        (u1 - u0, v1 - v0), Image.Resampling.BILINEAR, box=src_box, reducing_gap=3.0
-    )
-    view[v0:v1, u0:u1] = np.asarray(small)
-    # Non-square regions have (almost) equal scales; MediaPipe's boxes use one scale.
-    return view, (scale_x + scale_y) / 2
 
+    def __init__(self, rgb: np.ndarray) -> None:
+        self.rgb = np.ascontiguousarray(rgb)
+        self._copies: list[Image.Image] = []
 
-def _downscaled(
-    rgb: np.ndarray, source: Image.Image | None, scale: float
-) -> tuple[np.ndarray, float, float]:
-    """``rgb`` resized by about ``scale <= 1`` (antialiased), with the exact x and y scales."""
-    h, w = rgb.shape[:2]
-    if scale >= 1.0 or source is None:
-        return np.ascontiguousarray(rgb), 1.0, 1.0
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    small = source.resize((nw, nh), Image.Resampling.BILINEAR, reducing_gap=2.0)
-    return np.asarray(small), nw / w, nh / h
+    def _copy_for(self, scale: float) -> tuple[Image.Image, int]:
+        """The smallest reduced copy with at least ``scale`` times the photo's resolution,
+        and its reduction factor (copy pixel ``u`` covers photo pixels
+        ``[u * factor, (u + 1) * factor)``)."""
+        h, w = self.rgb.shape[:2]
+        factor = 1
+        while 2 * factor * scale <= 1.0 and 2 * factor <= min(w, h):
+            factor *= 2
+        if not self._copies:
+            self._copies.append(Image.fromarray(self.rgb))
+        while len(self._copies) < factor.bit_length():
+            self._copies.append(self._copies[-1].reduce(2))
+        return self._copies[factor.bit_length() - 1], factor
+
+    def downscaled(self, scale: float) -> tuple[np.ndarray, float, float]:
+        """The photo resized by about ``scale <= 1`` (antialiased), with the exact x and y
+        scales: ``(image (h', w', 3) uint8, w' / W, h' / H)``."""
+        h, w = self.rgb.shape[:2]
+        if scale >= 1.0:
+            return self.rgb, 1.0, 1.0
+        nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+        copy, factor = self._copy_for(max(nw / w, nh / h))
+        small = copy.resize((nw, nh), Image.Resampling.BILINEAR, box=(0, 0, w / factor, h / factor))
+        return np.asarray(small), nw / w, nh / h
+
+    def view(self, x0: int, y0: int, w: int, h: int, max_side: int) -> tuple[np.ndarray, float]:
+        """The region ``[x0, x0 + w) x [y0, y0 + h)`` of the photo, zero outside it,
+        downscaled by ``scale <= 1`` so that its longer side is at most ``max_side``.
+
+        Returns ``(view (h', w', 3) uint8 C-contiguous, scale)``, with ``w' = w * scale``
+        and ``h' = h * scale`` exactly (the scale is chosen so), so view pixel ``u`` covers
+        photo pixels ``[x0 + u / scale, x0 + (u + 1) / scale)``.
+        """
+        img_h, img_w = self.rgb.shape[:2]
+        long = max(w, h)
+        out_long = min(long, max_side)
+        scale = out_long / long
+        vw, vh = max(1, round(w * scale)), max(1, round(h * scale))
+        scale_x, scale_y = vw / w, vh / h
+        view = np.zeros((vh, vw, 3), dtype=np.uint8)
+        xs0, ys0, xs1, ys1 = max(x0, 0), max(y0, 0), min(x0 + w, img_w), min(y0 + h, img_h)
+        if xs1 <= xs0 or ys1 <= ys0:
+            return view, scale_x
+        if vw == w and vh == h:
+            view[ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0] = self.rgb[ys0:ys1, xs0:xs1]
+            return view, 1.0
+        # Output pixels wholly inside the photo, and the exact photo box they cover.
+        u0, u1 = math.ceil((xs0 - x0) * scale_x - 1e-9), math.floor((xs1 - x0) * scale_x + 1e-9)
+        v0, v1 = math.ceil((ys0 - y0) * scale_y - 1e-9), math.floor((ys1 - y0) * scale_y + 1e-9)
+        if u1 <= u0 or v1 <= v0:
+            return view, scale_x
+        copy, factor = self._copy_for(max(scale_x, scale_y))
+        box = (
+            (x0 + u0 / scale_x) / factor,
+            (y0 + v0 / scale_y) / factor,
+            (x0 + u1 / scale_x) / factor,
+            (y0 + v1 / scale_y) / factor,
+        )
+        small = copy.resize((u1 - u0, v1 - v0), Image.Resampling.BILINEAR, box=box)
+        view[v0:v1, u0:u1] = np.asarray(small)
+        # Non-square regions have (almost) equal scales; MediaPipe's boxes use one scale.
+        return view, (scale_x + scale_y) / 2
 
 
 def _tile_sides(long_side: int, smallest_face: float) -> list[int]:
