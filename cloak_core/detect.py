@@ -439,7 +439,7 @@ class FaceDetector:
         cx, cy = (proposal.box[:2] + proposal.box[2:]) / 2
         side = float(max(proposal.box[2] - proposal.box[0], proposal.box[3] - proposal.box[1]))
         expected = np.array([cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2])
-        matches = []
+        found, missed = [], 0
         for key, factor in _VERIFY_VIEWS:
             crop = int(math.ceil(side * factor))
             x0, y0 = int(math.floor(cx - crop / 2)), int(math.floor(cy - crop / 2))
@@ -450,10 +450,12 @@ class FaceDetector:
                 key=lambda c: c.score,
                 default=None,
             )
-            matches.append(best)
-        found = [m for m in matches if m is not None]
-        if len(found) < 2:
-            return None
+            if best is not None:
+                found.append(best)
+            else:
+                missed += 1
+                if missed > len(_VERIFY_VIEWS) - 2:  # two views can no longer find it
+                    return None
         # A face is where the views agree on the eyes, nose and mouth; on textures that
         # look face-like to one view the keypoints scatter (measured: at most 0.03 of the
         # box side on the real faces of data/photos, 0.05 to 0.3 on false proposals).
