@@ -23,9 +23,9 @@ Every view is taken from the photo's copies reduced 2, 4, 8, ... times (box filt
 once per photo): tiles are cut from the copy in which they are 192 to 384 pixels, the
 whole photo and the verification views are downscaled (antialiased) to at most
 :attr:`DetectorConfig.view_size` pixels, so memory and time per view do not grow with the
-photo. Measured on a 2-core machine, CPU time: 0.1-0.5 s for photos of 1-5 megapixels,
-about 0.8-0.9 s at 12 megapixels (a hundred-odd tiles; the tiling stops at faces of 1% of
-the long side, see :class:`DetectorConfig`).
+photo. Measured on a shared 2-core machine, CPU time: 0.1-0.5 s for photos of 1-5
+megapixels, about 1 s at 12 megapixels (a hundred-odd tiles, over half of the time;
+the tiling stops at faces of 1% of the long side, see :class:`DetectorConfig`).
 
 Boxes of faces cut by the photo's edge extend past it (negative or beyond the size).
 
@@ -598,7 +598,7 @@ class _Pyramid:
 
     Every view is resampled from the smallest copy that still has its resolution, so a
     large photo is read in full once (one PIL copy, one halving) rather than once per view
-    and per tiling level (measured on a 12 MP photo: 0.1 s of CPU instead of 0.45 s).
+    and per tiling level (measured on a 12 MP photo: 0.1-0.2 s of CPU instead of 0.45-0.6 s).
     """
 
     def __init__(self, rgb: np.ndarray) -> None:
