@@ -36,7 +36,13 @@ from cloak_core.errors import CancelledError
 from cloak_core.filters import gaussian_blur
 from cloak_core.lpips import LPIPS
 from cloak_core.models.base import FaceModel
-from cloak_core.perceptual import budget, rgb_to_ycc, ycc_gradient, ycc_to_rgb
+from cloak_core.perceptual import (
+    budget,
+    channel_weights,
+    rgb_to_ycc,
+    ycc_gradient,
+    ycc_to_rgb,
+)
 from cloak_core.presets import AttackConfig
 
 
@@ -263,6 +269,8 @@ class SignSteps:
         self.active = torch.ones(x.shape[0], 1, 1, 1, dtype=x.dtype, device=x.device)
         budget = config.lpips_budget is not None
         self.previous = self.delta.detach().clone() if budget else None
+        colour = config.colour_steps
+        self.rates = None if colour is None else channel_weights(colour, self.delta)
 
     def protected(self) -> torch.Tensor:
         """The protected regions, in the autograd graph of the perturbation."""
@@ -281,13 +289,11 @@ class SignSteps:
         direction = _direction(delta.grad, self.velocity, self.batch, self.config)
         if self.previous is not None:
             self.previous.copy_(delta)
-        if self.config.colour_steps is None:
+        if self.rates is None:
             delta += self.config.step_size * self.active * direction.sign()
         else:
             # Signed steps in YCbCr: colour moves at ``colour_steps`` of luminance's rate.
-            rates = torch.tensor([1.0, self.config.colour_steps, self.config.colour_steps])
-            rates = rates.to(dtype=delta.dtype, device=delta.device).view(1, 3, 1, 1)
-            step = rates * ycc_gradient(direction).sign()
+            step = self.rates * ycc_gradient(direction).sign()
             delta += self.config.step_size * self.active * ycc_to_rgb(step)
         # Keep x + delta inside [0, 1] so the clamp never hides a step.
         delta.copy_((x + delta).clamp(0.0, 1.0) - x)

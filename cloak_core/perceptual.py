@@ -86,5 +86,11 @@ def budget(images: torch.Tensor, scale: float, texture: float, chroma: float) ->
     """Per-pixel, per-channel bound ``(B, 3, H, W)`` on a YCbCr perturbation of ``images``:
     ``scale`` JNDs of luminance, ``chroma`` times that on each colour channel."""
     jnd = scale * jnd_map(images, texture)
-    weights = torch.tensor([1.0, chroma, chroma], dtype=jnd.dtype, device=jnd.device)
-    return jnd * weights.view(1, 3, 1, 1)
+    return jnd * channel_weights(chroma, jnd)
+
+
+def channel_weights(chroma: float, like: torch.Tensor) -> torch.Tensor:
+    """``(1, 3, 1, 1)`` weights of Y, Cb, Cr: 1 for luminance, ``chroma`` for each colour
+    channel, with ``like``'s dtype and device."""
+    weights = torch.tensor([1.0, chroma, chroma], dtype=like.dtype, device=like.device)
+    return weights.view(1, 3, 1, 1)
