@@ -1,4 +1,4 @@
-"""The LowKey attack: signed gradient ascent on face regions against an ensemble.
+"""The LowKey attack: gradient ascent on face regions against an ensemble.
 
 For a batch of face regions ``x`` (each a padded crop of a photo around one face, at a
 working resolution), the attack looks for ``x'`` maximising
@@ -253,9 +253,11 @@ def ascend_identity(
 
 
 class SignSteps:
-    """LowKey's update: signed gradient steps of ``step_size`` on an RGB perturbation
-    started from uniform noise, the LPIPS penalty in the gradient, and with
-    ``lpips_budget`` a face that passes the budget goes back one step and stays there."""
+    """LowKey's update: gradient steps of ``step_size`` on an RGB perturbation started
+    from uniform noise, the LPIPS penalty in the gradient, and with ``lpips_budget`` a
+    face that passes the budget goes back one step and stays there. The steps are signed
+    (LowKey) or in proportion to the gradient (``sign_steps`` off), on R, G and B or in
+    YCbCr with colour at a fraction of luminance's rate (``colour_steps``)."""
 
     def __init__(
         self, batch: FaceBatch, config: AttackConfig, generator: torch.Generator | None
@@ -290,10 +292,10 @@ class SignSteps:
         if self.previous is not None:
             self.previous.copy_(delta)
         if self.rates is None:
-            delta += self.config.step_size * self.active * direction.sign()
+            delta += self.config.step_size * self.active * _unit_step(direction, self.config)
         else:
-            # Signed steps in YCbCr: colour moves at ``colour_steps`` of luminance's rate.
-            step = self.rates * ycc_gradient(direction).sign()
+            # Steps in YCbCr: colour moves at ``colour_steps`` of luminance's rate.
+            step = self.rates * _unit_step(ycc_gradient(direction), self.config)
             delta += self.config.step_size * self.active * ycc_to_rgb(step)
         # Keep x + delta inside [0, 1] so the clamp never hides a step.
         delta.copy_((x + delta).clamp(0.0, 1.0) - x)
@@ -350,16 +352,9 @@ class BudgetSteps:
 
     def step(self, lpips: torch.Tensor | None) -> bool:
         """One projected step; always ``True`` (no face stops early)."""
-        direction = _direction(self.param.grad, self.velocity, self.batch, self.config)
-        if self.config.sign_steps:
-            direction = direction.sign()
-        else:
-            # Steps in proportion to the gradient: per face, the 90th percentile of its
-            # magnitude moves a full step, larger ones no more. Pixels that matter little
-            # to the models then change little, where sign steps move every pixel alike.
-            flat = direction.abs().flatten(1)
-            scale = torch.quantile(flat, 0.9, dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-            direction = (direction / scale).clamp(-1.0, 1.0)
+        direction = _unit_step(
+            _direction(self.param.grad, self.velocity, self.batch, self.config), self.config
+        )
         p = self.param
         p += self.config.step_size * self.bound * direction
         # Onto the budget and into the valid pixel range: clipping one RGB channel at 0 or
@@ -397,6 +392,18 @@ def _direction(
         velocity.mul_(config.momentum).add_(grad / scale)
         grad = velocity
     return grad
+
+
+def _unit_step(direction: torch.Tensor, config: AttackConfig) -> torch.Tensor:
+    """A step of at most 1 per element from a direction: its sign (``sign_steps``), or in
+    proportion to it, per face the 90th percentile of its magnitude moving a full step
+    and larger ones no more. Pixels that matter little to the models then change little,
+    where sign steps move every pixel alike."""
+    if config.sign_steps:
+        return direction.sign()
+    flat = direction.abs().flatten(1)
+    scale = torch.quantile(flat, 0.9, dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return (direction / scale).clamp(-1.0, 1.0)
 
 
 def _jitter(

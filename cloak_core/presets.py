@@ -61,9 +61,9 @@ class AttackConfig:
       1.5 working pixels smooths away) is bounded by this fraction of the bound, so a
       change of sign is a ramp rather than a step (steps read as drawn lines on smooth
       skin); ``None`` (or 2 and above): no such bound.
-    - ``colour_steps``: without ``perceptual``, each signed step is taken in YCbCr, the
-      colour channels moving at this fraction of the luminance rate (``None``: LowKey's
-      signed steps on R, G and B, whose independent signs make strong colour noise).
+    - ``colour_steps``: without ``perceptual``, each step is taken in YCbCr, the colour
+      channels moving at this fraction of the luminance rate (``None``: LowKey's steps on
+      R, G and B, whose independent signs make strong colour noise).
     - ``face_mask``: the perturbation is limited to a soft ellipse over the detected face
       box grown by this factor (``None``: the whole region around the face).
 
@@ -81,9 +81,10 @@ class AttackConfig:
       at (the whole photo at most 4 MP) gets its gradient smoothed by a Gaussian of sigma
       this factor times that ratio, so single working pixels do not become coarse
       texture once enlarged.
-    - ``sign_steps``: with ``perceptual``, every pixel steps by the sign of its gradient;
-      ``False``: in proportion to it (per face, its 90th percentile moves a full step),
-      so pixels that matter little to the models change little.
+    - ``sign_steps``: every pixel steps by the sign of its gradient (LowKey); ``False``:
+      in proportion to it (per face, its 90th percentile moves a full step), so pixels
+      that matter little to the models change little. With ``perceptual`` a full step is
+      ``step_size`` of the pixel's bound, without it ``step_size``.
     - ``early_stop``: the attack ends once every model's capped term is met for every
       face in the last step(s) (later steps could only trade quality for protection).
     - ``work_scale``: a face region is optimised at most at this many times the largest
@@ -173,7 +174,7 @@ PRESETS: dict[str, AttackConfig] = {
         AttackConfig(
             name="balanced",
             steps=36,
-            step_size=0.0025,
+            step_size=0.003,
             lpips_weight=2.0,
             work_scale=1.5,
             lpips_size=None,
@@ -181,11 +182,13 @@ PRESETS: dict[str, AttackConfig] = {
             sample_views=True,
             grad_sigma=2.0,
             face_mask=1.7,
+            colour_steps=0.3,
+            sign_steps=False,
         ),
         AttackConfig(
             name="strong",
             steps=50,
-            step_size=0.004,
+            step_size=0.002,
             lpips_weight=1.0,
             cosine_target=-1.0,
             euclidean_target_ratio=4.0,
@@ -196,6 +199,8 @@ PRESETS: dict[str, AttackConfig] = {
             momentum=0.5,
             lpips_budget=0.035,
             smooth_upscaled=1.5,
+            colour_steps=0.3,
+            sign_steps=False,
         ),
         AttackConfig(
             name="natural",
