@@ -218,8 +218,8 @@ def test_colour_steps_move_luminance_and_keep_colour_small(store, faces_dir):
 
 def test_proportional_steps_spend_less_change_where_the_models_look_less(store, faces_dir):
     """Without a budget, steps in proportion to the gradient (``sign_steps`` off, as
-    `balanced` takes them) change the faces by far less than signed steps of the same
-    size (higher PSNR), with the change's magnitude spread over a wide range instead of
+    `balanced` takes them) change the faces less than signed steps of the same size
+    (higher PSNR), with the change's magnitude spread over a wide range instead of
     every pixel at the same step, and the faces still move away from themselves."""
     from cloak_core.presets import get_preset
 
