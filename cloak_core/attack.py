@@ -39,6 +39,7 @@ from cloak_core.models.base import FaceModel
 from cloak_core.perceptual import (
     budget,
     channel_weights,
+    colour_kept,
     rgb_to_ycc,
     ycc_gradient,
     ycc_to_rgb,
@@ -264,7 +265,12 @@ class SignSteps:
     ) -> None:
         x = batch.pixels
         self.batch, self.config = batch, config
+        # Y, Cb, Cr factors per face: a grey face is perturbed in luminance alone, and so
+        # is every face when colour does not move (``colour_steps`` 0).
+        self.kept = colour_kept(x, batch.masks)
+        self.grey = (self.kept[:, 1:2] == 0) | (config.colour_steps == 0)
         noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
+        noise = torch.where(self.grey, noise[:, :1].expand_as(noise), noise)
         self.delta = ((noise * 2 - 1) * config.noise).requires_grad_(True)
         self.velocity = torch.zeros_like(self.delta) if config.momentum else None
         # Faces still moving (1) or frozen at their LPIPS budget (0), and the last delta.
@@ -291,12 +297,17 @@ class SignSteps:
         direction = _direction(delta.grad, self.velocity, self.batch, self.config)
         if self.previous is not None:
             self.previous.copy_(delta)
-        if self.rates is None:
-            delta += self.config.step_size * self.active * _unit_step(direction, self.config)
+        if self.rates is None and not bool(self.grey.any()):
+            step = _unit_step(direction, self.config)
         else:
-            # Steps in YCbCr: colour moves at ``colour_steps`` of luminance's rate.
-            step = self.rates * _unit_step(ycc_gradient(direction), self.config)
-            delta += self.config.step_size * self.active * ycc_to_rgb(step)
+            # Steps in YCbCr: colour moves at ``colour_steps`` of luminance's rate (RGB
+            # steps where that is unset), a grey face's not at all.
+            rates = 1.0 if self.rates is None else self.rates
+            unit = _unit_step(ycc_gradient(direction) * self.kept, self.config)
+            step = ycc_to_rgb(rates * unit)
+            if self.rates is None:
+                step = torch.where(self.grey, step, _unit_step(direction, self.config))
+        delta += self.config.step_size * self.active * step
         # Keep x + delta inside [0, 1] so the clamp never hides a step.
         delta.copy_((x + delta).clamp(0.0, 1.0) - x)
         return True
@@ -337,7 +348,8 @@ class BudgetSteps:
         x = batch.pixels
         self.batch, self.config = batch, config
         assert config.perceptual is not None
-        self.bound = budget(x, config.perceptual, config.texture_masking, config.chroma)
+        bound = budget(x, config.perceptual, config.texture_masking, config.chroma)
+        self.bound = bound * colour_kept(x, batch.masks)  # no colour budget on a grey face
         noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
         self.param = ((noise * 2 - 1) * config.noise * self.bound).requires_grad_(True)
         self.velocity = torch.zeros_like(self.param) if config.momentum else None

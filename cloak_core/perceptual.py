@@ -89,6 +89,27 @@ def budget(images: torch.Tensor, scale: float, texture: float, chroma: float) ->
     return jnd * channel_weights(chroma, jnd)
 
 
+# A face is grey (a black-and-white photo) when nearly all of it has its R, G and B within
+# a few levels of each other: decoded greyscale files have them equal, re-encoded ones
+# differ by a level or two.
+GREY_SPREAD = 3.0 / 255.0
+GREY_SHARE = 0.99
+
+
+def colour_kept(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """``(B, 3, 1, 1)`` factors on Y, Cb and Cr per face of ``images`` ``(B, 3, H, W)``
+    (RGB, 0..1) inside ``masks`` ``(B, 1, H, W)``: 1, 1, 1 for a face in colour and 1, 0, 0
+    for a grey one, whose perturbation must stay grey (any colour added to a
+    black-and-white photo is plain to see)."""
+    spread = images.amax(1, keepdim=True) - images.amin(1, keepdim=True)
+    inside = masks > 0.5
+    grey_pixels = ((spread <= GREY_SPREAD) & inside).flatten(1).sum(1)
+    share = grey_pixels / inside.flatten(1).sum(1).clamp_min(1)
+    grey = (share >= GREY_SHARE).to(images.dtype).view(-1, 1, 1, 1)
+    chroma = torch.tensor([0.0, 1.0, 1.0], dtype=images.dtype, device=images.device)
+    return 1.0 - grey * chroma.view(1, 3, 1, 1)
+
+
 def channel_weights(chroma: float, like: torch.Tensor) -> torch.Tensor:
     """``(1, 3, 1, 1)`` weights of Y, Cb, Cr: 1 for luminance, ``chroma`` for each colour
     channel, with ``like``'s dtype and device."""

@@ -63,7 +63,10 @@ class AttackConfig:
       skin); ``None`` (or 2 and above): no such bound.
     - ``colour_steps``: without ``perceptual``, each step is taken in YCbCr, the colour
       channels moving at this fraction of the luminance rate (``None``: LowKey's steps on
-      R, G and B, whose independent signs make strong colour noise).
+      R, G and B, whose independent signs make strong colour noise; ``0``: luminance
+      alone, start noise included, so the face keeps its colours but where a channel
+      clips). Whatever the
+      setting, a grey face (a black-and-white photo) is perturbed in luminance alone.
     - ``face_mask``: the perturbation is limited to a soft ellipse over the detected face
       box grown by this factor (``None``: the whole region around the face).
 
@@ -182,7 +185,7 @@ PRESETS: dict[str, AttackConfig] = {
             sample_views=True,
             grad_sigma=1.0,
             face_mask=1.7,
-            colour_steps=0.3,
+            colour_steps=0.0,
             sign_steps=False,
         ),
         AttackConfig(

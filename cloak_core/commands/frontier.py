@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from cloak_core.commands.common import model_list, positive_int
+from cloak_core.errors import UsageError
 from cloak_core.evaluation.conditions import parse_condition
 from cloak_core.evaluation.frontier import (
     DEFAULT_FACTORS,
@@ -37,6 +38,21 @@ def _presets(text: str) -> tuple[tuple[str, tuple[float, ...] | None], ...]:
     return tuple(out)
 
 
+def _runs(text: str) -> tuple[tuple[str, Path], ...]:
+    """``before=a/frontier.json,after=b/frontier.json``: labelled frontier files."""
+    out = []
+    for item in (t.strip() for t in text.split(",")):
+        if not item:
+            continue
+        label, sep, path = item.partition("=")
+        if not sep or not label.strip() or not path.strip():
+            raise argparse.ArgumentTypeError(f"{item!r}: write LABEL=PATH/frontier.json")
+        out.append((label.strip(), Path(path.strip())))
+    if not out:
+        raise argparse.ArgumentTypeError("name at least one LABEL=PATH")
+    return tuple(out)
+
+
 def _factors(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(v) for v in text.split(",") if v.strip())
@@ -58,7 +74,17 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "frontier.json, frontier.md and frontier.png; attacked images are kept in "
         "OUT/attack-cache and reused.",
     )
-    p.add_argument("--dataset", required=True, type=Path, metavar="DIR", help="dataset folder")
+    p.add_argument(
+        "--dataset", type=Path, metavar="DIR", help="dataset folder (needed unless --combine)"
+    )
+    p.add_argument(
+        "--combine",
+        type=_runs,
+        metavar="LABEL=JSON,...",
+        help="attack nothing: draw earlier runs' frontier.json files in one table and plot, "
+        "each preset named by its run's label (e.g. before=old/frontier.json,"
+        "after=new/frontier.json); the runs must share split, conditions and evaluators",
+    )
     p.add_argument(
         "--presets",
         type=_presets,
@@ -111,9 +137,40 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
+_FRONTIER_KEYS = {"settings", "evaluators", "scored", "points", "calibration"}
+
+
+def _combine(args: argparse.Namespace) -> int:
+    import json
+
+    from cloak_core.evaluation.frontier import FRONTIER_MD, combine, write_outputs
+
+    runs = []
+    for label, path in args.combine:
+        try:
+            runs.append((label, json.loads(path.read_text())))
+        except OSError as exc:
+            raise UsageError(f"{label}: cannot read {path}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise UsageError(f"{label}: {path} is not a frontier.json: {exc}") from None
+        data = runs[-1][1]
+        missing = sorted(_FRONTIER_KEYS - set(data if isinstance(data, dict) else ()))
+        if missing:
+            raise UsageError(f"{label}: {path} is not a frontier.json (no {', '.join(missing)})")
+    written = write_outputs(combine(runs), args.out)
+    print((args.out / FRONTIER_MD).read_text(), end="")
+    print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     from cloak_core.evaluation.frontier import FRONTIER_MD, Frontier, write_outputs
     from cloak_core.store import ModelStore
+
+    if args.combine:
+        return _combine(args)
+    if args.dataset is None:
+        raise UsageError("name the dataset (--dataset DIR), or runs to draw (--combine)")
 
     conditions = tuple(parse_condition(c.strip()) for c in args.conditions.split(",") if c.strip())
     settings = FrontierSettings(

@@ -294,6 +294,12 @@ def _factors(frontier: dict) -> str:
     return ", ".join(f"{name} x{'/'.join(fs)}" for name, fs in by_preset.items())
 
 
+def _value(point: dict, sweep: str) -> str:
+    """A point's swept value, named when the table mixes sweeps (a combined frontier)."""
+    value = "-" if point["value"] is None else format(point["value"], "g")
+    return value if point["sweep"] == sweep else f"{point['sweep']} {value}"
+
+
 def markdown(frontier: dict) -> str:
     """The frontier as a Markdown table: one row per point, one column per evaluator."""
     s = frontier["settings"]
@@ -307,6 +313,11 @@ def markdown(frontier: dict) -> str:
         f"identities, {sc['protected_gallery_images']} protected faces, {sc['probes']} probes",
         f"- sweep: `{s['sweep']}`, as multiples of each preset's own value: {_factors(frontier)};"
         " leave-one-out (every rank-1 is black-box)",
+        *(
+            [f"- combined runs: {', '.join(s['combined'])} (each preset named by its run)"]
+            if s.get("combined")
+            else []
+        ),
         "- visibility on the face region at display scale: CIEDE2000 mean (p95), PSNR, "
         "DISTS; LPIPS-Alex is the attack's own metric",
         "",
@@ -328,7 +339,7 @@ def markdown(frontier: dict) -> str:
             known = [r for r in ranks if r is not None]
             v = p["visibility"]
             lines.append(
-                f"| {p['preset']} | {'-' if p['value'] is None else format(p['value'], 'g')} | "
+                f"| {p['preset']} | {_value(p, s['sweep'])} | "
                 + " | ".join(_pct(r) for r in ranks)
                 + f" | {_pct(max(known) if known else None)} | {v['de2000_mean']:.2f} "
                 f"({v['de2000_p95']:.1f}) | {v['psnr']:.1f} | {v['ssim']:.3f} | "
@@ -374,6 +385,7 @@ def plot(frontier: dict, path: Path) -> None:
         squeeze=False,
     )
     presets = list(dict.fromkeys(p["preset"] for p in frontier["points"]))
+    combined = frontier["settings"].get("combined") or []
     for r, cond in enumerate(conditions):
         for c, ev in enumerate(evaluators):
             ax = axes[r][c]
@@ -395,11 +407,16 @@ def plot(frontier: dict, path: Path) -> None:
                         xs.append(x)
                         ys.append(100 * y)
                 order = np.argsort(xs)
+                # In a combined frontier a curve's colour is its preset's and its line its
+                # run's: the last run solid, earlier ones dashed and paler.
+                run, _, base = preset.rpartition(": ") if combined else ("", "", preset)
+                earlier = combined and run != combined[-1]
                 ax.plot(
                     np.asarray(xs)[order],
                     np.asarray(ys)[order],
-                    "o-",
-                    color=_COLOURS.get(preset) or _OTHER_COLOURS[k % len(_OTHER_COLOURS)],
+                    "s--" if earlier else "o-",
+                    color=_COLOURS.get(base) or _OTHER_COLOURS[k % len(_OTHER_COLOURS)],
+                    alpha=0.55 if earlier else 1.0,
                     label=preset,
                     ms=4,
                 )
@@ -428,6 +445,45 @@ def plot(frontier: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def combine(runs: Sequence[tuple[str, dict]]) -> dict:
+    """One frontier from several runs' ``frontier.json`` (before and after a change, say),
+    each ``(label, frontier)``: every run's points, each preset renamed ``label: preset``
+    so that one plot shows the runs' curves side by side. The runs must have scored the same
+    split (mode and counts), conditions and evaluators, or the curves would not be
+    comparable; the calibration points are the first run's. Raises :class:`UsageError`
+    otherwise."""
+    if not runs:
+        raise UsageError("name at least one frontier.json to combine")
+    first_label, first = runs[0]
+    key = ("mode", "conditions")
+    points = []
+    for label, run in runs:
+        s = run["settings"]
+        for name in key:
+            if s[name] != first["settings"][name]:
+                raise UsageError(
+                    f"{label}: {name} {s[name]!r} differs from {first_label}'s "
+                    f"{first['settings'][name]!r}; only runs scored the same way combine"
+                )
+        if run["evaluators"] != first["evaluators"]:
+            raise UsageError(
+                f"{label}: evaluators {', '.join(run['evaluators'])} differ from "
+                f"{first_label}'s {', '.join(first['evaluators'])}"
+            )
+        if run["scored"] != first["scored"]:
+            raise UsageError(
+                f"{label}: scored {run['scored']} differs from {first_label}'s {first['scored']}"
+            )
+        points += [{**p, "preset": f"{label}: {p['preset']}"} for p in run["points"]]
+    sweeps = list(dict.fromkeys(p["sweep"] for p in points))
+    settings = {
+        **first["settings"],
+        "sweep": sweeps[0] if len(sweeps) == 1 else "setting",
+        "combined": [label for label, _ in runs],
+    }
+    return {**first, "settings": settings, "points": points}
 
 
 def write_outputs(frontier: dict, out: Path) -> list[Path]:

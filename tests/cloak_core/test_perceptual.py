@@ -67,16 +67,16 @@ def test_budget_splits_luminance_and_colour(faces_dir):
     assert torch.allclose(bound[:, :1], 0.8 * jnd_map(x, 0.3))
 
 
-def _budgeted_attack(store, faces_dir, **changes):
-    """Two real aligned faces attacked by SFace with budgeted steps: the batch, the
-    perturbation and the model."""
+def _budgeted_attack(store, faces_dir, images=None, **changes):
+    """Two real aligned faces (``images``, else the first two identities' 001.png)
+    attacked by SFace with budgeted steps: the batch, the perturbation and the model."""
     from cloak_core.attack import StageTimes, lowkey
     from cloak_core.detect import Face
     from cloak_core.models.base import ARCFACE_TEMPLATE_112
     from cloak_core.pipeline import Protector
     from cloak_core.presets import get_preset
 
-    images = [_face(faces_dir, k) for k in range(2)]
+    images = images or [_face(faces_dir, k) for k in range(2)]
     face = Face.from_template(ARCFACE_TEMPLATE_112, box=(0, 0, 112, 112))
     settings = dict(
         steps=8,
@@ -214,6 +214,12 @@ def test_colour_steps_move_luminance_and_keep_colour_small(store, faces_dir):
     assert colour_share(ycc_steps) < 0.65 * colour_share(rgb_steps)
     assert colour_share(ycc_steps) < 0.4
     assert max(_moved(model, batch, ycc_steps)) < 0.8
+    # At 0 (as `balanced` takes them) the faces keep their colours, but where a channel
+    # clips at 0 or 1 (measured: 0.004), and still move.
+    batch, luma_steps, model = run(0.0)
+    assert colour_share(luma_steps) < 0.02
+    assert max(_moved(model, batch, luma_steps)) < 0.8
+    assert get_preset("balanced").colour_steps == 0.0
 
 
 def test_proportional_steps_spend_less_change_where_the_models_look_less(store, faces_dir):
@@ -251,3 +257,33 @@ def test_proportional_steps_spend_less_change_where_the_models_look_less(store, 
     assert spread(proportional) > 1.3 * spread(signed)
     assert get_preset("balanced").sign_steps is False
     assert max(_moved(model, batch, proportional)) < 0.8
+
+
+def test_a_grey_face_gets_a_grey_perturbation(store, faces_dir):
+    """A black-and-white photo stays black and white: whichever update rule (LowKey's RGB
+    sign steps, `balanced`'s steps in YCbCr, the perceptual budget), a grey face's
+    perturbation changes R, G and B alike, while a colour face beside it in the same batch
+    still gets colour, and both still move."""
+    from cloak_core.perceptual import colour_kept
+
+    grey = _face(faces_dir, 0, 2)  # Barack_Obama/002.png, a greyscale photo
+    colour = _face(faces_dir, 1, 1)
+    assert np.ptp(grey.astype(int), axis=2).max() == 0 and np.ptp(colour, axis=2).max() > 50
+    masks = torch.ones(2, 1, 112, 112)
+    kept = colour_kept(torch.cat([_tensor(grey), _tensor(colour)]), masks)
+    assert kept.flatten(1).tolist() == [[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]]
+
+    rules = {
+        "rgb sign": dict(perceptual=None, step_size=0.005, colour_steps=None),
+        "ycc proportional": dict(
+            perceptual=None, step_size=0.005, colour_steps=0.3, sign_steps=False
+        ),
+        "budget": dict(noise=0.5),
+    }
+    for name, changes in rules.items():
+        batch, delta, model = _budgeted_attack(store, faces_dir, [grey, colour], **changes)
+        channel_spread = delta.amax(1) - delta.amin(1)
+        assert float(channel_spread[0].max()) < 1e-6, name
+        assert float(channel_spread[1].mean()) > 1e-3, name
+        assert float(delta[0].abs().mean()) > 2e-3, name
+        assert max(_moved(model, batch, delta)) < 0.9, name

@@ -124,3 +124,29 @@ def test_frontier_on_a_tiny_set(faces_dir, store, tmp_path, monkeypatch, capsys)
     again = json.loads((out / "frontier.json").read_text())
     assert [p["evaluators"] for p in again["points"]] == [p["evaluators"] for p in points]
     capsys.readouterr()
+
+    # Runs combine into one table and plot (before and after a change), each preset named
+    # by its run; runs scored by other evaluators do not combine.
+    both = tmp_path / "both"
+    run = f"before={out / 'frontier.json'},after={out / 'frontier.json'}"
+    assert main(["frontier", "--combine", run, "--out", str(both)]) == 0
+    table = capsys.readouterr().out
+    combined = json.loads((both / "frontier.json").read_text())
+    assert [p["preset"] for p in combined["points"]] == [
+        f"{run}: {name}" for run in ("before", "after") for name in ("fast", "fast", "paper")
+    ]
+    assert combined["settings"]["combined"] == ["before", "after"]
+    assert "| before: fast | 3 |" in table and "| after: paper | 1 |" in table
+    with Image.open(both / "frontier.png") as im:
+        assert im.format == "PNG" and im.width > 300
+    other = dict(frontier, evaluators=["dlib"])
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    run = f"a={out / 'frontier.json'},b={tmp_path / 'other.json'}"
+    assert main(["frontier", "--combine", run, "--out", str(both)]) == 2
+    assert "evaluators dlib differ" in capsys.readouterr().err
+    assert main(["frontier", "--out", str(both)]) == 2
+    assert "--dataset" in capsys.readouterr().err
+    (tmp_path / "report.json").write_text(json.dumps({"points": []}))
+    run = f"a={tmp_path / 'report.json'}"
+    assert main(["frontier", "--combine", run, "--out", str(both)]) == 2
+    assert "is not a frontier.json" in capsys.readouterr().err
