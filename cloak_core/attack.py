@@ -269,6 +269,7 @@ class SignSteps:
         # is every face when colour does not move (``colour_steps`` 0).
         self.kept = colour_kept(x, batch.masks)
         self.grey = (self.kept[:, 1:2] == 0) | (config.colour_steps == 0)
+        self.any_grey = bool(self.grey.any())  # once, not a device sync per step
         noise = torch.rand(x.shape, generator=generator, dtype=x.dtype, device="cpu").to(x.device)
         noise = torch.where(self.grey, noise[:, :1].expand_as(noise), noise)
         self.delta = ((noise * 2 - 1) * config.noise).requires_grad_(True)
@@ -297,7 +298,7 @@ class SignSteps:
         direction = _direction(delta.grad, self.velocity, self.batch, self.config)
         if self.previous is not None:
             self.previous.copy_(delta)
-        if self.rates is None and not bool(self.grey.any()):
+        if self.rates is None and not self.any_grey:
             step = _unit_step(direction, self.config)
         else:
             # Steps in YCbCr: colour moves at ``colour_steps`` of luminance's rate (RGB

@@ -457,11 +457,10 @@ def combine(runs: Sequence[tuple[str, dict]]) -> dict:
     if not runs:
         raise UsageError("name at least one frontier.json to combine")
     first_label, first = runs[0]
-    key = ("mode", "conditions")
     points = []
     for label, run in runs:
         s = run["settings"]
-        for name in key:
+        for name in ("mode", "conditions"):
             if s[name] != first["settings"][name]:
                 raise UsageError(
                     f"{label}: {name} {s[name]!r} differs from {first_label}'s "
