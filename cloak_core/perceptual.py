@@ -106,8 +106,7 @@ def colour_kept(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     grey_pixels = ((spread <= GREY_SPREAD) & inside).flatten(1).sum(1)
     share = grey_pixels / inside.flatten(1).sum(1).clamp_min(1)
     grey = (share >= GREY_SHARE).to(images.dtype).view(-1, 1, 1, 1)
-    chroma = torch.tensor([0.0, 1.0, 1.0], dtype=images.dtype, device=images.device)
-    return 1.0 - grey * chroma.view(1, 3, 1, 1)
+    return 1.0 - grey * (1.0 - channel_weights(0.0, images))
 
 
 def channel_weights(chroma: float, like: torch.Tensor) -> torch.Tensor:

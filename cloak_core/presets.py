@@ -65,8 +65,8 @@ class AttackConfig:
       channels moving at this fraction of the luminance rate (``None``: LowKey's steps on
       R, G and B, whose independent signs make strong colour noise; ``0``: luminance
       alone, start noise included, so the face keeps its colours but where a channel
-      clips). Whatever the
-      setting, a grey face (a black-and-white photo) is perturbed in luminance alone.
+      clips). Whatever the setting, a grey face (a black-and-white photo) is perturbed in
+      luminance alone.
     - ``face_mask``: the perturbation is limited to a soft ellipse over the detected face
       box grown by this factor (``None``: the whole region around the face).
 

@@ -253,7 +253,18 @@ def test_tiles_in_threads_find_the_same_faces(store, detector, photos_dir):
     with FaceDetector(store, config=DetectorConfig(tile_threads=1)) as one:
         alone = one.detect(rgb)
     with FaceDetector(store, config=DetectorConfig(tile_threads=3)) as three:
+        used = set()
+        look = three._detect
+
+        def spy(key, *args, **kwargs):
+            used.add((key, threading.current_thread() is threading.main_thread()))
+            return look(key, *args, **kwargs)
+
+        three._detect = spy
         shared = three.detect(rgb)
+        # Every tiling detector looked at tiles, the two extra ones in helper threads.
+        assert {("full", True), ("full1", False), ("full2", False)} <= used
+        del three._detect
         running = threading.active_count()
         stop = threading.Event()
         timer = threading.Timer(0.2, stop.set)  # while the tiles are being looked at
