@@ -81,6 +81,34 @@ def embed(
     return 0.5 * (both[: crops.shape[0]] + both[crops.shape[0] :])
 
 
+def shared_identity(
+    embeddings: Mapping[str, torch.Tensor],
+    models: Mapping[str, FaceModel],
+    photo: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Per model, each face's embedding ``(N, D)`` replaced by the mean over the faces that
+    every model verifies as the same person, in other photos (``photo``, ``(N,)``, says
+    which photo each face is in: two faces of one photo are two people), itself included.
+
+    Cosine models average unit vectors (their rule ignores length). A face that matches
+    no other keeps its own embedding.
+    """
+    n = len(photo)
+    same = photo.view(-1, 1) != photo.view(1, -1)
+    i, j = (k.flatten() for k in torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij"))
+    for name, e in embeddings.items():
+        verdict = models[name].spec.verification.same_person(e[i], e[j]).view(n, n).cpu()
+        same &= verdict
+    same |= torch.eye(n, dtype=torch.bool)
+    weights = same.float() / same.float().sum(1, keepdim=True)
+    out = {}
+    for name, e in embeddings.items():
+        if models[name].spec.verification.metric == "cosine":
+            e = F.normalize(e, dim=-1)
+        out[name] = weights.to(e.device) @ e
+    return out
+
+
 def model_term(
     model: FaceModel, original: torch.Tensor, protected: torch.Tensor, config: AttackConfig
 ) -> torch.Tensor:
@@ -131,6 +159,7 @@ def lowkey(
     progress: Callable[[float], None] | None = None,
     cancel: threading.Event | None = None,
     times: StageTimes | None = None,
+    targets: Mapping[str, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the attack; returns the perturbation ``(B, 3, H, W)`` (masked, within [0, 1] bounds).
 
@@ -138,7 +167,9 @@ def lowkey(
     with steps done / steps planned after every step; setting ``cancel`` stops the attack
     with :class:`CancelledError`. ``times``, when given, collects seconds per stage:
     alignment, each model's forward and backward, LPIPS. ``lpips`` may be ``None`` when
-    the config does not measure it (:attr:`AttackConfig.measures_lpips`).
+    the config does not measure it (:attr:`AttackConfig.measures_lpips`). ``targets``, per
+    model ``(B, D)``, are the embeddings the faces are pushed away from (default: each
+    face's own; :func:`shared_identity` for photos of one person protected together).
 
     Each step computes the objective's gradient (:func:`ascend_identity` for the models'
     terms, then the LPIPS penalty when ``lpips_weight`` is set) and hands it to the update
@@ -153,6 +184,8 @@ def lowkey(
         originals = {
             name: embed(m, x, batch.matrices[name], config.flips) for name, m in models.items()
         }
+    if targets is not None:
+        originals = {name: targets[name].to(x.device) for name in models}
     rule: SignSteps | BudgetSteps
     if config.perceptual is not None:
         rule = BudgetSteps(batch, config, generator)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -28,7 +28,7 @@ from cloak_core.align import (
     template_keypoints,
     translate,
 )
-from cloak_core.attack import FaceBatch, StageTimes, lowkey
+from cloak_core.attack import FaceBatch, StageTimes, embed, lowkey, shared_identity
 from cloak_core.detect import DetectorConfig, Face, FaceDetector
 from cloak_core.errors import CancelledError, FaceCloakError, UsageError
 from cloak_core.imageio import DecodedImage, decode_image, encode_image
@@ -294,6 +294,7 @@ class Protector:
         max_pixels: int = 50_000_000,
         max_decoded_bytes: int | None = None,
         times: StageTimes | None = None,
+        together: bool = False,
     ) -> list[ProtectResult | FaceCloakError]:
         """Protect several encoded images in one batched attack.
 
@@ -307,6 +308,7 @@ class Protector:
         ``measure``: ``True`` fills LPIPS, per-model reports and the visibility panel
         (seconds per photo); ``"models"`` only :attr:`ProtectResult.previews`, the models'
         verdicts on the encoded output and small crops (one forward pass per model).
+        ``together``: the items are one person's collection (see :meth:`protect_pixels`).
         """
         if measure not in (False, True, "models"):
             raise UsageError(f"measure must be False, True or 'models', got {measure!r}")
@@ -341,6 +343,7 @@ class Protector:
             config=config,
             times=times,
             held_out=held_out,
+            together=together,
         )
         seconds = time.perf_counter() - start
         results: list[ProtectResult | FaceCloakError] = list(decoded)  # type: ignore[arg-type]
@@ -388,6 +391,7 @@ class Protector:
         config: AttackConfig | None = None,
         times: StageTimes | None = None,
         held_out: Sequence[Sequence[str | None]] | None = None,
+        together: bool = False,
     ) -> list[np.ndarray]:
         """The attack on given faces: ``images`` are ``(H, W, 3)`` RGB uint8 or uint16.
 
@@ -395,6 +399,10 @@ class Protector:
         copies of the images with every face protected, same shape and dtype; pixels
         outside the face regions are unchanged. ``held_out[i][j]``, when given, names the
         ensemble model left out of face ``j`` of image ``i``'s attack (:meth:`plan_hold_out`).
+        ``together``: the images are one person's collection (one upload of several
+        photos, or the files of one ``protect`` call), so with the preset's ``centroid``
+        the faces that show one person are pushed away from their shared identity
+        (:func:`~cloak_core.attack.shared_identity`); never across unrelated uploads.
         """
         config = config or self.config
         times = times or StageTimes(self.device)
@@ -431,6 +439,10 @@ class Protector:
             else:
                 chunks.append([r])
         lpips = self._lpips_net(config.lpips_net) if config.measures_lpips else None
+        targets = None
+        if together and config.centroid and len(images) > 1:
+            with times.stage("shared identity"):
+                targets = self._shared_identity(regions, images, chunks, models, config)
         for c, chunk in enumerate(chunks):
             chunk_regions = [regions[r] for r in chunk]
             members = [n for n in names if n != left_out[chunk[0]]]
@@ -450,11 +462,40 @@ class Protector:
                 progress=chunk_progress,
                 cancel=cancel,
                 times=times,
+                targets=None if targets is None else {n: targets[n][chunk] for n in members},
             )
             with times.stage("blend"):
                 for k, region in enumerate(chunk_regions):
                     _blend(outputs[region.image], region, delta[k])
         return outputs
+
+    def _shared_identity(
+        self,
+        regions: Sequence[_Region],
+        images: Sequence[np.ndarray],
+        chunks: Sequence[Sequence[int]],
+        models: Mapping[str, FaceModel],
+        config: AttackConfig,
+    ) -> dict[str, torch.Tensor]:
+        """Per model, ``(len(regions), D)``: what each face is pushed away from, the mean
+        embedding of the faces in the other photos that every model verifies as the same
+        person, itself included (:func:`~cloak_core.attack.shared_identity`)."""
+        names = list(models)
+        found: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        order = [r for chunk in chunks for r in chunk]
+        autocast = torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
+        )
+        with torch.no_grad(), autocast:
+            for chunk in chunks:
+                batch = self._batch([regions[r] for r in chunk], images, names, config)
+                for n in names:
+                    found[n].append(embed(models[n], batch.pixels, batch.matrices[n], config.flips))
+        back = torch.empty(len(order), dtype=torch.long)
+        back[torch.tensor(order)] = torch.arange(len(order))
+        embeddings = {n: torch.cat(found[n], 0)[back.to(self.device)] for n in names}
+        photo = torch.tensor([r.image for r in regions])
+        return shared_identity(embeddings, models, photo)
 
     def plan_hold_out(
         self, faces: Sequence[Sequence[Face]], config: AttackConfig | None = None

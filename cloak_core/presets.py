@@ -92,6 +92,11 @@ class AttackConfig:
       face in the last step(s) (later steps could only trade quality for protection).
     - ``work_scale``: a face region is optimised at most at this many times the largest
       model input; larger faces on a coarser grid, the perturbation interpolated back.
+    - ``centroid``: when several photos are protected together (``together``), faces in
+      different photos that every ensemble model verifies as the same person are each
+      pushed away from their shared identity, the mean of their embeddings, instead of
+      from their own embedding alone: what a clean photo of that person would match.
+      Alone, a face is pushed from its own embedding as before.
     - ``seed``: the start noise's and the random views' seed (``None``: random).
     """
 
@@ -125,6 +130,7 @@ class AttackConfig:
     diversity: float | None = None
     sign_steps: bool = True
     hold_out: bool = False
+    centroid: bool = False
     seed: int | None = None
 
     def with_overrides(
@@ -187,6 +193,7 @@ PRESETS: dict[str, AttackConfig] = {
             face_mask=1.7,
             colour_steps=0.0,
             sign_steps=False,
+            centroid=True,
         ),
         AttackConfig(
             name="strong",

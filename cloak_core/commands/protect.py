@@ -7,9 +7,10 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cloak_core.commands.common import (
     add_attack_flags,
@@ -21,8 +22,10 @@ from cloak_core.commands.common import (
 from cloak_core.errors import FaceCloakError, UsageError
 
 if TYPE_CHECKING:  # the pipeline pulls in torch: imported only when the command runs
-    from cloak_core.pipeline import ProtectResult
+    from cloak_core.pipeline import Protector, ProtectResult
     from cloak_core.visibility import GridRow, VisibilityMeter
+
+    Outcome = ProtectResult | FaceCloakError | OSError
 
 _SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}
 
@@ -56,6 +59,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="with three or more models: leave one out of each face's attack in turn and "
         "report, with --json, how that unseen model sees the face (an honest check that "
         "a model the perturbation was not made with no longer matches it)",
+    )
+    p.add_argument(
+        "--together",
+        action="store_true",
+        help="the inputs are one person's photos: protect them in one batch, and push the "
+        "faces that show the same person in several of them away from their shared "
+        "identity (what a new photo of that person would match), not only each from itself",
     )
     p.add_argument(
         "--calibrate",
@@ -177,22 +187,16 @@ def run(args: argparse.Namespace) -> int:
     rows: list[GridRow] = []
     bar = progress_bar(len(args.inputs), "protecting")
     with protector, bar:
-        for i, name in enumerate(args.inputs):
-            source = Path(name)
-            try:
-                data = source.read_bytes()
-            except OSError as exc:
+        outcomes = _protect_together if args.together else _protect_each
+        for i, source, data, outcome in outcomes(protector, args, bar):
+            if isinstance(outcome, OSError):
                 failed += 1
-                print(f"facecloak: {source}: cannot read: {exc.strerror}", file=sys.stderr)
+                print(f"facecloak: {source}: cannot read: {outcome.strerror}", file=sys.stderr)
                 continue
             try:
-                result = protector.protect_bytes(
-                    data,
-                    out_format=args.format,
-                    quality=args.quality,
-                    measure=args.json,
-                    progress=lambda f, i=i: bar.update(i + f - bar.n),
-                )
+                if isinstance(outcome, FaceCloakError):
+                    raise outcome
+                result = outcome
                 target = output_path(args, source, result)
                 write_atomic(target, result.data)
                 if args.grid:
@@ -222,3 +226,59 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"facecloak: no face found: {args.grid} not written", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _read(name: str) -> tuple[Path, bytes | OSError]:
+    source = Path(name)
+    try:
+        return source, source.read_bytes()
+    except OSError as exc:
+        return source, exc
+
+
+def _protect_each(
+    protector: Protector, args: argparse.Namespace, bar: Any
+) -> Iterator[tuple[int, Path, bytes, Outcome]]:
+    """Each input read and protected on its own, as the loop reaches it."""
+    for i, name in enumerate(args.inputs):
+        source, data = _read(name)
+        if isinstance(data, OSError):
+            yield i, source, b"", data
+            continue
+        try:
+            result: Outcome = protector.protect_bytes(
+                data,
+                out_format=args.format,
+                quality=args.quality,
+                measure=args.json,
+                progress=lambda f, i=i: bar.update(i + f - bar.n),
+            )
+        except FaceCloakError as exc:
+            result = exc
+        yield i, source, data, result
+
+
+def _protect_together(
+    protector: Protector, args: argparse.Namespace, bar: Any
+) -> Iterator[tuple[int, Path, bytes, Outcome]]:
+    """Every readable input in one batch, as one person's collection (``--together``):
+    the faces that show one person are pushed away from their shared identity."""
+    read = [_read(name) for name in args.inputs]
+    good = [(source, data) for source, data in read if isinstance(data, bytes)]
+    results = iter(
+        protector.protect_many(
+            [data for _, data in good],
+            out_format=args.format,
+            quality=args.quality,
+            measure=args.json,
+            progress=lambda f: bar.update(f * len(args.inputs) - bar.n),
+            together=True,
+        )
+        if good
+        else []
+    )
+    for i, (source, data) in enumerate(read):
+        if isinstance(data, OSError):
+            yield i, source, b"", data
+        else:
+            yield i, source, data, next(results)

@@ -377,6 +377,7 @@ class Evaluation:
                         [im.attack_faces for im in chunk],
                         seed=seed,
                         progress=step,
+                        together=True,
                     )
                     hit = (pixels, time.perf_counter() - t)
                     write_batch(cached, *hit)

@@ -63,7 +63,7 @@ class AttackWorker:
             )
             self._protectors[ensemble] = protector
         t = time.perf_counter()
-        pixels = protector.protect_pixels(task.pixels, task.faces, seed=task.seed)
+        pixels = protector.protect_pixels(task.pixels, task.faces, seed=task.seed, together=True)
         write_batch(task.path, pixels, time.perf_counter() - t)
         return len(pixels)
 

@@ -123,3 +123,60 @@ def test_only_regions_shown_larger_than_optimised_get_smoothed():
     assert torch.allclose(out[1], gaussian_blur(grad[1:], 13, 3.0)[0])
     assert float(out[1].std()) < 0.3 * float(grad[1].std())
     assert torch.equal(grad, torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0)))
+
+
+def test_photos_of_one_person_are_pushed_from_their_shared_identity(store, faces_dir):
+    """With `centroid` and photos protected together, faces that every model verifies as
+    one person (in different photos) are pushed away from the mean of their embeddings;
+    another person, or two faces of one photo, keep their own; without `together` (the
+    daemon's separate uploads) nothing is shared."""
+    import torch.nn.functional as F
+
+    from cloak_core.attack import embed, shared_identity
+    from cloak_core.detect import Face
+    from cloak_core.models.base import ARCFACE_TEMPLATE_112
+    from cloak_core.pipeline import Protector
+
+    folders = sorted(faces_dir.iterdir())
+    load = lambda d, k: np.asarray(Image.open(d / f"{k:03d}.png").convert("RGB"))  # noqa: E731
+    images = [load(folders[1], 1), load(folders[1], 3), load(folders[2], 1)]
+    face = Face.from_template(ARCFACE_TEMPLATE_112, box=(0, 0, 112, 112))
+    config = replace(get_preset("balanced"), steps=16, seed=0)
+    assert get_preset("balanced").centroid
+    names = ["dlib", "sface"]
+    with Protector(config, store=store, device="cpu", models=names) as p:
+        models = {n: p._model(n) for n in names}
+        specs = [m.spec for m in models.values()]
+        regions = [p._plan(i, (112, 112), face, specs, config) for i in range(3)]
+        batch = p._batch(regions, images, names, config)
+        with torch.no_grad():
+            own = {n: embed(m, batch.pixels, batch.matrices[n], True) for n, m in models.items()}
+        unit = F.normalize(own["sface"], dim=-1)
+        shared = shared_identity(own, models, torch.tensor([0, 1, 2]))
+        assert torch.allclose(shared["sface"][0], shared["sface"][1])
+        assert torch.allclose(shared["sface"][0], unit[:2].mean(0), atol=1e-6)
+        assert torch.allclose(shared["dlib"][0], own["dlib"][:2].mean(0), atol=1e-6)
+        assert torch.allclose(shared["sface"][2], unit[2], atol=1e-6)
+        assert torch.allclose(shared["dlib"][2], own["dlib"][2])
+        # Two faces of one photo are two people, whatever the models say.
+        apart = shared_identity(own, models, torch.tensor([0, 0, 2]))
+        assert torch.allclose(apart["sface"], unit, atol=1e-6)
+
+        faces = [[face]] * 3
+        outputs = {
+            together: p.protect_pixels(images, faces, seed=0, together=together)
+            for together in (False, True)
+        }
+        plain = replace(config, centroid=False)
+        unshared = p.protect_pixels(images, faces, seed=0, config=plain, together=True)
+        assert all(np.array_equal(a, b) for a, b in zip(outputs[False], unshared, strict=True))
+        sface = models["sface"]
+        centre = unit[:2].mean(0, keepdim=True)
+
+        def from_centre(pixels: list[np.ndarray]) -> list[float]:
+            x = torch.from_numpy(np.stack(pixels[:2])).permute(0, 3, 1, 2).float() / 255
+            with torch.no_grad():
+                return F.cosine_similarity(sface(x).float(), centre, dim=-1).tolist()
+
+    alone, shared_push = from_centre(outputs[False]), from_centre(outputs[True])
+    assert all(t < a - 0.05 for t, a in zip(shared_push, alone, strict=True)), (shared_push, alone)

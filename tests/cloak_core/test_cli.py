@@ -163,3 +163,46 @@ def test_protect_json_names_each_faces_held_out_model():
     assert [h["same_person_after"] for h in record["held_out"]] == [False, True]
     plain = replace(result, held_out=(None, None))
     assert "held_out" not in json.loads(json_line(Path("in.jpg"), Path("out.jpg"), plain))
+
+
+def test_protect_together_batches_one_persons_photos(tmp_path, photos_dir, capsys, monkeypatch):
+    """`--together` protects every readable input in one batch marked as one person's
+    collection (the shared-identity push is tested in test_attack); a file that cannot be
+    read or decoded fails alone, and each good one is written and reported."""
+    from cloak_core.pipeline import Protector
+
+    calls = []
+    real = Protector.protect_many
+
+    def spy(self, items, **kwargs):
+        calls.append((len(items), kwargs.get("together")))
+        return real(self, items, **kwargs)
+
+    monkeypatch.setattr(Protector, "protect_many", spy)
+    inputs = [photos_dir / "obama1.jpg", tmp_path / "missing.jpg", photos_dir / "obama2.jpg"]
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes((photos_dir / "obama1.jpg").read_bytes()[:2000])
+    inputs.append(broken)
+    out_dir = tmp_path / "out"
+    code = main(
+        [
+            "protect",
+            *map(str, inputs),
+            "--together",
+            "--out-dir",
+            str(out_dir),
+            "--steps",
+            "2",
+            "--json",
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 1
+    assert calls == [(3, True)]  # the missing file is never handed to the attack
+    records = [json.loads(line) for line in captured.out.splitlines()]
+    assert [r["input"] for r in records] == [str(inputs[0]), str(inputs[2])]
+    assert all(r["faces"] >= 1 for r in records)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["obama1.cloaked.jpg", "obama2.cloaked.jpg"]
+    errors = captured.err.strip().splitlines()
+    assert any("missing.jpg: cannot read" in e for e in errors)
+    assert any("broken.jpg" in e for e in errors)
