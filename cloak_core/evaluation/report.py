@@ -58,6 +58,12 @@ def markdown(report: dict) -> str:
             f"LPIPS weight {cfg['lpips_weight']}); {report['mode']}; seed {report['seed']}; "
             f"device {report['device']}" + (f" ({jobs} processes)" if jobs > 1 else "")
         )
+        if cfg.get("centroid"):
+            lines.append(
+                "- each attack batch was protected as one collection: a person's faces in "
+                "several gallery photos were pushed from their shared identity (`centroid`); "
+                "a photo uploaded alone gets only its own push (`--set centroid=0` measures that)"
+            )
     else:
         lines.append("- no attack (clean accuracy only)")
     rc = report.get("detector_recall")
