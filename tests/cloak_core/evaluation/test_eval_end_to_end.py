@@ -49,7 +49,9 @@ def _small_eval(faces_dir: Path, identities: int, *flags: str) -> list[str]:
     ]
 
 
-def test_small_attacked_eval_writes_a_consistent_report(faces_dir, store, tmp_path, capsys):
+def test_small_attacked_eval_writes_a_consistent_report(
+    faces_dir, store, tmp_path, capsys, monkeypatch
+):
     out = tmp_path / "eval"
     args = _small_eval(faces_dir, 3, "--steps", "3", "--conditions", "png,scale50-jpeg85")
     args += ["--seed", "7", "--out", str(out)]
@@ -131,10 +133,27 @@ def test_small_attacked_eval_writes_a_consistent_report(faces_dir, store, tmp_pa
     again = json.loads((out / "report.json").read_text())
     assert again["results"] == report["results"] and again["attack"] == report["attack"]
     assert sum("taken from" in n for n in again["notes"]) == len(POOL)
+    # Each batch of gallery images is handed to the attack as one collection, and the
+    # report says so when the preset shares a person's identity across photos.
+    from cloak_core.pipeline import Protector
+
+    together = []
+    real = Protector.protect_pixels
+
+    def spy(self, *a, **kw):
+        together.append(kw.get("together"))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Protector, "protect_pixels", spy)
     assert main([*args, "--fresh"]) == 0
     assert not json.loads((out / "report.json").read_text())["notes"]
+    capsys.readouterr()
+    assert main([*args, "--set", "centroid=1"]) == 0
+    assert together == [True] * 2 * len(POOL)
+    assert "was protected as one collection" in capsys.readouterr().out
+    assert "was protected as one collection" not in printed  # `fast` has no centroid
     assert main([*args[:-4], "--seed", "8", "--out", str(out)]) == 0
-    assert len(list((out / "attack-cache").glob("*.npz"))) == 2 * len(POOL)
+    assert len(list((out / "attack-cache").glob("*.npz"))) == 3 * len(POOL)
     capsys.readouterr()
 
 
