@@ -95,10 +95,10 @@ def shared_identity(
     """
     n = len(photo)
     same = photo.view(-1, 1) != photo.view(1, -1)
-    i, j = (k.flatten() for k in torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij"))
     for name, e in embeddings.items():
-        verdict = models[name].spec.verification.same_person(e[i], e[j]).view(n, n).cpu()
-        same &= verdict
+        rule = models[name].spec.verification
+        for k in range(n):  # a row at a time: n x n x D would not fit for many photos
+            same[k] &= rule.same_person(e[k : k + 1].expand_as(e), e).cpu()
     same |= torch.eye(n, dtype=torch.bool)
     weights = same.float() / same.float().sum(1, keepdim=True)
     out = {}
