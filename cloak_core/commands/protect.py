@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
                 failed += 1
                 print(f"facecloak: {source}: cannot write output: {exc}", file=sys.stderr)
                 continue
-            bar.update(i + 1 - bar.n)
+            bar.update(max(0, i + 1 - bar.n))  # --together has filled it already
             if args.json:
                 cal = calibrate(protector.meter, data, result) if args.calibrate else None
                 print(json_line(source, target, result, cal), flush=True)
