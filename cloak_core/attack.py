@@ -180,12 +180,13 @@ def lowkey(
     times = times or StageTimes(x.device)
     use_amp = x.device.type == "cuda"
     autocast = torch.autocast(device_type=x.device.type, dtype=torch.bfloat16, enabled=use_amp)
-    with torch.no_grad(), autocast:
-        originals = {
-            name: embed(m, x, batch.matrices[name], config.flips) for name, m in models.items()
-        }
     if targets is not None:
         originals = {name: targets[name].to(x.device) for name in models}
+    else:
+        with torch.no_grad(), autocast:
+            originals = {
+                name: embed(m, x, batch.matrices[name], config.flips) for name, m in models.items()
+            }
     rule: SignSteps | BudgetSteps
     if config.perceptual is not None:
         rule = BudgetSteps(batch, config, generator)
