@@ -49,7 +49,9 @@ class DaemonConfig:
     ``max_batch_decoded_bytes`` the decoded bytes of all the images of one batch. Times are
     in seconds. ``queue_size`` bounds the jobs waiting in front of the worker (a full queue
     answers 429); ``batch_size`` is how many waiting jobs of one preset the worker hands to
-    the protector at once. Connections: at most ``max_connections`` open (fewer if the
+    the protector at once. A collection (one upload of several photos, see
+    ``POST /v1/jobs``) waits in the queue until all its photos have come, at most
+    ``collection_wait`` after its first. Connections: at most ``max_connections`` open (fewer if the
     process's descriptors do not allow as many), each closed when it has not sent a
     request's headers within ``header_timeout`` of opening or of its last answer; a request
     body must arrive within ``body_timeout``. ``face_threshold`` is the lowest score (0..1)
@@ -78,6 +80,7 @@ class DaemonConfig:
     max_connections: int = 256
     header_timeout: float = 10.0
     body_timeout: float = 30.0
+    collection_wait: float = 5.0
 
     def __post_init__(self) -> None:
         if self.privacy not in PRIVACY_MODES:
@@ -114,6 +117,7 @@ class DaemonConfig:
             "shutdown_deadline",
             "header_timeout",
             "body_timeout",
+            "collection_wait",
         ):
             if getattr(self, name) <= 0:
                 raise UsageError(f"{name} must be positive")

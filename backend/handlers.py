@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -47,6 +48,9 @@ from cloak_core.presets import PRESETS
 PAIR_BODY_LIMIT = 4 * 1024
 SETTINGS_BODY_LIMIT = 64 * 1024
 PROOF_BODY_LIMIT = 1024
+# A collection's label (the client's own random name for one upload) and its largest size.
+COLLECTION_LABEL = re.compile(r"[A-Za-z0-9_-]{8,64}")
+MAX_COLLECTION = 64
 
 
 async def health(request: web.Request) -> web.Response:
@@ -132,14 +136,28 @@ async def protect(request: web.Request) -> web.Response:
 
 
 async def create_job(request: web.Request) -> web.Response:
-    """``POST /v1/jobs?site=HOST&preset=P``: queue the image, answer 202 ``{"id"}`` at once.
+    """``POST /v1/jobs?site=HOST&preset=P[&collection=ID&collection_size=N]``: queue the
+    image, answer 202 ``{"id"}`` at once.
 
-    The job belongs to the token that created it; other tokens get 404 for it.
+    The job belongs to the token that created it; other tokens get 404 for it. The jobs
+    of one upload of several photos name the same ``collection`` (8-64 letters, digits,
+    ``-`` or ``_``, chosen by the client) and how many photos it holds: they are protected
+    in one batch, as one person's photos (see ``backend.jobs``). A collection is the
+    token's own: another token's jobs never join it.
     """
-    data, preset, decoded_bytes = await _image_request(request)
+    data, preset, decoded_bytes = await _image_request(
+        request, extra=("collection", "collection_size")
+    )
+    collection, size = _collection(request)
     owner = request[TOKEN_KEY].digest
     job = request.app[WORKER_KEY].submit(
-        data, preset, register=True, owner=owner, decoded_bytes=decoded_bytes
+        data,
+        preset,
+        register=True,
+        owner=owner,
+        decoded_bytes=decoded_bytes,
+        collection=None if collection is None else (owner, collection),
+        collection_size=size,
     )
     return web.json_response({"id": job.id}, status=202, headers={"Location": f"/v1/jobs/{job.id}"})
 
@@ -208,10 +226,25 @@ async def preflight(request: web.Request) -> web.Response:
 # -- parsing and answering ------------------------------------------------------------
 
 
-async def _image_request(request: web.Request) -> tuple[bytes, str, int]:
+def _collection(request: web.Request) -> tuple[str | None, int]:
+    """``collection`` and ``collection_size`` from the query: both or neither."""
+    label, size = request.query.get("collection"), request.query.get("collection_size")
+    if label is None and size is None:
+        return None, 0
+    if label is None or not COLLECTION_LABEL.fullmatch(label):
+        raise BadRequestError("collection must be 8 to 64 letters, digits, '-' or '_'")
+    whole = size is not None and size.isascii() and size.isdigit()
+    if not whole or not 2 <= int(size) <= MAX_COLLECTION:
+        raise BadRequestError(f"collection_size must be a whole number from 2 to {MAX_COLLECTION}")
+    return label, int(size)
+
+
+async def _image_request(
+    request: web.Request, extra: tuple[str, ...] = ()
+) -> tuple[bytes, str, int]:
     """The body's image bytes (checked up to the header), the preset to use, and the bytes
-    its decoded image will take."""
-    unknown = set(request.query) - {"site", "preset"}
+    its decoded image will take. ``extra``: query parameters the caller reads itself."""
+    unknown = set(request.query) - {"site", "preset", *extra}
     if unknown:
         raise BadRequestError(f"unknown query parameter(s): {', '.join(sorted(unknown))}")
     if "site" in request.query:

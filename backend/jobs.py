@@ -7,6 +7,13 @@ protector is built at start-up and every batch runs. In front of it, a bounded q
 ``max_batch_decoded_bytes`` together, and hands them to ``protector.protect_many`` in
 one call.
 
+The jobs of one upload of several photos form a collection (``POST /v1/jobs``'s
+``collection``, scoped to the token that sent them): they wait in the queue until all
+``collection_size`` of them have come (at most ``collection_wait`` seconds after the
+first; meanwhile other jobs run), then go into one batch, before any job sent alone, and
+the protector treats them as one person's photos (``collections``). A collection larger
+than a batch is split between batches, each part shared within itself.
+
 A running batch stops early (``cancel`` is set) when every client that waits for it
 has gone, when it runs past the per-job time limit, or when a shutdown's deadline
 passes. Every stage of the protector looks at ``cancel`` (decoding between blocks of
@@ -89,6 +96,9 @@ class Job:
     finished_at: float | None = None
     abandoned: bool = False  # its client went away
     wants_preview: bool = False  # measure its faces for a preview (``/v1/jobs`` jobs)
+    collection: tuple[str, str] | None = None  # (owner, label): one upload's photos
+    collection_size: int = 0  # how many photos that upload holds
+    queued_at: float = field(default_factory=time.monotonic)
     preview: dict[str, Any] | None = None  # the preview, while this is the latest one
     _done: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
@@ -205,11 +215,13 @@ class Worker:
         register: bool,
         owner: str | None = None,
         decoded_bytes: int = 0,
+        collection: tuple[str, str] | None = None,
+        collection_size: int = 0,
     ) -> Job:
         """Queue ``data`` for protection with ``preset``; ``register`` makes it a ``/v1/jobs`` job,
         which only ``owner`` (a token's digest) may then :meth:`get`. ``decoded_bytes``
         (from the header) is what its decoded image will take, counted against the batch's
-        limit.
+        limit. ``collection`` names the upload of ``collection_size`` photos it is part of.
 
         Raises as :meth:`check_accepting` does.
         """
@@ -220,6 +232,8 @@ class Worker:
             preset=preset,
             owner=owner,
             decoded_bytes=decoded_bytes,
+            collection=collection,
+            collection_size=collection_size,
         )
         job.wants_preview = register
         if register:
@@ -304,27 +318,54 @@ class Worker:
             self.status = "ready"
         log.info("ready: device %s, models %s", self.protector.device, self.protector.model_names)
         while not self._closing:
-            if not self._queue:
+            batch = self._take_batch()
+            if batch is None:  # nothing waits, or only collections not yet complete
                 self._wakeup.clear()
-                await self._wakeup.wait()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), self._hold_seconds())
                 continue
-            await self._run_batch(self._take_batch())
+            await self._run_batch(batch)
 
-    def _take_batch(self) -> list[Job]:
-        """The first waiting job and up to ``batch_size - 1`` later ones with its preset,
-        as long as their decoded images fit in ``max_batch_decoded_bytes`` together (the
-        others wait for a later batch)."""
-        first = self._queue.popleft()
+    def _take_batch(self) -> list[Job] | None:
+        """The first waiting job that may run and up to ``batch_size - 1`` later ones with
+        its preset (its collection's first, then jobs sent alone), as long as their decoded
+        images fit in ``max_batch_decoded_bytes`` together (the others wait for a later
+        batch); None when no job may run yet."""
+        now = time.monotonic()
+        first = next((job for job in self._queue if self._may_run(job, now)), None)
+        if first is None:
+            return None
         batch = [first]
         room = self.config.max_batch_decoded_bytes - first.decoded_bytes
-        for job in list(self._queue):
+        siblings = [j for j in self._queue if first.collection and j.collection == first.collection]
+        alone = [j for j in self._queue if j.collection is None]
+        for job in siblings + alone:
             if len(batch) >= self.config.batch_size:
                 break
-            if job.preset == first.preset and job.decoded_bytes <= room:
-                self._queue.remove(job)
+            if job is not first and job.preset == first.preset and job.decoded_bytes <= room:
                 batch.append(job)
                 room -= job.decoded_bytes
+        for job in batch:
+            self._queue.remove(job)
+        for job in siblings:  # what did not fit runs next, without waiting for the rest
+            job.collection_size = 0
         return batch
+
+    def _may_run(self, job: Job, now: float) -> bool:
+        """True unless ``job``'s collection is still coming in (fewer of its photos queued
+        than it holds, and its first came less than ``collection_wait`` ago)."""
+        if job.collection is None:
+            return True
+        queued = [j for j in self._queue if j.collection == job.collection]
+        waited = now - min(j.queued_at for j in queued)
+        return len(queued) >= job.collection_size or waited >= self.config.collection_wait
+
+    def _hold_seconds(self) -> float | None:
+        """Seconds until the first held collection may run anyway; None when none waits."""
+        if not self._queue:
+            return None
+        first = min(job.queued_at for job in self._queue)
+        return max(0.0, first + self.config.collection_wait - time.monotonic()) + 0.01
 
     async def _run_batch(self, jobs: list[Job]) -> None:
         loop = asyncio.get_running_loop()
@@ -341,8 +382,12 @@ class Worker:
         too_long = JobTimeoutError(f"the image took longer than {self.config.job_timeout:g} s")
         timer = loop.call_later(self.config.job_timeout, batch.stop, too_long)
         started = time.monotonic()
-        # Only protectors that are asked for previews need to know the keyword.
-        measure = {"measure": "models"} if any(job.wants_preview for job in jobs) else {}
+        # Only protectors that are asked for previews (or collections) need the keyword.
+        extra: dict[str, Any] = {}
+        if any(job.wants_preview for job in jobs):
+            extra["measure"] = "models"
+        if any(job.collection for job in jobs):
+            extra["collections"] = [job.collection for job in jobs]
         call = functools.partial(
             _protect_then_trim,
             self.protector,
@@ -352,7 +397,7 @@ class Worker:
             config=get_preset(jobs[0].preset),
             max_pixels=self.config.max_pixels,
             max_decoded_bytes=self.config.max_decoded_bytes,
-            **measure,
+            **extra,
         )
         running = loop.run_in_executor(self._executor, call)
         late = False
@@ -391,7 +436,11 @@ class Worker:
             with contextlib.suppress(Exception):
                 await running
         log.info(
-            "batch of %d (%s) in %.2f s", len(jobs), jobs[0].preset, time.monotonic() - started
+            "batch of %d (%s%s) in %.2f s",
+            len(jobs),
+            jobs[0].preset,
+            _collections_note(jobs),
+            time.monotonic() - started,
         )
         self._batch = None
         self._batch_done.set()
@@ -422,6 +471,15 @@ def _without_previews(result: Any) -> Any:
     if dataclasses.is_dataclass(result) and getattr(result, "previews", ()):
         return dataclasses.replace(result, previews=())
     return result
+
+
+def _collections_note(jobs: list[Job]) -> str:
+    """``", collections of 3+2"``: how many of ``jobs`` went in each collection, or ""."""
+    sizes: dict[tuple[str, str], int] = {}
+    for job in jobs:
+        if job.collection is not None:
+            sizes[job.collection] = sizes.get(job.collection, 0) + 1
+    return ", collections of " + "+".join(map(str, sizes.values())) if sizes else ""
 
 
 def _data_url(jpeg: bytes) -> str:

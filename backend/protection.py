@@ -34,10 +34,13 @@ class ProtectorLike(Protocol):
         max_pixels: int | None = None,
         max_decoded_bytes: int | None = None,
         measure: bool | str = False,
+        collections: Sequence[Any] | None = None,
     ) -> Sequence[Any]:
         """One result (with ``data``, ``mime``, ``faces``, ``seconds``) or error per item.
 
         ``measure="models"`` (passed only for jobs that want a preview) adds ``previews``.
+        ``collections`` (passed only when some items are one upload's photos): per item,
+        the upload it is part of, or None.
 
         ``config`` is the :class:`cloak_core.presets.AttackConfig` of every item;
         ``max_pixels`` and ``max_decoded_bytes`` the decoded-size limits (over them:

@@ -85,16 +85,20 @@ def shared_identity(
     embeddings: Mapping[str, torch.Tensor],
     models: Mapping[str, FaceModel],
     photo: torch.Tensor,
+    collection: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per model, each face's embedding ``(N, D)`` replaced by the mean over the faces that
     every model verifies as the same person, in other photos (``photo``, ``(N,)``, says
-    which photo each face is in: two faces of one photo are two people), itself included.
+    which photo each face is in: two faces of one photo are two people) of the same
+    collection (``collection``, ``(N,)``; all one collection when None), itself included.
 
     Cosine models average unit vectors (their rule ignores length). A face that matches
     no other keeps its own embedding.
     """
     n = len(photo)
     same = photo.view(-1, 1) != photo.view(1, -1)
+    if collection is not None:
+        same &= collection.view(-1, 1) == collection.view(1, -1)
     for name, e in embeddings.items():
         rule = models[name].spec.verification
         for k in range(n):  # a row at a time: n x n x D would not fit for many photos

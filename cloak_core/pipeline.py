@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -295,6 +295,7 @@ class Protector:
         max_decoded_bytes: int | None = None,
         times: StageTimes | None = None,
         together: bool = False,
+        collections: Sequence[Hashable | None] | None = None,
     ) -> list[ProtectResult | FaceCloakError]:
         """Protect several encoded images in one batched attack.
 
@@ -308,10 +309,13 @@ class Protector:
         ``measure``: ``True`` fills LPIPS, per-model reports and the visibility panel
         (seconds per photo); ``"models"`` only :attr:`ProtectResult.previews`, the models'
         verdicts on the encoded output and small crops (one forward pass per model).
-        ``together``: the items are one person's collection (see :meth:`protect_pixels`).
+        ``together``: the items are one person's collection; ``collections``: per item, the
+        collection it is part of, or None (see :meth:`protect_pixels`).
         """
         if measure not in (False, True, "models"):
             raise UsageError(f"measure must be False, True or 'models', got {measure!r}")
+        if collections is not None and len(collections) != len(items):
+            raise UsageError(f"{len(collections)} collections for {len(items)} items")
         start = time.perf_counter()
         times = times or StageTimes(self.device)
         decoded: list[DecodedImage | FaceCloakError] = []
@@ -344,6 +348,7 @@ class Protector:
             times=times,
             held_out=held_out,
             together=together,
+            collections=None if collections is None else [collections[i] for i in good],
         )
         seconds = time.perf_counter() - start
         results: list[ProtectResult | FaceCloakError] = list(decoded)  # type: ignore[arg-type]
@@ -392,6 +397,7 @@ class Protector:
         times: StageTimes | None = None,
         held_out: Sequence[Sequence[str | None]] | None = None,
         together: bool = False,
+        collections: Sequence[Hashable | None] | None = None,
     ) -> list[np.ndarray]:
         """The attack on given faces: ``images`` are ``(H, W, 3)`` RGB uint8 or uint16.
 
@@ -403,6 +409,9 @@ class Protector:
         photos, or the files of one ``protect`` call), so with the preset's ``centroid``
         the faces that show one person are pushed away from their shared identity
         (:func:`~cloak_core.attack.shared_identity`); never across unrelated uploads.
+        ``collections``, instead: per image, the collection it is part of (images with equal
+        labels are one collection, as with ``together``), or None for an image alone; so
+        one call can hold several uploads of several photos each.
         """
         config = config or self.config
         times = times or StageTimes(self.device)
@@ -440,9 +449,10 @@ class Protector:
                 chunks.append([r])
         lpips = self._lpips_net(config.lpips_net) if config.measures_lpips else None
         targets = None
-        if together and config.centroid and len(images) > 1:
+        collection = _collection_ids(together, collections, len(images))
+        if collection is not None and config.centroid:
             with times.stage("shared identity"):
-                targets = self._shared_identity(regions, images, chunks, models, config)
+                targets = self._shared_identity(regions, images, chunks, models, config, collection)
         for c, chunk in enumerate(chunks):
             chunk_regions = [regions[r] for r in chunk]
             members = [n for n in names if n != left_out[chunk[0]]]
@@ -476,10 +486,12 @@ class Protector:
         chunks: Sequence[Sequence[int]],
         models: Mapping[str, FaceModel],
         config: AttackConfig,
+        collection: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """Per model, ``(len(regions), D)``: what each face is pushed away from, the mean
-        embedding of the faces in the other photos that every model verifies as the same
-        person, itself included (:func:`~cloak_core.attack.shared_identity`)."""
+        embedding of the faces in the other photos of its collection (``collection``, per
+        image) that every model verifies as the same person, itself included
+        (:func:`~cloak_core.attack.shared_identity`)."""
         names = list(models)
         found: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         order = [r for chunk in chunks for r in chunk]
@@ -495,7 +507,7 @@ class Protector:
         back[torch.tensor(order)] = torch.arange(len(order))
         embeddings = {n: torch.cat(found[n], 0)[back.to(self.device)] for n in names}
         photo = torch.tensor([r.image for r in regions])
-        return shared_identity(embeddings, models, photo)
+        return shared_identity(embeddings, models, photo, collection[photo])
 
     def plan_hold_out(
         self, faces: Sequence[Sequence[Face]], config: AttackConfig | None = None
@@ -709,6 +721,27 @@ class Protector:
             models=reports,
             visibility=tuple(visibility),
         )
+
+
+def _collection_ids(
+    together: bool, collections: Sequence[Hashable | None] | None, count: int
+) -> torch.Tensor | None:
+    """Per image, a number naming its collection (an image alone gets one of its own), or
+    None when no two of the ``count`` images share one."""
+    if collections is None:
+        return torch.zeros(count, dtype=torch.long) if together and count > 1 else None
+    if together:
+        raise UsageError("give together or collections, not both")
+    if len(collections) != count:
+        raise UsageError(f"{len(collections)} collections for {count} images")
+    labels: dict[Hashable, int] = {}
+    ids = [
+        labels.setdefault(c, len(labels)) if c is not None else -1 - i
+        for i, c in enumerate(collections)
+    ]
+    if len(labels) == len([c for c in collections if c is not None]):
+        return None  # every collection holds one image at most
+    return torch.tensor(ids)
 
 
 def _as_uint8(pixels: np.ndarray) -> np.ndarray:

@@ -217,10 +217,14 @@ export class DaemonClient {
   }
 
   /** POST /v1/jobs: queues `bytes` (ArrayBuffer, an image of type `mime`); returns the job id. */
-  async submitJob(bytes, mime, { site, preset, signal } = {}) {
+  async submitJob(bytes, mime, { site, preset, collection, signal } = {}) {
     const query = new URLSearchParams();
     if (site) query.set("site", site);
     if (preset) query.set("preset", preset);
+    if (collection) {
+      query.set("collection", collection.id);
+      query.set("collection_size", String(collection.size));
+    }
     const response = await this.#request(`/v1/jobs?${query}`, {
       method: "POST",
       headers: { "Content-Type": mime || "application/octet-stream" },

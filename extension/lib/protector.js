@@ -20,7 +20,8 @@ function sleep(ms, signal) {
 }
 
 /**
- * Protect `bytes` (ArrayBuffer of an image of type `mime`) for `site`.
+ * Protect `bytes` (ArrayBuffer of an image of type `mime`) for `site`; `collection`
+ * ({id, size}) when it is one of an upload's several photos.
  * `onProgress({state, progress, faces})` is called on every poll; `signal` cancels. Resolves to
  * {bytes, mime, faces, seconds, preset, preview}; rejects with DaemonError (code "timeout"
  * past `timeoutSeconds`). With `preview`, `preview` is the daemon's preview of the faces
@@ -28,12 +29,12 @@ function sleep(ms, signal) {
  */
 export async function protectImage(
   client,
-  { bytes, mime, site, preset, preview = false, timeoutSeconds, onProgress, signal },
+  { bytes, mime, site, preset, collection, preview = false, timeoutSeconds, onProgress, signal },
 ) {
   const timeout = AbortSignal.timeout(timeoutSeconds * 1000);
   const deadline = signal ? AbortSignal.any([signal, timeout]) : timeout;
   try {
-    const id = await client.submitJob(bytes, mime, { site, preset, signal: deadline });
+    const id = await client.submitJob(bytes, mime, { site, preset, collection, signal: deadline });
     onProgress({ state: "queued", progress: 0, faces: null });
     for (let poll = 0; ; poll += 1) {
       const job = await client.jobStatus(id, { signal: deadline });

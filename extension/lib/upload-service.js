@@ -132,7 +132,10 @@ async function protectAll(files, { ids, site, settings, activity, post, signal }
       await client.health();
       throw new DaemonError("unpaired", "FaceCloak is not paired with the FaceCloak service yet.");
     }
-    // Every job is queued at once: the daemon batches waiting jobs of one preset.
+    // Every job is queued at once: the daemon batches waiting jobs of one preset. The
+    // photos of one upload are one collection: the daemon protects them in one batch, and
+    // a person's face in several of them is pushed away from what the photos share.
+    const collection = files.length > 1 ? { id: crypto.randomUUID(), size: files.length } : undefined;
     return await Promise.all(
       files.map(async (file, index) => {
         const original = fromBase64(file.data);
@@ -142,6 +145,7 @@ async function protectAll(files, { ids, site, settings, activity, post, signal }
           // The daemon validates `site` as a host name; IP-literal sites are not sent.
           site: daemonAcceptsSite(site) ? site : undefined,
           preset: presetFor(settings, site),
+          collection,
           preview: true,
           timeoutSeconds: settings.timeoutSeconds,
           signal: both,

@@ -57,7 +57,8 @@ class ReencodingProtector:
     stopped by ``cancel``); protects nothing (``faces=0``).
 
     ``steps`` progress reports ``step_seconds`` apart, checking ``cancel`` before each.
-    ``batches`` records the size of every ``protect_many`` call.
+    ``batches`` records the size of every ``protect_many`` call, ``collections`` the
+    collection labels it was given (None when it was given none).
     """
 
     def __init__(self, steps: int = 4, step_seconds: float = 0.0):
@@ -68,6 +69,7 @@ class ReencodingProtector:
         self.batches: list[int] = []
         self.configs: list[object] = []
         self.measures: list[object] = []
+        self.collections: list[object] = []
         self.closed = False
         self.thread_names: set[str] = set()
 
@@ -81,8 +83,10 @@ class ReencodingProtector:
         max_pixels=None,
         max_decoded_bytes=None,
         measure=False,
+        collections=None,
     ):
         self.batches.append(len(items))
+        self.collections.append(collections)
         self.measures.append(measure)
         self.configs.append(config)
         self.thread_names.add(threading.current_thread().name)

@@ -7,6 +7,7 @@ import io
 import time
 
 import aiohttp
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from daemon_helpers import ReencodingProtector, auth, jpeg_bytes, pair, serve, with_changes
 from fuzz.hostile import png_header_only
@@ -148,6 +149,87 @@ async def test_waiting_jobs_of_one_preset_are_batched(config):
         assert protector.batches == [1, 4, 1, 1]
         assert [c.name for c in protector.configs] == ["fast", "fast", "balanced", "fast"]
         assert len(protector.thread_names) == 1  # one worker thread owns the device
+
+
+async def _send(client, token, query=""):
+    resp = await client.post(f"/v1/jobs{query}", data=jpeg_bytes(), headers=auth(token))
+    assert resp.status == 202, await resp.text()
+    return (await resp.json())["id"]
+
+
+async def test_an_uploads_photos_wait_for_each_other_and_go_in_one_batch(config):
+    protector = ReencodingProtector(steps=10, step_seconds=0.03)
+    async with serve(with_changes(config, batch_size=4, collection_wait=30.0), protector) as client:
+        token = await pair(client, config)
+        upload = "?collection=upload-0001&collection_size=3"
+        first = await _send(client, token, upload)
+        alone = await _send(client, token)
+        # The photo sent alone runs; the upload's first photo waits for the other two.
+        await _until(lambda: _state_is(client, token, alone, "done"))
+        assert (await _job(client, token, first))["state"] == "queued"
+        rest = [await _send(client, token, upload) for _ in range(2)]
+        for job_id in [first, *rest]:
+            await _until(lambda job_id=job_id: _state_is(client, token, job_id, "done"))
+        assert protector.batches == [1, 3]
+        assert protector.collections[0] is None
+        labels = protector.collections[1]
+        assert len(set(labels)) == 1 and labels[0][1] == "upload-0001"
+
+
+async def test_a_collection_larger_than_a_batch_is_split_and_one_never_completed_runs(config):
+    protector = ReencodingProtector(steps=20, step_seconds=0.05)  # a second a batch
+    async with serve(with_changes(config, batch_size=2, collection_wait=1.0), protector) as client:
+        token, other = await pair(client, config), await pair(client, config)
+        busy = await _send(client, token)
+        await _until(lambda: _state_is(client, token, busy, "running"))
+        big = [await _send(client, token, "?collection=big-upload&collection_size=3")]
+        alone = await _send(client, token)
+        big += [await _send(client, token, "?collection=big-upload&collection_size=3")]
+        big += [await _send(client, token, "?collection=big-upload&collection_size=3")]
+        for job_id in [*big, alone]:
+            await _until(lambda job_id=job_id: _state_is(client, token, job_id, "done"))
+        # After the busy one: two of the upload together, then the photo sent alone, then
+        # the upload's third, not held back for the rest of a collection that has run.
+        assert protector.batches == [1, 2, 1, 1]
+        label = protector.collections[1][0]
+        assert protector.collections[1:] == [[label] * 2, None, [label]]
+        # Another token's jobs never join a collection, whatever its label; an upload
+        # that never completes runs after collection_wait.
+        mine = await _send(client, token, "?collection=same-label&collection_size=2")
+        theirs = await _send(client, other, "?collection=same-label&collection_size=2")
+        await asyncio.sleep(0.5)  # the worker is idle, and both wait
+        assert (await _job(client, token, mine))["state"] == "queued"
+        assert (await _job(client, other, theirs))["state"] == "queued"
+        await _until(lambda: _state_is(client, token, mine, "done"))
+        await _until(lambda: _state_is(client, other, theirs, "done"))
+        assert protector.batches[4:] == [1, 1]
+        assert protector.collections[4] != protector.collections[5]
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "?collection=short&collection_size=2",
+        "?collection=upload%2F001&collection_size=2",
+        "?collection=upload-0001&collection_size=1",
+        "?collection=upload-0001&collection_size=65",
+        "?collection=upload-0001&collection_size=%C2%B2",
+        "?collection=upload-0001",
+        "?collection_size=2",
+    ],
+)
+async def test_malformed_collections_are_refused(config, query):
+    protector = ReencodingProtector()
+    async with serve(config, protector) as client:
+        token = await pair(client, config)
+        resp = await client.post(f"/v1/jobs{query}", data=jpeg_bytes(), headers=auth(token))
+        assert resp.status == 400, await resp.text()
+        assert "collection" in (await resp.json())["message"]
+        # The synchronous route protects one photo: it has no collections.
+        query = "?collection=upload-0001&collection_size=2"
+        resp = await client.post(f"/v1/protect{query}", data=jpeg_bytes(), headers=auth(token))
+        assert resp.status == 400
+        assert protector.batches == []
 
 
 async def test_client_disconnect_cancels_its_job(config):

@@ -161,6 +161,9 @@ def test_photos_of_one_person_are_pushed_from_their_shared_identity(store, faces
         # Two faces of one photo are two people, whatever the models say.
         apart = shared_identity(own, models, torch.tensor([0, 0, 2]))
         assert torch.allclose(apart["sface"], unit, atol=1e-6)
+        # Two uploads are two collections, whoever is in them.
+        uploads = shared_identity(own, models, torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1]))
+        assert torch.allclose(uploads["sface"], unit, atol=1e-6)
 
         faces = [[face]] * 3
         outputs = {
@@ -170,6 +173,9 @@ def test_photos_of_one_person_are_pushed_from_their_shared_identity(store, faces
         plain = replace(config, centroid=False)
         unshared = p.protect_pixels(images, faces, seed=0, config=plain, together=True)
         assert all(np.array_equal(a, b) for a, b in zip(outputs[False], unshared, strict=True))
+        # One call holding several uploads (the daemon's batches): shared within each.
+        labelled = p.protect_pixels(images, faces, seed=0, collections=["up", "up", None])
+        assert all(np.array_equal(a, b) for a, b in zip(outputs[True], labelled, strict=True))
         sface = models["sface"]
         centre = unit[:2].mean(0, keepdim=True)
 

@@ -2,7 +2,8 @@
 
 - File pickers that no event on the page shows: an input never put in the document (its
   ``click()`` or ``showPicker()``), an input removed from the document once clicked.
-- Photos whose name and type do not say "image" (no extension, a generic type).
+- Photos whose name and type do not say "image" (no extension, a generic type), picked
+  together: one upload of two photos, which the daemon protects as one collection.
 - File inputs in frames of other origins inside a page of a site that is on: a frame of
   another site, a sandboxed frame.
 
@@ -55,7 +56,7 @@ def test_pickers_no_event_shows_give_the_site_the_protected_photo(
 
 
 def test_photos_without_an_image_name_or_type_are_protected(
-    extension, site, page, photos_dir, embedder, tmp_path
+    extension, daemon, site, page, photos_dir, embedder, tmp_path
 ):
     photo = photos_dir / PHOTO
     # A JPEG named "photo" (no type at all) and one named "photo.bin" (a generic type).
@@ -65,6 +66,7 @@ def test_photos_without_an_image_name_or_type_are_protected(
     page.goto(site.url("fetch"))
     extension.set_site(page, True)
     site.clear()
+    logged = daemon.log_path.stat().st_size
     page.locator("#picker").set_input_files([str(bare), str(generic)])
 
     site.wait_for("fetch", count=2, timeout_s=PROTECT_TIMEOUT_MS / 1000)
@@ -72,6 +74,10 @@ def test_photos_without_an_image_name_or_type_are_protected(
     assert [u.name for u in uploads] == ["photo", "photo.bin"]
     for upload in uploads:
         assert_protected(upload.data, photo.read_bytes(), embedder)
+    # The two photos of one upload went to the protector together, as one collection.
+    with daemon.log_path.open("rb") as log:
+        log.seek(logged)
+        assert b"batch of 2 (fast, collections of 2)" in log.read(), daemon.log_tail()
 
 
 @pytest.mark.parametrize("kind", ["frame", "sandboxed"])
