@@ -97,6 +97,15 @@ class AttackConfig:
       pushed away from their shared identity, the mean of their embeddings, instead of
       from their own embedding alone: what a clean photo of that person would match.
       Alone, a face is pushed from its own embedding as before.
+    - ``dropout``: model augmentation. During the attack's steps every convolution of
+      every ensemble model has its output dropped at a rate (a fresh random mask at each
+      forward, the rest scaled up to keep the mean), so the perturbation is made against
+      many networks near the surrogates rather than the surrogates exactly, and transfers
+      better to recognisers it never saw (Li et al., "ghost networks"). Each model's rate
+      is set per batch so that its augmented embeddings of the clean faces sit this far
+      from its own, in units of its cap (its term; models differ tenfold in how far one
+      rate moves them). The originals' embeddings, the shared identity, the early stop
+      and every measurement use the models as they are. ``None``: no augmentation.
     - ``seed``: the start noise's and the random views' seed (``None``: random).
     """
 
@@ -131,6 +140,7 @@ class AttackConfig:
     sign_steps: bool = True
     hold_out: bool = False
     centroid: bool = False
+    dropout: float | None = None
     seed: int | None = None
 
     def with_overrides(

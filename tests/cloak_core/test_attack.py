@@ -186,3 +186,86 @@ def test_photos_of_one_person_are_pushed_from_their_shared_identity(store, faces
 
     alone, shared_push = from_centre(outputs[False]), from_centre(outputs[True])
     assert all(t < a - 0.05 for t, a in zip(shared_push, alone, strict=True)), (shared_push, alone)
+
+
+def test_feature_dropout_augments_only_the_attacks_steps(store, faces_dir):
+    """Model augmentation: with gradients on, SFace's convolutions drop about 5% of
+    their outputs (the rest scaled to keep the mean), reproducibly from the seed; without
+    gradients, and once the block is left, SFace gives its own embedding."""
+    from torch import nn
+
+    from cloak_core.attack import feature_dropout, mask_generator
+    from cloak_core.errors import UsageError
+    from cloak_core.models import load_model
+
+    sface = load_model("sface", store)
+    face = np.array(Image.open(sorted(faces_dir.iterdir())[0] / "000.png").convert("RGB"))
+    x = torch.from_numpy(face).permute(2, 0, 1)[None].float() / 255
+    with torch.no_grad():
+        clean = sface(x)
+    layer = next(m for m in sface.modules() if isinstance(m, nn.Conv2d))
+    seen = []
+    # Registered before the block's hooks, so it sees each output before it is dropped.
+    raw = layer.register_forward_hook(lambda _m, _i, out: seen.append(out.detach().clone()))
+
+    def augmented(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        masks = mask_generator(torch.Generator().manual_seed(seed), x.device)
+        seen.clear()
+        dropped = []
+        with feature_dropout({"sface": sface}, {"sface": 0.05}, masks):
+            grip = layer.register_forward_hook(lambda _m, _i, o: dropped.append(o.detach()))
+            with torch.no_grad():
+                untouched = sface(x)
+            out = sface(x.clone().requires_grad_(True))
+            grip.remove()
+        return untouched, out.detach(), dropped[-1] / seen[-1].where(seen[-1] != 0, 1e-30)
+
+    untouched, first, ratio = augmented(0)
+    assert torch.equal(untouched, clean)
+    kept = ratio.abs() > 0.5
+    assert 0.94 < kept.float().mean().item() < 0.96  # about 5% dropped
+    assert torch.allclose(ratio[kept], torch.full_like(ratio[kept], 1 / 0.95), rtol=1e-4)
+    cosine = torch.nn.functional.cosine_similarity(first, clean).item()
+    assert cosine < 0.999  # a different network ...
+    assert cosine > 0.6  # ... near SFace (0.76 on this face)
+    assert torch.equal(augmented(0)[1], first)
+    assert not torch.equal(augmented(1)[1], first)
+    raw.remove()
+    after = sface(x.clone().requires_grad_(True)).detach()
+    assert torch.allclose(after, clean, atol=1e-5)  # the hooks are gone
+    with pytest.raises(UsageError):
+        with feature_dropout({"sface": sface}, {"sface": 1.0}, masks=torch.Generator()):
+            pass
+
+
+def test_dropout_rates_put_each_model_at_the_same_distance(store, faces_dir):
+    """Each model's rate is calibrated so that its augmented embeddings sit the asked
+    fraction of its cap from its own: a tenfold different rate for SFace and
+    MobileFaceNet-128, the same distance. Checked with fresh masks, by the models."""
+    from cloak_core.attack import dropout_rates, embed, feature_dropout, mask_generator
+    from cloak_core.detect import Face
+    from cloak_core.models.base import ARCFACE_TEMPLATE_112
+    from cloak_core.pipeline import Protector
+
+    folders = sorted(faces_dir.iterdir())[:4]
+    images = [np.array(Image.open(d / "001.png").convert("RGB")) for d in folders]
+    face = Face.from_template(ARCFACE_TEMPLATE_112, box=(0, 0, 112, 112))
+    names = ["dlib", "sface", "mobilefacenet128"]
+    config = replace(get_preset("balanced"), dropout=0.3)
+    with Protector(config, store=store, device="cpu", models=names) as p:
+        models = {n: p._model(n) for n in names}
+        specs = [m.spec for m in models.values()]
+        regions = [p._plan(i, (112, 112), face, specs, config) for i in range(4)]
+        batch = p._batch(regions, images, names, config)
+        masks = mask_generator(torch.Generator().manual_seed(0), batch.pixels.device)
+        rates = dropout_rates(models, batch, config, masks)
+        assert 0.02 < rates["sface"] < 0.08, rates
+        assert rates["mobilefacenet128"] < rates["sface"] / 1.5, rates
+        for name, model in models.items():
+            terms = []
+            for _ in range(4):
+                with feature_dropout(models, rates, masks), torch.enable_grad():
+                    ghost = embed(model, batch.pixels, batch.matrices[name], False).detach()
+                own = embed(model, batch.pixels, batch.matrices[name], False)
+                terms.append(model_term(model, own, ghost, config).mean().item())
+            assert 0.2 < np.mean(terms) < 0.4, (name, rates[name], terms)
