@@ -51,8 +51,8 @@ class DaemonConfig:
     answers 429); ``batch_size`` is how many waiting jobs of one preset the worker hands to
     the protector at once. A collection (one upload of several photos, see
     ``POST /v1/jobs``) waits in the queue until all its photos have come, at most
-    ``collection_wait`` after its first. Connections: at most ``max_connections`` open (fewer if the
-    process's descriptors do not allow as many), each closed when it has not sent a
+    ``collection_wait`` after its first. Connections: at most ``max_connections`` open
+    (fewer if the process's descriptors do not allow as many), each closed when it has not sent a
     request's headers within ``header_timeout`` of opening or of its last answer; a request
     body must arrive within ``body_timeout``. ``face_threshold`` is the lowest score (0..1)
     of the detector's recall pass at which a region is protected (see
