@@ -328,7 +328,8 @@ class Worker:
 
     def _take_batch(self) -> list[Job] | None:
         """The first waiting job that may run and up to ``batch_size - 1`` later ones with
-        its preset (its collection's first, then jobs sent alone), as long as their decoded
+        its preset (its collection's first, then jobs sent alone or left over from a split
+        collection), as long as their decoded
         images fit in ``max_batch_decoded_bytes`` together (the others wait for a later
         batch); None when no job may run yet."""
         now = time.monotonic()
@@ -338,7 +339,8 @@ class Worker:
         batch = [first]
         room = self.config.max_batch_decoded_bytes - first.decoded_bytes
         siblings = [j for j in self._queue if first.collection and j.collection == first.collection]
-        alone = [j for j in self._queue if j.collection is None]
+        # Jobs sent alone, and what is left of a collection a batch has already split.
+        alone = [j for j in self._queue if j.collection is None or j.collection_size == 0]
         for job in siblings + alone:
             if len(batch) >= self.config.batch_size:
                 break
