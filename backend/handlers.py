@@ -145,10 +145,10 @@ async def create_job(request: web.Request) -> web.Response:
     in one batch, as one person's photos (see ``backend.jobs``). A collection is the
     token's own: another token's jobs never join it.
     """
+    collection, size = _collection(request)  # refused before a body is read in vain
     data, preset, decoded_bytes = await _image_request(
         request, extra=("collection", "collection_size")
     )
-    collection, size = _collection(request)
     owner = request[TOKEN_KEY].digest
     job = request.app[WORKER_KEY].submit(
         data,
