@@ -60,8 +60,9 @@ def markdown(report: dict) -> str:
         )
         if cfg.get("centroid"):
             lines.append(
-                "- each attack batch was protected as one collection: a person's faces in "
-                "several gallery photos were pushed from their shared identity (`centroid`); "
+                "- each attack batch was protected as one collection, a person's gallery "
+                "photos kept in one batch where they fit: their faces were pushed from their "
+                "shared identity (`centroid`); "
                 "a photo uploaded alone gets only its own push (`--set centroid=0` measures that)"
             )
     else:

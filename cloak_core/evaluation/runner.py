@@ -19,8 +19,9 @@ The steps, in order:
    evaluators that need the same ensemble share one attack run. ``attack_models`` fixes
    one ensemble for all; evaluators that share weights with it are then marked white-box.
 4. Protect the protected users' gallery images with :class:`cloak_core.pipeline.Protector`
-   (many images per call, each call one collection: with the preset's ``centroid`` a
-   person's faces are pushed from their shared identity), and measure LPIPS, PSNR and
+   (many images per call, each call one collection, a person's photos never split
+   between two: with the preset's ``centroid`` a person's faces are pushed from their
+   shared identity), and measure LPIPS, PSNR and
    SSIM of each. Attacked batches are kept in the attack cache
    (:mod:`~cloak_core.evaluation.cache`); with ``jobs`` above 1, worker processes attack
    them first (:mod:`~cloak_core.evaluation.workers`).
@@ -35,6 +36,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from itertools import groupby
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -144,6 +146,27 @@ class _Image:
     def face(self) -> Face:
         """The evaluated face: the largest one."""
         return max(self.faces, key=lambda f: f.size)
+
+
+def person_batches(images: Sequence[_Image], size: int) -> list[list[_Image]]:
+    """``images`` (in identity order) in attack batches of at most ``size``, a person's
+    photos kept in one batch: each batch is protected as one collection, so a person split
+    across two would be pushed from two half identities. Only a person with more than
+    ``size`` photos fills whole batches of their own, their rest joining the next."""
+    batches: list[list[_Image]] = []
+    current: list[_Image] = []
+    for _, photos in groupby(images, key=lambda im: im.identity):
+        person = list(photos)
+        if current and len(current) + len(person) > size:
+            batches.append(current)
+            current = []
+        while len(person) > size:
+            batches.append(person[:size])
+            person = person[size:]
+        current += person
+    if current:
+        batches.append(current)
+    return batches
 
 
 def detector_recall(found: dict[Path, list[Face]], gallery: set[Path]) -> dict:
@@ -408,8 +431,8 @@ class Evaluation:
         size = self.settings.batch_size or (64 if self.device.type == "cuda" else 32)
         config = replace(self.config, models=group.ensemble)
         out = []
-        for b, i in enumerate(range(0, len(targets), size)):
-            chunk, seed = targets[i : i + size], self.settings.seed + b
+        for b, chunk in enumerate(person_batches(targets, size)):
+            seed = self.settings.seed + b
             pixels, faces = [im.pixels for im in chunk], [im.attack_faces for im in chunk]
             out.append((seed, chunk, self.cache.path(config, seed, pixels, faces)))
         return out

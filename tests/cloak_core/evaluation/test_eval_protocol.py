@@ -132,3 +132,35 @@ def test_runner_selects_protected_identities_and_leaves_out_singletons(tmp_path:
         Evaluation(
             EvalSettings(dataset=tmp_path, out=tmp_path, device="cpu", identities=5), store=None
         )._splits()
+
+
+def test_attack_batches_keep_a_persons_photos_together() -> None:
+    """Each attack batch is one collection: a person's photos are never split between two
+    batches unless they alone are more than a batch, and no batch passes its size."""
+    from cloak_core.evaluation.runner import _Image, person_batches
+
+    def person(name: str, n: int) -> list[_Image]:
+        return [
+            _Image(name, Path(f"{name}/{i}.png"), np.zeros((2, 2, 3)), [], []) for i in range(n)
+        ]
+
+    def names(batches: list[list[_Image]]) -> list[str]:
+        return ["".join(im.identity for im in b) for b in batches]
+
+    # Three photos each in batches of four: one person per batch (not aaab, bbcc, c).
+    assert names(person_batches(person("a", 3) + person("b", 3) + person("c", 3), 4)) == [
+        "aaa",
+        "bbb",
+        "ccc",
+    ]
+    assert names(person_batches(person("a", 2) + person("b", 2) + person("c", 1), 4)) == [
+        "aabb",
+        "c",
+    ]
+    # A person with more photos than a batch fills whole batches, the rest goes on.
+    assert names(person_batches(person("a", 9) + person("b", 2), 4)) == ["aaaa", "aaaa", "abb"]
+    everyone = person("a", 5) + person("b", 1) + person("c", 7) + person("d", 3)
+    batches = person_batches(everyone, 4)
+    assert [im for b in batches for im in b] == everyone
+    assert max(len(b) for b in batches) <= 4
+    assert person_batches([], 4) == []
