@@ -73,6 +73,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="waiting images protected together (default %(default)s)",
     )
     p.add_argument(
+        "--collection-wait",
+        type=float,
+        default=defaults.collection_wait,
+        metavar="SECONDS",
+        help="how long the first photo of one upload of several waits for the others, so "
+        "they are protected together (default %(default)s)",
+    )
+    p.add_argument(
         "--job-timeout",
         type=float,
         default=defaults.job_timeout,
@@ -111,6 +119,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         face_threshold=args.face_threshold,
         queue_size=args.queue_size,
         batch_size=args.batch_size,
+        collection_wait=args.collection_wait,
         job_timeout=args.job_timeout,
         shutdown_deadline=args.shutdown_deadline,
         max_connections=args.max_connections,

@@ -77,3 +77,19 @@ def test_serve_face_threshold_reaches_the_detector(tmp_path):
     assert default.face_threshold == DetectorConfig().face_threshold
     out = facecloak("serve", "--face-threshold", "1.5", "--port", "0", config_dir=tmp_path)
     assert out.returncode == 2 and "face_threshold" in out.stderr
+
+
+def test_serve_collection_wait_reaches_the_worker(tmp_path):
+    import argparse
+
+    from backend.commands.serve import add_parser, build_config
+    from backend.config import DaemonConfig
+
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers())
+    args = parser.parse_args(["serve", "--collection-wait", "12.5", "--config-dir", str(tmp_path)])
+    assert build_config(args).collection_wait == 12.5
+    default = build_config(parser.parse_args(["serve", "--config-dir", str(tmp_path)]))
+    assert default.collection_wait == DaemonConfig(config_dir=tmp_path).collection_wait
+    out = facecloak("serve", "--collection-wait", "0", "--port", "0", config_dir=tmp_path)
+    assert out.returncode == 2 and "collection_wait" in out.stderr
