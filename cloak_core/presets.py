@@ -219,8 +219,10 @@ PRESETS: dict[str, AttackConfig] = {
             momentum=0.5,
             lpips_budget=0.035,
             smooth_upscaled=1.5,
-            colour_steps=0.3,
+            grad_sigma=1.0,
+            colour_steps=0.0,
             sign_steps=False,
+            centroid=True,
         ),
         AttackConfig(
             name="natural",
