@@ -63,33 +63,31 @@ def test_serve_refuses_a_non_loopback_address(tmp_path, host):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-def test_serve_face_threshold_reaches_the_detector(tmp_path):
+def _serve_config(tmp_path, *flags: str):
+    """The daemon's configuration that `facecloak serve FLAGS` would run with."""
     import argparse
 
     from backend.commands.serve import add_parser, build_config
-    from cloak_core.detect import DetectorConfig
 
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
-    args = parser.parse_args(["serve", "--face-threshold", "0.6", "--config-dir", str(tmp_path)])
-    assert build_config(args).face_threshold == 0.6
-    default = build_config(parser.parse_args(["serve", "--config-dir", str(tmp_path)]))
-    assert default.face_threshold == DetectorConfig().face_threshold
+    return build_config(parser.parse_args(["serve", *flags, "--config-dir", str(tmp_path)]))
+
+
+def test_serve_face_threshold_reaches_the_detector(tmp_path):
+    from cloak_core.detect import DetectorConfig
+
+    assert _serve_config(tmp_path, "--face-threshold", "0.6").face_threshold == 0.6
+    assert _serve_config(tmp_path).face_threshold == DetectorConfig().face_threshold
     out = facecloak("serve", "--face-threshold", "1.5", "--port", "0", config_dir=tmp_path)
     assert out.returncode == 2 and "face_threshold" in out.stderr
 
 
 def test_serve_collection_wait_reaches_the_worker(tmp_path):
-    import argparse
-
-    from backend.commands.serve import add_parser, build_config
     from backend.config import DaemonConfig
 
-    parser = argparse.ArgumentParser()
-    add_parser(parser.add_subparsers())
-    args = parser.parse_args(["serve", "--collection-wait", "12.5", "--config-dir", str(tmp_path)])
-    assert build_config(args).collection_wait == 12.5
-    default = build_config(parser.parse_args(["serve", "--config-dir", str(tmp_path)]))
-    assert default.collection_wait == DaemonConfig(config_dir=tmp_path).collection_wait
+    assert _serve_config(tmp_path, "--collection-wait", "12.5").collection_wait == 12.5
+    default = DaemonConfig(config_dir=tmp_path).collection_wait
+    assert _serve_config(tmp_path).collection_wait == default
     out = facecloak("serve", "--collection-wait", "0", "--port", "0", config_dir=tmp_path)
     assert out.returncode == 2 and "collection_wait" in out.stderr
