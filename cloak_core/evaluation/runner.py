@@ -19,12 +19,11 @@ The steps, in order:
    evaluators that need the same ensemble share one attack run. ``attack_models`` fixes
    one ensemble for all; evaluators that share weights with it are then marked white-box.
 4. Protect the protected users' gallery images with :class:`cloak_core.pipeline.Protector`
-   (many images per call, each call one collection, a person's photos never split
-   between two: with the preset's ``centroid`` a person's faces are pushed from their
-   shared identity), and measure LPIPS, PSNR and
-   SSIM of each. Attacked batches are kept in the attack cache
-   (:mod:`~cloak_core.evaluation.cache`); with ``jobs`` above 1, worker processes attack
-   them first (:mod:`~cloak_core.evaluation.workers`).
+   (many images per call, each call one collection, a person's photos in one call where
+   they fit: with the preset's ``centroid`` a person's faces are pushed from their shared
+   identity), and measure LPIPS, PSNR and SSIM of each. Attacked batches are kept in the
+   attack cache (:mod:`~cloak_core.evaluation.cache`); with ``jobs`` above 1, worker
+   processes attack them first (:mod:`~cloak_core.evaluation.workers`).
 5. For each condition (PNG, JPEG, downscaling), re-encode clean and protected galleries,
    embed them with every evaluator, and compute rank-1 / rank-5 accuracy, clean and
    protected.
