@@ -328,10 +328,10 @@ class Worker:
 
     def _take_batch(self) -> list[Job] | None:
         """The first waiting job that may run and up to ``batch_size - 1`` later ones with
-        its preset (its collection's first, then jobs sent alone or left over from a split
-        collection), as long as their decoded
-        images fit in ``max_batch_decoded_bytes`` together (the others wait for a later
-        batch); None when no job may run yet."""
+        its preset (its collection's first, then jobs sent alone or left over from another
+        split collection), each once, as long as their decoded images fit in
+        ``max_batch_decoded_bytes`` together (the others wait for a later batch); None when
+        no job may run yet."""
         now = time.monotonic()
         first = next((job for job in self._queue if self._may_run(job, now)), None)
         if first is None:
@@ -339,8 +339,12 @@ class Worker:
         batch = [first]
         room = self.config.max_batch_decoded_bytes - first.decoded_bytes
         siblings = [j for j in self._queue if first.collection and j.collection == first.collection]
-        # Jobs sent alone, and what is left of a collection a batch has already split.
-        alone = [j for j in self._queue if j.collection is None or j.collection_size == 0]
+        # Jobs sent alone, and what is left of other collections a batch has already split.
+        alone = [
+            j
+            for j in self._queue
+            if (j.collection is None or j.collection_size == 0) and j not in siblings
+        ]
         for job in siblings + alone:
             if len(batch) >= self.config.batch_size:
                 break

@@ -207,6 +207,21 @@ async def test_a_collection_larger_than_a_batch_is_split_and_one_never_completed
         assert protector.collections[3] != protector.collections[4]
 
 
+async def test_what_is_left_of_a_split_collection_runs_once_each(config):
+    """The remainder of a split upload goes in the next batch together, each photo once."""
+    protector = ReencodingProtector(steps=20, step_seconds=0.05)
+    async with serve(with_changes(config, batch_size=3, collection_wait=5.0), protector) as client:
+        token = await pair(client, config)
+        busy = await _send(client, token)
+        await _until(lambda: _state_is(client, token, busy, "running"))
+        query = "?collection=five-photos&collection_size=5"
+        upload = [await _send(client, token, query) for _ in range(5)]
+        for job_id in upload:
+            await _until(lambda job_id=job_id: _state_is(client, token, job_id, "done"))
+        assert protector.batches == [1, 3, 2]
+        assert len({label for labels in protector.collections[1:] for label in labels}) == 1
+
+
 @pytest.mark.parametrize(
     "query",
     [
