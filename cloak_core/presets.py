@@ -13,6 +13,9 @@ from dataclasses import dataclass, fields, replace
 
 from cloak_core.errors import UsageError
 
+# A value ``with_settings`` takes: a number, a switch, or none.
+Setting = float | bool | None
+
 
 @dataclass(frozen=True)
 class AttackConfig:
@@ -160,20 +163,42 @@ class AttackConfig:
         """Whether the attack computes LPIPS at all (a penalty weight or a budget)."""
         return bool(self.lpips_weight) or self.lpips_budget is not None
 
-    def with_settings(self, overrides: Sequence[tuple[str, float]]) -> AttackConfig:
-        """A copy with each ``(field, value)`` of ``overrides`` set (``steps`` rounded to an
-        int): how a frontier sweep moves one strength setting of a preset."""
-        known = {f.name for f in fields(self)} - {"name", "models"}
-        changes: dict[str, float | int] = {}
+    def with_settings(self, overrides: Sequence[tuple[str, Setting]]) -> AttackConfig:
+        """A copy with each ``(field, value)`` of ``overrides`` set: how a frontier sweep
+        moves one strength setting of a preset, and what ``eval --set`` changes.
+
+        Values take the field's type: ``steps`` and ``seed`` are rounded to whole numbers,
+        a switch (``centroid``, ``flips`` ...) takes ``True``/``False`` or 1/0, and
+        ``None`` (no cap, no bound, off) only where the field allows it."""
+        types = {f.name: str(f.type) for f in fields(self)}
+        known = set(types) - {"name", "models", "lpips_net"}
+        changes: dict[str, Setting] = {}
         for name, value in overrides:
             if name not in known:
                 raise UsageError(
                     f"{name!r} is not an attack setting; known: {', '.join(sorted(known))}"
                 )
-            changes[name] = int(round(value)) if name == "steps" else value
+            changes[name] = _typed(name, types[name], value)
         if changes.get("steps", 1) < 1:
             raise UsageError("steps must be at least 1")
         return replace(self, **changes)
+
+
+def _typed(name: str, kind: str, value: Setting) -> Setting:
+    """``value`` as the type the field ``name`` is declared with (``kind``, its annotation)."""
+    if value is None:
+        if "None" not in kind:
+            raise UsageError(f"{name} needs a value; it cannot be none")
+        return None
+    if kind.startswith("bool"):
+        if value not in (0, 1):  # True and False are 1 and 0
+            raise UsageError(f"{name} is a switch: true or false (1 or 0), got {value}")
+        return bool(value)
+    if isinstance(value, bool):
+        raise UsageError(f"{name} takes a number, got {str(value).lower()}")
+    if kind.startswith("int"):
+        return int(round(value))
+    return float(value)
 
 
 PRESETS: dict[str, AttackConfig] = {

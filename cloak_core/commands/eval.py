@@ -14,7 +14,7 @@ from cloak_core.commands.common import (
     positive_int,
 )
 from cloak_core.evaluation.conditions import DEFAULT_CONDITIONS, conditions_from_flags
-from cloak_core.presets import DEFAULT_PRESET, PRESETS
+from cloak_core.presets import DEFAULT_PRESET, PRESETS, Setting
 
 if TYPE_CHECKING:  # the runner pulls in torch: imported only when the command runs
     from cloak_core.evaluation.runner import EvalSettings
@@ -51,8 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="set one attack setting of the preset, e.g. perceptual=0.7 (repeatable): a "
-        "frontier point evaluated in full",
+        help="set one attack setting of the preset, e.g. perceptual=0.7, centroid=false or "
+        "momentum=none (repeatable): a frontier point evaluated in full",
     )
     p.add_argument(
         "--attack-models",
@@ -114,16 +114,27 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     return p
 
 
-def _setting(text: str) -> tuple[str, float]:
-    """``NAME=VALUE`` as ``(name, float value)``; the name is checked against the preset's
-    fields when the run starts."""
+WORDS: dict[str, Setting] = {"true": True, "false": False, "none": None}
+
+
+def _setting(text: str) -> tuple[str, Setting]:
+    """``NAME=VALUE`` as ``(name, value)``: a number, ``true``/``false`` for a switch or
+    ``none`` (no cap, no bound); name and type are checked against the preset's fields
+    when the run starts."""
     name, sep, value = text.partition("=")
-    try:
-        number = float(value)
-    except ValueError:
-        number = None
-    if not sep or not name.strip() or number is None:
-        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER, got {text!r}")
+    word = value.strip().lower()
+    number: Setting
+    if word in WORDS:
+        number = WORDS[word]
+    else:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected NAME=NUMBER, NAME=true|false or NAME=none, got {text!r}"
+            ) from None
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
     return name.strip(), number
 
 

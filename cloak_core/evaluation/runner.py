@@ -56,6 +56,7 @@ from cloak_core.evaluation.evaluators import (
 )
 from cloak_core.evaluation.versions import software_versions
 from cloak_core.evaluation.workers import AttackTask, attack_in_workers
+from cloak_core.presets import Setting
 from cloak_core.visibility import (
     GridRow,
     Visibility,
@@ -106,7 +107,7 @@ class EvalSettings:
     probes_per_identity: int | None = None
     preset: str = "balanced"
     steps: int | None = None
-    overrides: tuple[tuple[str, float], ...] = ()
+    overrides: tuple[tuple[str, Setting], ...] = ()
     attack_models: tuple[str, ...] | None = None
     eval_models: tuple[str, ...] | None = None
     conditions: tuple[Condition, ...] = field(

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from cloak_core.attack import gaussian_blur, model_term
+from cloak_core.errors import UsageError
 from cloak_core.models.base import VerificationRule
 from cloak_core.pipeline import feather_mask
 from cloak_core.presets import PRESETS, get_preset
@@ -63,6 +64,29 @@ def test_paper_preset_is_the_published_setting():
         "alex",
     )
     assert (p.blur_kernel, p.blur_sigma, p.flips) == (7, 3.0, True)
+
+
+def test_settings_take_each_fields_type():
+    """``--set`` values become what each field holds: a switch a bool, a count an int,
+    ``None`` only where a field may be off; anything else is a usage error."""
+    base = PRESETS["balanced"]
+    changed = base.with_settings(
+        [("centroid", False), ("momentum", None), ("steps", 20.4), ("seed", 3.0), ("noise", 0)]
+    )
+    assert changed.centroid is False and changed.momentum is None
+    assert (changed.steps, changed.seed) == (20, 3)
+    assert type(changed.steps) is int and type(changed.noise) is float
+    assert base.with_settings([("centroid", 0.0)]).centroid is False
+    assert base.with_settings([("flips", 1.0)]).flips is True
+    for setting, message in (
+        (("centroid", 0.5), "a switch"),
+        (("steps", None), "cannot be none"),
+        (("grad_sigma", True), "takes a number"),
+        (("lpips_net", 1.0), "not an attack setting"),
+        (("steps", 0.2), "at least 1"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            base.with_settings([setting])
 
 
 def test_lpips_budget_bounds_every_face(store, faces_dir):

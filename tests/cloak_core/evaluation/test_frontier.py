@@ -51,6 +51,10 @@ def test_eval_set_evaluates_one_frontier_point(store, tmp_path) -> None:
             "perceptual=0.7",
             "--set",
             "diversity=0",
+            "--set",
+            "centroid=true",
+            "--set",
+            "momentum=None",
             "--out",
             str(tmp_path),
             "--device",
@@ -58,11 +62,18 @@ def test_eval_set_evaluates_one_frontier_point(store, tmp_path) -> None:
         ]
     )
     settings = settings_from_args(args)
-    assert settings.overrides == (("perceptual", 0.7), ("diversity", 0.0))
+    assert settings.overrides == (
+        ("perceptual", 0.7),
+        ("diversity", 0.0),
+        ("centroid", True),
+        ("momentum", None),
+    )
     config = Evaluation(settings, store).config
     assert (config.name, config.perceptual, config.diversity) == ("natural", 0.7, 0.0)
-    with pytest.raises(SystemExit):
-        parser.parse_args(["eval", "--dataset", ".", "--set", "perceptual"])
+    assert (config.centroid, config.momentum) == (True, None)
+    for text in ("perceptual", "perceptual=high", "=1"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["eval", "--dataset", ".", "--set", text])
     bad = parser.parse_args(["eval", "--dataset", ".", "--set", "noise_level=1"])
     with pytest.raises(UsageError, match="not an attack setting"):
         Evaluation(settings_from_args(bad), store)
