@@ -4,8 +4,14 @@ The attack keeps AlexNet LPIPS small, so AlexNet LPIPS cannot tell whether a fac
 looks the same: the attack finds changes that network misses and people see. The panel
 therefore measures what the attack never optimises:
 
+- S-CIELAB (Zhang and Wandell's spatial CIELAB), its mean and 95th percentile: both faces
+  first filtered, per opponent colour channel, by the eye's contrast sensitivity at a
+  stated viewing distance (:data:`SAMPLES_PER_DEGREE`), then compared pixel by pixel with
+  CIEDE2000. This is the colour difference to read: plain CIEDE2000 counts JPEG's fine
+  grain, which nobody sees, as much as the patches and creases a person sees at once;
 - CIEDE2000 colour difference per pixel (CIE 2000, in CIELAB from sRGB with a D65 white),
-  its mean and 95th percentile: about 1 is a just-noticeable difference side by side;
+  its mean and 95th percentile: about 1 is a just-noticeable difference between two
+  uniform patches side by side, not between two pictures;
 - PSNR (dB) and SSIM on the face region;
 - DISTS (Ding et al. 2020) and VGG16 LPIPS, two learned perceptual distances;
 - AlexNet LPIPS, only as *the attack's own number*, never as the verdict.
@@ -24,6 +30,7 @@ at one display height, as a PNG.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,8 +65,48 @@ _RGB_TO_XYZ = np.array(
 )
 _WHITE_D65 = np.array([0.95047, 1.0, 1.08883])
 
+# Spatial CIELAB (Zhang and Wandell 1996, the filters of their distributed code as ISETCam
+# keeps them). CIE XYZ (2-degree observer) to the opponent channels luminance, red-green,
+# blue-yellow (Poirson and Wandell):
+_XYZ_TO_OPPONENT = np.array(
+    [
+        [0.2787336, 0.7218031, -0.1065520],
+        [-0.4487736, 0.2898056, 0.0771569],
+        [0.0859513, -0.5899859, 0.5011089],
+    ]
+)
+# Per opponent channel, the eye's spatial sensitivity as a weighted sum of Gaussians: (weight,
+# half width at half maximum in degrees of visual angle). Each channel's weights sum to 1,
+# so a uniform area keeps its colour; the luminance filter's wide negative lobe makes it a
+# band-pass, like the eye's contrast sensitivity.
+_OPPONENT_FILTERS = (
+    ((1.00327, 0.05), (0.114416, 0.225), (-0.117686, 7.0)),
+    ((0.616725, 0.0685), (0.383275, 0.826)),
+    ((0.567885, 0.092), (0.432115, 0.6451)),
+)
+# Image pixels per degree of visual angle: a screen of 120 pixels per inch seen from 50 cm
+# (S-CIELAB's usual viewing conditions), the face at the display scale the panel measures.
+SAMPLES_PER_DEGREE = 41.0
+
 
 # --------------------------------------------------------------------------- colour
+
+
+def srgb_to_xyz(rgb: np.ndarray) -> np.ndarray:
+    """CIE XYZ ``(..., 3)`` float64 (Y 1 for white) of sRGB pixels ``(..., 3)``, uint8
+    (0..255) or float in 0..1."""
+    rgb = np.asarray(rgb)
+    v = rgb.astype(np.float64) / 255.0 if rgb.dtype == np.uint8 else rgb.astype(np.float64)
+    linear = np.where(v > 0.04045, ((v + 0.055) / 1.055) ** 2.4, v / 12.92)
+    return linear @ _RGB_TO_XYZ.T
+
+
+def xyz_to_lab(xyz: np.ndarray) -> np.ndarray:
+    """CIELAB ``(..., 3)`` float64 (L in 0..100) of CIE XYZ ``(..., 3)``, D65 white."""
+    t = np.asarray(xyz, np.float64) / _WHITE_D65
+    f = np.where(t > (6 / 29) ** 3, np.cbrt(t), t / (3 * (6 / 29) ** 2) + 4 / 29)
+    fx, fy, fz = f[..., 0], f[..., 1], f[..., 2]
+    return np.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], axis=-1)
 
 
 def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
@@ -67,13 +114,7 @@ def srgb_to_lab(rgb: np.ndarray) -> np.ndarray:
 
     ``rgb`` is uint8 (0..255) or float in 0..1; the white point is D65.
     """
-    rgb = np.asarray(rgb)
-    v = rgb.astype(np.float64) / 255.0 if rgb.dtype == np.uint8 else rgb.astype(np.float64)
-    linear = np.where(v > 0.04045, ((v + 0.055) / 1.055) ** 2.4, v / 12.92)
-    xyz = linear @ _RGB_TO_XYZ.T / _WHITE_D65
-    f = np.where(xyz > (6 / 29) ** 3, np.cbrt(xyz), xyz / (3 * (6 / 29) ** 2) + 4 / 29)
-    fx, fy, fz = f[..., 0], f[..., 1], f[..., 2]
-    return np.stack([116 * fy - 16, 500 * (fx - fy), 200 * (fy - fz)], axis=-1)
+    return xyz_to_lab(srgb_to_xyz(rgb))
 
 
 def ciede2000(lab1: np.ndarray, lab2: np.ndarray) -> np.ndarray:
@@ -125,6 +166,58 @@ def ciede2000(lab1: np.ndarray, lab2: np.ndarray) -> np.ndarray:
     r_t = -np.sin(np.radians(2 * d_theta)) * r_c
     tl, tc, th = dl / s_l, dc / s_c, dh_big / s_h
     return np.sqrt(np.maximum(tl**2 + tc**2 + th**2 + r_t * tc * th, 0.0))
+
+
+def _sampled_gaussian_gain(f: np.ndarray, sd: float) -> np.ndarray:
+    """Frequency response at ``f`` (cycles per pixel) of a Gaussian of ``sd`` pixels sampled
+    on the pixel grid and normalised to sum 1: the continuous response repeated every
+    cycle per pixel (the samples' aliases), 1 at ``f`` = 0."""
+    aliases = np.arange(-3, 4)
+    total = np.exp(-2 * math.pi**2 * sd**2 * (f[..., None] + aliases) ** 2).sum(-1)
+    return total / np.exp(-2 * math.pi**2 * sd**2 * aliases**2.0).sum()
+
+
+def _eye_filtered(xyz: np.ndarray, samples_per_degree: float) -> np.ndarray:
+    """CIE XYZ ``(N, H, W, 3)`` as the eye resolves it: each opponent channel filtered by
+    its sum of Gaussians (:data:`_OPPONENT_FILTERS`), then back to XYZ.
+
+    The Gaussians are applied whole, in the frequency domain, to the image mirrored about
+    its edges (half-sample symmetric, the FFT then seeing no seam), so the wide luminance
+    lobe needs no truncation however small the face.
+    """
+    n, h, w, _ = xyz.shape
+    opponent = np.moveaxis(xyz @ _XYZ_TO_OPPONENT.T, -1, 1)  # (N, 3, H, W)
+    mirrored = np.concatenate([opponent, opponent[:, :, ::-1]], axis=2)
+    mirrored = np.concatenate([mirrored, mirrored[:, :, :, ::-1]], axis=3)
+    spectrum = np.fft.rfft2(mirrored)
+    fy = np.fft.fftfreq(2 * h)[:, None]
+    fx = np.fft.rfftfreq(2 * w)[None, :]
+    gains = []
+    for lobes in _OPPONENT_FILTERS:
+        gain = np.zeros(np.broadcast_shapes(fy.shape, fx.shape))
+        for weight, hwhm in lobes:
+            sd = hwhm * samples_per_degree / math.sqrt(2 * math.log(2))
+            gain += weight * _sampled_gaussian_gain(fy, sd) * _sampled_gaussian_gain(fx, sd)
+        gains.append(gain)
+    spectrum *= np.stack(gains)[None]
+    filtered = np.fft.irfft2(spectrum, s=mirrored.shape[-2:])[:, :, :h, :w]
+    return np.moveaxis(filtered, 1, -1) @ np.linalg.inv(_XYZ_TO_OPPONENT).T
+
+
+def scielab(
+    original: np.ndarray, changed: np.ndarray, samples_per_degree: float = SAMPLES_PER_DEGREE
+) -> np.ndarray:
+    """S-CIELAB colour difference per pixel ``(H, W)`` float64 of two sRGB images
+    ``(H, W, 3)`` (uint8, or float in 0..1): CIEDE2000 between the two as the eye resolves
+    them at ``samples_per_degree`` image pixels per degree of visual angle.
+
+    A uniform change scores as CIEDE2000 does; detail finer than the eye resolves at that
+    distance (JPEG's grain) counts little, patches a few tenths of a degree across in full.
+    """
+    _check_pair(np.asarray(original), np.asarray(changed))
+    xyz = np.stack([srgb_to_xyz(original), srgb_to_xyz(changed)])
+    seen = _eye_filtered(xyz, samples_per_degree)
+    return ciede2000(xyz_to_lab(seen[0]), xyz_to_lab(seen[1]))
 
 
 # --------------------------------------------------------------------------- pixel metrics
@@ -258,13 +351,17 @@ def jpeg_roundtrip(pixels: np.ndarray, quality: int) -> np.ndarray:
 class Visibility:
     """The panel for one face: how far the changed face is from the original.
 
-    ``de2000_mean`` / ``de2000_p95``: CIEDE2000 over the region's pixels (0 identical,
-    about 1 just noticeable side by side, 2-5 noticeable at a glance); ``psnr`` in dB
+    ``scielab_mean`` / ``scielab_p95``: S-CIELAB over the region's pixels, the colour
+    difference as the eye resolves it at :data:`SAMPLES_PER_DEGREE` (0 identical; JPEG
+    q90 of a face about 0.3); ``de2000_mean`` / ``de2000_p95``: plain CIEDE2000 per pixel
+    (about 1 is a just-noticeable difference between uniform patches); ``psnr`` in dB
     (``inf`` identical); ``ssim`` (1 identical); ``dists`` and ``lpips_vgg`` (0 identical);
     ``lpips_alex``: the attack's own metric, kept for comparison only. ``size``: the
     measured region's ``(h, w)`` at display scale.
     """
 
+    scielab_mean: float
+    scielab_p95: float
     de2000_mean: float
     de2000_p95: float
     psnr: float
@@ -284,6 +381,8 @@ class Visibility:
 
 # Which way is worse for each panel metric, for summaries and "worst image" lists.
 HIGHER_IS_WORSE = {
+    "scielab_mean": True,
+    "scielab_p95": True,
     "de2000_mean": True,
     "de2000_p95": True,
     "psnr": False,
@@ -358,9 +457,12 @@ class VisibilityMeter:
         panels = []
         for k, (a, b) in enumerate(pairs):
             de = ciede2000(srgb_to_lab(a), srgb_to_lab(b))
+            seen = scielab(a, b)
             small = min(a.shape[:2]) < SSIM_WINDOW
             panels.append(
                 Visibility(
+                    scielab_mean=float(seen.mean()),
+                    scielab_p95=float(np.percentile(seen, 95)),
                     de2000_mean=float(de.mean()),
                     de2000_p95=float(np.percentile(de, 95)),
                     psnr=psnr(a, b),

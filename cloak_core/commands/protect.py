@@ -51,7 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--json",
         action="store_true",
         help="one JSON object per image on stdout, with each face's similarities and "
-        "visibility panel (CIEDE2000, PSNR, SSIM, DISTS on the face region)",
+        "visibility panel (S-CIELAB, CIEDE2000, PSNR, SSIM, DISTS on the face region)",
     )
     p.add_argument(
         "--hold-out",

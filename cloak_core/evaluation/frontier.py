@@ -254,12 +254,27 @@ def _point(report: dict, preset: str, factor: float, sweep: str, value: float | 
     }
 
 
+# The panel's metrics (cloak_core.visibility.PANEL_METRICS, without importing torch here).
+_PANEL_KEYS = (
+    "scielab_mean",
+    "scielab_p95",
+    "de2000_mean",
+    "de2000_p95",
+    "psnr",
+    "ssim",
+    "dists",
+    "lpips_vgg",
+    "lpips_alex",
+)
+
+
 def _mean_panel(per_image: Sequence[dict]) -> dict[str, float]:
     """The mean of each panel metric over images (non-finite values left out)."""
     out = {}
-    for key in ("de2000_mean", "de2000_p95", "psnr", "ssim", "dists", "lpips_vgg", "lpips_alex"):
+    for key in _PANEL_KEYS:
         v = np.asarray(
-            [p["visibility"][key] for p in per_image if p["visibility"][key] is not None], float
+            [p["visibility"][key] for p in per_image if p["visibility"].get(key) is not None],
+            float,
         )
         v = v[np.isfinite(v)]
         out[key] = float(v.mean()) if v.size else float("nan")
@@ -294,6 +309,25 @@ def _factors(frontier: dict) -> str:
     return ", ".join(f"{name} x{'/'.join(fs)}" for name, fs in by_preset.items())
 
 
+def _seen(v: dict) -> str:
+    """S-CIELAB mean (p95) of a visibility summary; "-" for runs from before it was measured."""
+    mean, p95 = v.get("scielab_mean"), v.get("scielab_p95")
+    if mean is None or not np.isfinite(mean):
+        return "-"
+    return f"{mean:.2f} ({p95:.1f})"
+
+
+def visibility_axis(frontier: dict) -> tuple[str, str]:
+    """The plot's visibility axis, ``(key, label)``: S-CIELAB mean, the colour difference
+    as the eye resolves it; CIEDE2000 mean where some point (a combined run from before
+    S-CIELAB was measured) lacks it."""
+    rows = [p["visibility"] for p in frontier["points"]]
+    rows += [c["visibility"] for c in frontier["calibration"].values()]
+    if rows and all(np.isfinite(r.get("scielab_mean", np.nan)) for r in rows):
+        return "scielab_mean", "face S-CIELAB mean"
+    return "de2000_mean", "face CIEDE2000 mean"
+
+
 def _value(point: dict, sweep: str) -> str:
     """A point's swept value, named when the table mixes sweeps (a combined frontier)."""
     value = "-" if point["value"] is None else format(point["value"], "g")
@@ -318,8 +352,9 @@ def markdown(frontier: dict) -> str:
             if s.get("combined")
             else []
         ),
-        "- visibility on the face region at display scale: CIEDE2000 mean (p95), PSNR, "
-        "DISTS; LPIPS-Alex is the attack's own metric",
+        "- visibility on the face region at display scale: S-CIELAB mean (p95), the colour "
+        "difference as the eye resolves it, then CIEDE2000 mean (p95), PSNR, SSIM, DISTS, "
+        "LPIPS-VGG; LPIPS-Alex is the attack's own metric",
         "",
     ]
     for cond in conditions:
@@ -330,9 +365,9 @@ def markdown(frontier: dict) -> str:
             + s["sweep"]
             + " | "
             + " | ".join(evaluators)
-            + " | worst | CIEDE2000 | PSNR | SSIM | DISTS | LPIPS-VGG | LPIPS-Alex (attack's) "
-            "| s/image |",
-            "| --- | ---: | " + " | ".join("---:" for _ in evaluators) + " | ---: " * 8 + "|",
+            + " | worst | S-CIELAB | CIEDE2000 | PSNR | SSIM | DISTS | LPIPS-VGG "
+            "| LPIPS-Alex (attack's) | s/image |",
+            "| --- | ---: | " + " | ".join("---:" for _ in evaluators) + " | ---: " * 9 + "|",
         ]
         for p in frontier["points"]:
             ranks = [p["evaluators"].get(e, {}).get("rank1", {}).get(cond) for e in evaluators]
@@ -341,7 +376,7 @@ def markdown(frontier: dict) -> str:
             lines.append(
                 f"| {p['preset']} | {_value(p, s['sweep'])} | "
                 + " | ".join(_pct(r) for r in ranks)
-                + f" | {_pct(max(known) if known else None)} | {v['de2000_mean']:.2f} "
+                + f" | {_pct(max(known) if known else None)} | {_seen(v)} | {v['de2000_mean']:.2f} "
                 f"({v['de2000_p95']:.1f}) | {v['psnr']:.1f} | {v['ssim']:.3f} | "
                 f"{v['dists']:.3f} | {v['lpips_vgg']:.3f} | {v['lpips_alex']:.4f} | "
                 f"{p['seconds_per_image']:.2f} |"
@@ -352,23 +387,24 @@ def markdown(frontier: dict) -> str:
         "",
         "| re-encoding | "
         + " | ".join(evaluators)
-        + " | CIEDE2000 | PSNR | SSIM | DISTS | LPIPS-VGG |",
-        "| --- | " + " | ".join("---:" for _ in evaluators) + " | ---: " * 5 + "|",
+        + " | S-CIELAB | CIEDE2000 | PSNR | SSIM | DISTS | LPIPS-VGG |",
+        "| --- | " + " | ".join("---:" for _ in evaluators) + " | ---: " * 6 + "|",
     ]
     for name, c in frontier["calibration"].items():
         v = c["visibility"]
         lines.append(
             f"| {name} | "
             + " | ".join(_pct(c["rank1"].get(e)) for e in evaluators)
-            + f" | {v['de2000_mean']:.2f} ({v['de2000_p95']:.1f}) | {v['psnr']:.1f} | "
+            + f" | {_seen(v)} | {v['de2000_mean']:.2f} ({v['de2000_p95']:.1f}) | {v['psnr']:.1f} | "
             f"{v['ssim']:.3f} | {v['dists']:.3f} | {v['lpips_vgg']:.3f} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def plot(frontier: dict, path: Path) -> None:
-    """Rank-1 against CIEDE2000 mean: a panel per evaluator (and the worst of them), a row
-    per condition, a curve per preset, the JPEG calibration points as grey crosses."""
+    """Rank-1 against visibility (:func:`visibility_axis`: S-CIELAB mean): a panel per
+    evaluator (and the worst of them), a row per condition, a curve per preset, the JPEG
+    calibration points as grey crosses."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -385,6 +421,7 @@ def plot(frontier: dict, path: Path) -> None:
         squeeze=False,
     )
     presets = list(dict.fromkeys(p["preset"] for p in frontier["points"]))
+    axis, axis_label = visibility_axis(frontier)
     combined = frontier["settings"].get("combined") or []
     for r, cond in enumerate(conditions):
         for c, ev in enumerate(evaluators):
@@ -397,12 +434,12 @@ def plot(frontier: dict, path: Path) -> None:
                     if ev == "worst":
                         ranks = [e["rank1"].get(cond) for e in p["evaluators"].values()]
                         ranks = [x for x in ranks if x is not None]
-                        y, x = (max(ranks) if ranks else None), p["visibility"]["de2000_mean"]
+                        y, x = (max(ranks) if ranks else None), p["visibility"][axis]
                     else:
                         e = p["evaluators"].get(ev)
                         if e is None:
                             continue
-                        y, x = e["rank1"].get(cond), e["visibility"]["de2000_mean"]["mean"]
+                        y, x = e["rank1"].get(cond), e["visibility"][axis]["mean"]
                     if y is not None:
                         xs.append(x)
                         ys.append(100 * y)
@@ -424,7 +461,7 @@ def plot(frontier: dict, path: Path) -> None:
                 ranks = list(cal["rank1"].values()) if ev == "worst" else [cal["rank1"].get(ev)]
                 ranks = [x for x in ranks if x is not None]
                 if ranks:
-                    x = cal["visibility"]["de2000_mean"]
+                    x = cal["visibility"][axis]
                     ax.plot([x], [100 * max(ranks)], "x", color="grey", ms=7)
                     ax.annotate(name, (x, 100 * max(ranks)), fontsize=6, color="grey")
             ax.axhline(10, color="black", lw=0.5, ls=":")
@@ -434,7 +471,7 @@ def plot(frontier: dict, path: Path) -> None:
             if c == 0:
                 ax.set_ylabel(f"{cond}\nprotected rank-1 (%)", fontsize=8)
             if r == len(conditions) - 1:
-                ax.set_xlabel("face CIEDE2000 mean", fontsize=8)
+                ax.set_xlabel(axis_label, fontsize=8)
             ax.tick_params(labelsize=7)
     axes[0][-1].legend(fontsize=7, loc="upper right")
     fig.suptitle(

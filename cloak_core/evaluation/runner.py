@@ -548,15 +548,15 @@ class Evaluation:
             if im.identity in set(protected_ids) and im.attack_faces
         ]
         first = groups[0]
-        by_de = sorted(
-            range(len(targets)), key=lambda j: first.visibility[j].de2000_mean, reverse=True
+        by_seen = sorted(
+            range(len(targets)), key=lambda j: first.visibility[j].scielab_mean, reverse=True
         )
-        for j in by_de[: self.settings.worst_images]:
+        for j in by_seen[: self.settings.worst_images]:
             k = targets[j]
-            de = first.visibility[j].de2000_mean
+            seen = first.visibility[j].scielab_mean
             if all(k != p for p, _ in picked):
                 label = f"{gallery[k].path.parent.name}/{gallery[k].path.name}"
-                picked.append((k, f"{label}: most visible, CIEDE2000 {de:.2f}"))
+                picked.append((k, f"{label}: most visible, S-CIELAB {seen:.2f}"))
         rows = []
         for k, label in picked:
             region = self._region(gallery[k])
@@ -672,7 +672,7 @@ class Evaluation:
                             }
                             for j in sorted(
                                 range(len(targets)),
-                                key=lambda j, g=g: g.visibility[j].de2000_mean,
+                                key=lambda j, g=g: g.visibility[j].scielab_mean,
                                 reverse=True,
                             )[: s.worst_images]
                         ],

@@ -19,6 +19,7 @@ from cloak_core.visibility import (
     face_region,
     jpeg_roundtrip,
     psnr,
+    scielab,
     srgb_to_lab,
     ssim,
     summarise,
@@ -62,6 +63,100 @@ def test_ciede2000_is_zero_for_identical_images_and_grows_with_noise(faces_dir) 
     assert 0 < means[0] < means[1] < means[2]
     with pytest.raises(UsageError):
         ciede2000(lab, lab[:10])
+
+
+def _scielab_reference(a: np.ndarray, b: np.ndarray, samples_per_degree: float) -> np.ndarray:
+    """S-CIELAB from scikit-image's colour conversions and CIEDE2000 and SciPy's spatial
+    Gaussian filters (the image mirrored at its edges, as the panel does)."""
+    color = pytest.importorskip("skimage.color")
+    ndimage = pytest.importorskip("scipy.ndimage")
+    to_opp = np.array(
+        [
+            [0.2787336, 0.7218031, -0.1065520],
+            [-0.4487736, 0.2898056, 0.0771569],
+            [0.0859513, -0.5899859, 0.5011089],
+        ]
+    )
+    lobes = (
+        ((1.00327, 0.05), (0.114416, 0.225), (-0.117686, 7.0)),
+        ((0.616725, 0.0685), (0.383275, 0.826)),
+        ((0.567885, 0.092), (0.432115, 0.6451)),
+    )
+    labs = []
+    for img in (a, b):
+        opp = color.rgb2xyz(img) @ to_opp.T
+        for c, channel in enumerate(lobes):
+            opp[..., c] = sum(
+                w
+                * ndimage.gaussian_filter(
+                    opp[..., c],
+                    hwhm * samples_per_degree / math.sqrt(2 * math.log(2)),
+                    mode="reflect",
+                    truncate=8.0,
+                )
+                for w, hwhm in channel
+            )
+        labs.append(color.xyz2lab(opp @ np.linalg.inv(to_opp).T))
+    return color.deltaE_ciede2000(labs[0], labs[1])
+
+
+def test_scielab_matches_a_spatial_reference(faces_dir, photos_dir) -> None:
+    face = _rgb(faces_dir / "Keanu_Reeves" / "009.png")
+    photo = _rgb(photos_dir / "rose_leslie1.jpg")[40:240, 60:300]
+    for img, spd in ((face, 41.0), (photo, 41.0), (photo, 20.0)):
+        for changed in (jpeg_roundtrip(img, 75), _noisy(img, 6)):
+            ours = scielab(img, changed, spd)
+            ref = _scielab_reference(img, changed, spd)
+            assert ours.shape == img.shape[:2]
+            assert np.abs(ours - ref).max() < 1e-3
+    with pytest.raises(UsageError):
+        scielab(face, face[:10])
+
+
+def test_scielab_scores_a_uniform_change_as_ciede2000() -> None:
+    a = np.full((40, 60, 3), (182, 140, 120), np.uint8)  # skin
+    for shift in ((3, 3, 3), (6, 0, -4)):
+        b = (a.astype(int) + shift).astype(np.uint8)
+        plain = ciede2000(srgb_to_lab(a), srgb_to_lab(b))
+        assert scielab(a, b) == pytest.approx(plain, abs=1e-6)
+        assert plain.mean() > 0.5
+
+
+def test_scielab_counts_patches_a_person_sees_over_fine_grain(photos_dir) -> None:
+    """On a real face at display scale, fine grain and soft patches of one plain CIEDE2000:
+    S-CIELAB scores the patches several times higher than the grain, and near their plain
+    CIEDE2000. Plain CIEDE2000 calls the two equally visible; people do not."""
+    import torch
+
+    from cloak_core.filters import gaussian_blur
+
+    photo = _rgb(photos_dir / "rose_leslie1.jpg")
+    face, _ = display_pair(photo, photo, (40, 0, 340, 300))
+    rng = np.random.default_rng(0)
+
+    def luminance_change(field: np.ndarray, amplitude: float) -> np.ndarray:
+        field = field / np.abs(field).std() * amplitude
+        return np.clip(face + field[..., None], 0, 255).round().astype(np.uint8)
+
+    grain = rng.normal(0, 1, face.shape[:2])
+    soft = gaussian_blur(torch.tensor(rng.normal(0, 1, (1, 1, *face.shape[:2]))), 41, 8.0)
+    soft = soft[0, 0].numpy()
+    lab = srgb_to_lab(face)
+    fine = luminance_change(grain, 3.0)
+    target = ciede2000(lab, srgb_to_lab(fine)).mean()
+    # The patches' amplitude set so their plain CIEDE2000 matches the grain's.
+    low, high = 0.5, 10.0
+    for _ in range(30):
+        mid = (low + high) / 2
+        if ciede2000(lab, srgb_to_lab(luminance_change(soft, mid))).mean() < target:
+            low = mid
+        else:
+            high = mid
+    patches = luminance_change(soft, (low + high) / 2)
+    assert ciede2000(lab, srgb_to_lab(patches)).mean() == pytest.approx(target, rel=0.02)
+    seen_fine, seen_patches = scielab(face, fine).mean(), scielab(face, patches).mean()
+    assert seen_patches > 3 * seen_fine
+    assert seen_patches > 0.8 * target
 
 
 def test_psnr_by_hand() -> None:
@@ -115,7 +210,7 @@ def test_ssim_and_psnr_match_scikit_image(faces_dir) -> None:
 
 def test_summary_leaves_out_inf_and_names_the_worst() -> None:
     def panel(de: float, p: float) -> Visibility:
-        return Visibility(de, de, p, 0.9, 0.1, 0.1, 0.01, (112, 112))
+        return Visibility(de, de, de, de, p, 0.9, 0.1, 0.1, 0.01, (112, 112))
 
     s = summarise([panel(1.0, 30.0), panel(3.0, math.inf), panel(2.0, 40.0)])
     assert s["de2000_mean"] == {"mean": 2.0, "median": 2.0, "worst": 3.0}
@@ -169,7 +264,10 @@ def test_panel_on_real_photos(meter, photos_dir) -> None:
     q90 = meter.measure_faces(photo, jpeg_roundtrip(photo, 90), boxes)[0]
     q75 = meter.measure_faces(photo, jpeg_roundtrip(photo, 75), boxes)[0]
     noisy = meter.measure_faces(photo, _noisy(photo, 8), boxes)[0]
+    assert same.scielab_mean == 0 and 0 < q90.scielab_mean < 0.6 < q90.de2000_mean
     for worse, better in ((q75, q90), (noisy, q75)):
+        assert worse.scielab_mean > better.scielab_mean
+        assert worse.scielab_p95 > better.scielab_p95
         assert worse.de2000_mean > better.de2000_mean
         assert worse.de2000_p95 > better.de2000_p95
         assert worse.psnr < better.psnr

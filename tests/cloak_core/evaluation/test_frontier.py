@@ -117,6 +117,7 @@ def test_frontier_on_a_tiny_set(faces_dir, store, tmp_path, monkeypatch, capsys)
         for e in p["evaluators"].values():
             assert e["rank1"]["png"] in (0.0, 0.5, 1.0)
             assert e["visibility"]["de2000_mean"]["mean"] > 0
+            assert e["visibility"]["scielab_mean"]["mean"] > 0
     # Three steps change the faces more than one step.
     assert points[1]["visibility"]["de2000_mean"] > points[0]["visibility"]["de2000_mean"]
     assert points[1]["visibility"]["psnr"] < points[0]["visibility"]["psnr"]
@@ -128,6 +129,12 @@ def test_frontier_on_a_tiny_set(faces_dir, store, tmp_path, monkeypatch, capsys)
         0 < cal["jpeg90"]["visibility"]["de2000_mean"] < cal["jpeg75"]["visibility"]["de2000_mean"]
     )
     assert cal["jpeg75"]["rank1"] == {"dlib": 1.0, "mobilefacenet": 1.0}
+    # JPEG's fine grain: S-CIELAB, the eye's view, well under plain CIEDE2000; the plot's
+    # visibility axis is S-CIELAB.
+    for name in ("jpeg90", "jpeg75"):
+        v = cal[name]["visibility"]
+        assert 0 < v["scielab_mean"] < 0.6 * v["de2000_mean"]
+    assert module.visibility_axis(frontier) == ("scielab_mean", "face S-CIELAB mean")
     assert "| fast | 3 |" in printed and "| jpeg75 |" in printed
 
     # A rerun takes every attacked image from the cache and reports the same figures.
@@ -150,6 +157,23 @@ def test_frontier_on_a_tiny_set(faces_dir, store, tmp_path, monkeypatch, capsys)
     assert "| before: fast | 3 |" in table and "| after: paper | 1 |" in table
     with Image.open(both / "frontier.png") as im:
         assert im.format == "PNG" and im.width > 300
+    # A run from before S-CIELAB was measured still combines: its cells say "-" and the
+    # plot falls back to CIEDE2000 for every run.
+    old = json.loads((out / "frontier.json").read_text())
+    rows = [p["visibility"] for p in old["points"]]
+    rows += [c["visibility"] for c in old["calibration"].values()]
+    rows += [e["visibility"] for p in old["points"] for e in p["evaluators"].values()]
+    for v in rows:
+        del v["scielab_mean"], v["scielab_p95"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    run = f"old={tmp_path / 'old.json'},new={out / 'frontier.json'}"
+    assert main(["frontier", "--combine", run, "--out", str(both)]) == 0
+    table = capsys.readouterr().out
+    assert "| old: fast | 3 |" in table and "| - | " in table
+    mixed = json.loads((both / "frontier.json").read_text())
+    assert module.visibility_axis(mixed) == ("de2000_mean", "face CIEDE2000 mean")
+    with Image.open(both / "frontier.png") as im:
+        assert im.format == "PNG"
     other = dict(frontier, evaluators=["dlib"])
     (tmp_path / "other.json").write_text(json.dumps(other))
     run = f"a={out / 'frontier.json'},b={tmp_path / 'other.json'}"
