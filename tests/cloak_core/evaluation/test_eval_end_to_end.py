@@ -96,11 +96,16 @@ def test_small_attacked_eval_writes_a_consistent_report(
         per_image = [r["visibility"]["de2000_mean"] for r in g["per_image"]]
         assert sum(per_image) / len(per_image) == pytest.approx(v["de2000_mean"]["mean"])
         assert v["psnr"]["worst"] > 25 and 0.8 < v["ssim"]["worst"] < 1.0
+        # The most visible images are named by S-CIELAB, the colour difference as seen.
+        seen = [r["visibility"]["scielab_mean"] for r in g["per_image"]]
+        assert sum(seen) / len(seen) == pytest.approx(v["scielab_mean"]["mean"])
+        assert 0 < v["scielab_mean"]["worst"] <= v["scielab_p95"]["worst"] < 20
         worst = g["worst"][0]
-        assert worst["de2000_mean"] == max(per_image) and Path(worst["path"]).is_file()
+        assert worst["scielab_mean"] == max(seen) and Path(worst["path"]).is_file()
     # The calibration rows are measured on these originals: q75 shows more than q90.
     cal = report["visibility_calibration"]
     assert 0 < cal["jpeg90"]["de2000_mean"]["mean"] < cal["jpeg75"]["de2000_mean"]["mean"]
+    assert 0 < cal["jpeg90"]["scielab_mean"]["mean"] < cal["jpeg75"]["scielab_mean"]["mean"]
     assert "| jpeg75 re-encode (calibration) |" in printed
     assert "LPIPS-Alex (the attack's own)" in printed
     assert list(report["results"]) == ["png", "scale50-jpeg85"]
