@@ -82,8 +82,15 @@ def markdown(report: dict) -> str:
                 else ""
             )
         )
+    # Every library version: re-encoding (Pillow) and the independent pipelines (dlib, cv2)
+    # move the figures too, so a rerun on a fresh install can be told from a changed attack.
+    software = ", ".join(
+        f"{name} {version}"
+        for name, version in report["versions"].items()
+        if name not in ("facecloak", "platform") and version is not None
+    )
     lines.append(
-        f"- facecloak {report['facecloak']}, torch {report['versions'].get('torch')}, "
+        f"- facecloak {report['facecloak']} ({software}), "
         f"total {report['timings'].get('total_seconds', 0):.0f} s"
     )
     lines.append("")

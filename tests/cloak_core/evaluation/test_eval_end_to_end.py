@@ -108,6 +108,10 @@ def test_small_attacked_eval_writes_a_consistent_report(
     assert 0 < cal["jpeg90"]["scielab_mean"]["mean"] < cal["jpeg75"]["scielab_mean"]["mean"]
     assert "| jpeg75 re-encode (calibration) |" in printed
     assert "LPIPS-Alex (the attack's own)" in printed
+    # Every library version is in the Markdown too: re-encoding moves the figures.
+    versions = report["versions"]
+    for name in ("torch", "numpy", "PIL", "cv2", "dlib"):
+        assert f"{name} {versions[name]}" in printed
     assert list(report["results"]) == ["png", "scale50-jpeg85"]
     for cond, rows in report["results"].items():
         assert set(rows) == EVALUATORS
