@@ -185,7 +185,7 @@ def _eye_filtered(xyz: np.ndarray, samples_per_degree: float) -> np.ndarray:
     its edges (half-sample symmetric, the FFT then seeing no seam), so the wide luminance
     lobe needs no truncation however small the face.
     """
-    n, h, w, _ = xyz.shape
+    h, w = xyz.shape[1:3]
     opponent = np.moveaxis(xyz @ _XYZ_TO_OPPONENT.T, -1, 1)  # (N, 3, H, W)
     mirrored = np.concatenate([opponent, opponent[:, :, ::-1]], axis=2)
     mirrored = np.concatenate([mirrored, mirrored[:, :, :, ::-1]], axis=3)

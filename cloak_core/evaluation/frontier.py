@@ -254,24 +254,12 @@ def _point(report: dict, preset: str, factor: float, sweep: str, value: float | 
     }
 
 
-# The panel's metrics (cloak_core.visibility.PANEL_METRICS, without importing torch here).
-_PANEL_KEYS = (
-    "scielab_mean",
-    "scielab_p95",
-    "de2000_mean",
-    "de2000_p95",
-    "psnr",
-    "ssim",
-    "dists",
-    "lpips_vgg",
-    "lpips_alex",
-)
-
-
 def _mean_panel(per_image: Sequence[dict]) -> dict[str, float]:
     """The mean of each panel metric over images (non-finite values left out)."""
+    from cloak_core.visibility import PANEL_METRICS
+
     out = {}
-    for key in _PANEL_KEYS:
+    for key in PANEL_METRICS:
         v = np.asarray(
             [p["visibility"][key] for p in per_image if p["visibility"].get(key) is not None],
             float,
