@@ -53,9 +53,13 @@ def markdown(report: dict) -> str:
     cfg = report.get("attack_config")
     if cfg:
         jobs = report.get("settings", {}).get("jobs", 1)
+        changed = report.get("settings", {}).get("overrides") or []
+        settings = ", ".join(f"{name}={value}" for name, value in changed)
         lines.append(
             f"- attack: preset `{cfg['name']}` ({cfg['steps']} steps of {cfg['step_size']}, "
-            f"LPIPS weight {cfg['lpips_weight']}); {report['mode']}; seed {report['seed']}; "
+            f"LPIPS weight {cfg['lpips_weight']}"
+            + (f"; with --set {settings}" if settings else "")
+            + f"); {report['mode']}; seed {report['seed']}; "
             f"device {report['device']}" + (f" ({jobs} processes)" if jobs > 1 else "")
         )
         if cfg.get("centroid"):

@@ -159,7 +159,10 @@ def test_small_attacked_eval_writes_a_consistent_report(
     capsys.readouterr()
     assert main([*args, "--set", "centroid=1"]) == 0
     assert together == [True] * 2 * len(POOL)
-    assert "was protected as one collection" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert "was protected as one collection" in shown
+    assert "LPIPS weight 0.05; with --set centroid=1.0)" in shown  # what --set changed
+    assert "with --set" not in printed
     assert "was protected as one collection" not in printed  # `fast` has no centroid
     assert main([*args[:-4], "--seed", "8", "--out", str(out)]) == 0
     assert len(list((out / "attack-cache").glob("*.npz"))) == 3 * len(POOL)
