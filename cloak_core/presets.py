@@ -229,6 +229,7 @@ PRESETS: dict[str, AttackConfig] = {
             colour_steps=0.0,
             sign_steps=False,
             centroid=True,
+            diversity=0.07,
         ),
         AttackConfig(
             name="strong",
