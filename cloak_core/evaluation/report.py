@@ -52,9 +52,9 @@ def markdown(report: dict) -> str:
     ]
     cfg = report.get("attack_config")
     if cfg:
-        jobs = report.get("settings", {}).get("jobs", 1)
-        changed = report.get("settings", {}).get("overrides") or []
-        settings = ", ".join(f"{name}={value}" for name, value in changed)
+        run = report.get("settings", {})
+        jobs = run.get("jobs", 1)
+        settings = ", ".join(f"{name}={value}" for name, value in run.get("overrides") or [])
         lines.append(
             f"- attack: preset `{cfg['name']}` ({cfg['steps']} steps of {cfg['step_size']}, "
             f"LPIPS weight {cfg['lpips_weight']}"

@@ -203,7 +203,7 @@ def test_resampling_matches_pillow_and_happens_every_other_call(faces_dir):
             channels.append(np.asarray(small.resize((112, 112), Image.Resampling.BILINEAR)))
         expected = np.stack(channels, -1)
         got = out[0].permute(1, 2, 0).numpy()
-        # Measured: within 1e-4 grey levels; without the anti-aliased downscale, 0.2-0.9.
+        # Measured: within 1e-3 grey levels; without the anti-aliased downscale, 4 to 19.
         assert float(np.abs(got - expected).max()) < 0.01 / 255, factor
         assert float(np.abs(got - x[0].permute(1, 2, 0).numpy()).mean()) > 0.002  # blurred
     assert 10 <= kept <= 30, kept
