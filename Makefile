@@ -11,7 +11,7 @@ PORT   ?= 8765
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: setup models chromium widgets extension run test lint format bench eval clean
+.PHONY: setup models syslibs chromium widgets extension run test lint format bench eval clean
 
 setup: $(STAMP)
 
@@ -26,11 +26,18 @@ $(STAMP): pyproject.toml constraints.txt
 models: setup
 	$(VENV)/bin/facecloak models fetch
 
+# MediaPipe's native library links the system's EGL and OpenGL ES libraries, even for the
+# CPU face detector; a headless server can lack both (Chromium brings them along).
+syslibs:
+	@{ ldconfig -p 2>/dev/null | grep -q 'libEGL.so.1 ' && ldconfig -p | grep -q 'libGLESv2.so.2 '; } || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq libegl1 libgles2) || \
+	  echo "could not install libegl1 and libgles2 with apt: the face detector needs them"
+
 chromium:
 	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
 	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq chromium)
 
-run: models
+run: models syslibs
 	@echo ""
 	@echo "FaceCloak daemon on http://127.0.0.1:$(PORT) (Ctrl-C stops it)."
 	@echo "1. Load the extension: open chrome://extensions, turn on Developer mode,"
@@ -63,7 +70,7 @@ dist/facecloak-extension.zip: manifest.json $(shell find extension -type f)
 	$(PYTHON) -m zipfile -c $@ manifest.json extension
 	@echo "wrote $@"
 
-test: models chromium widgets
+test: models syslibs chromium widgets
 	$(PY) -m pytest -ra $(PYTEST_ARGS)
 
 lint: setup
@@ -74,7 +81,7 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: models
+bench: models syslibs
 	$(VENV)/bin/facecloak bench
 
 clean:

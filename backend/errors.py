@@ -15,6 +15,7 @@ from cloak_core.errors import (
     ImageError,
     ImageTooLargeError,
     ModelStoreError,
+    SystemLibraryError,
     UnsupportedImageError,
     UsageError,
 )
@@ -131,6 +132,7 @@ _LIBRARY_STATUS: tuple[tuple[type[FaceCloakError], int, str], ...] = (
     (UsageError, 400, "bad_request"),
     (CancelledError, 503, "cancelled"),
     (ModelStoreError, 503, "unavailable"),
+    (SystemLibraryError, 503, "unavailable"),
     (FaceCloakError, 500, "failed"),
 )
 

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from cloak_core.errors import CancelledError, ModelStoreError, UsageError
+from cloak_core.errors import CancelledError, ModelStoreError, SystemLibraryError, UsageError
 from cloak_core.weights import PypiSource, WeightFile
 
 if TYPE_CHECKING:
@@ -621,6 +621,18 @@ def _load_detector(path: Path, cfg: DetectorConfig) -> object:
     )
     try:
         return vision.FaceDetector.create_from_options(options)
+    except OSError as exc:
+        # MediaPipe's native library links the system's EGL and GLES libraries even for
+        # the CPU detector; a headless server may have neither (seen on a GPU machine).
+        # ctypes reports a library that cannot be loaded as an OSError without an errno;
+        # a file error (with one) is not this.
+        if exc.errno is not None:
+            raise
+        raise SystemLibraryError(
+            f"MediaPipe's native library could not load: {exc}. It needs the system's "
+            f"EGL and OpenGL ES libraries: on Debian or Ubuntu run "
+            f"'sudo apt-get install libegl1 libgles2' (they come with Chromium too)"
+        ) from exc
     except (RuntimeError, ValueError) as exc:
         raise ModelStoreError(
             f"MediaPipe could not load {path.name} ({path}): {exc}; check it with "

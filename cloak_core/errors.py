@@ -34,5 +34,10 @@ class DigestMismatchError(ModelStoreError):
     """A weight file's sha256 differs from the one the store expects."""
 
 
+class SystemLibraryError(FaceCloakError):
+    """A system library a dependency loads at run time is missing (install it with the
+    system's package manager; the message names the package)."""
+
+
 class CancelledError(FaceCloakError):
     """The caller cancelled the work (a client disconnected, a deadline passed)."""

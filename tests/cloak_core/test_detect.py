@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import io
 import os
 import threading
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from cloak_core.detect import DetectorConfig, Face, FaceDetector
-from cloak_core.errors import CancelledError, ModelStoreError, UsageError
+from cloak_core.errors import CancelledError, ModelStoreError, SystemLibraryError, UsageError
 from cloak_core.imageio import decode_image
 from cloak_core.models.base import ARCFACE_TEMPLATE_112
 
@@ -380,3 +381,34 @@ def test_corrupt_model_file_is_a_model_store_error(tmp_path):
 
     with pytest.raises(ModelStoreError, match="facecloak models"):
         FaceDetector(CorruptStore())
+
+
+def test_a_missing_system_library_is_named_with_its_package(store, monkeypatch):
+    """MediaPipe's native library links EGL and GLES; where the system lacks them (a
+    headless GPU server did) the detector says which packages to install, and the daemon
+    answers 503, instead of a bare OSError from ctypes."""
+    from mediapipe.tasks.python import vision
+
+    from backend.errors import describe
+
+    try:  # the very error ctypes gives for a library it cannot find
+        ctypes.CDLL("libfacecloak-absent.so.1")
+    except OSError as exc:
+        missing = exc
+    assert missing.errno is None
+
+    def fail(options):
+        raise missing
+
+    monkeypatch.setattr(vision.FaceDetector, "create_from_options", staticmethod(fail))
+    with pytest.raises(SystemLibraryError, match="apt-get install libegl1 libgles2") as info:
+        FaceDetector(store)
+    assert "libfacecloak-absent.so.1" in str(info.value)
+    assert describe(info.value)[:2] == (503, "unavailable")
+
+    def gone(options):  # a file error is not a missing library
+        raise FileNotFoundError(2, "No such file or directory", "face.tflite")
+
+    monkeypatch.setattr(vision.FaceDetector, "create_from_options", staticmethod(gone))
+    with pytest.raises(FileNotFoundError):
+        FaceDetector(store)
