@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from cloak_core.align import estimate_similarity, template_keypoints, warp_affine
-from cloak_core.models.base import ARCFACE_TEMPLATE_112
+from cloak_core.models.base import ARCFACE_TEMPLATE_112, VerificationRule
 from cloak_core.weights import PypiSource, WeightFile
 
 if TYPE_CHECKING:
@@ -83,6 +83,7 @@ class Evaluator(Protocol):
     weights: frozenset[str]  # store names of every weight file it uses
     independent: bool  # True for the pipelines that share no code with the attack
     fallbacks: int
+    rule: VerificationRule  # its own "same person" rule, on its embeddings
 
     def embed(self, images: Sequence[np.ndarray], faces: Sequence[Face]) -> np.ndarray:
         """Embeddings ``(N, D)`` float of ``images`` (RGB uint8 ``(H, W, 3)``), one face each."""
@@ -120,6 +121,7 @@ class RegistryEvaluator:
         self.model = model
         self.name = model.spec.name
         self.weights = frozenset(model.spec.weights)
+        self.rule = model.spec.verification
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.fallbacks = 0
@@ -157,6 +159,7 @@ class DlibPipelineEvaluator:
     name = "dlib-bin"
     independent = True
     weights = frozenset({DLIB_DESCRIPTOR, DLIB_SHAPE_PREDICTOR})
+    rule = VerificationRule("euclidean", 0.6)  # dlib's documented threshold
 
     def __init__(self, store: ModelStore) -> None:
         import dlib
@@ -206,6 +209,7 @@ class OpenCVPipelineEvaluator:
     name = "opencv-sface"
     independent = True
     weights = frozenset({YUNET, SFACE})
+    rule = VerificationRule("cosine", 0.363)  # FaceRecognizerSF's documented threshold
 
     def __init__(self, store: ModelStore, *, score_threshold: float = 0.6, bgr: bool = True):
         import cv2

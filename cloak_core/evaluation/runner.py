@@ -616,6 +616,12 @@ class Evaluation:
                             joint=s.joint,
                         )
                         entry["protected"] = protocol.accuracy(sim, p_labels, g_labels).as_dict()
+                        # Each protected gallery image against the very photo it was made
+                        # from, by the recogniser's own rule; one the detector found no
+                        # face in went up unprotected and counts as the match it is.
+                        entry["own_original"] = protocol.own_original_match(
+                            clean_emb[idx], prot_emb[idx], ev.rule.metric, ev.rule.threshold
+                        )
                     results[cond.name][ev.name] = entry
                     bar.update(1)
         return results

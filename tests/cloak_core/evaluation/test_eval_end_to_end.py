@@ -125,13 +125,19 @@ def test_small_attacked_eval_writes_a_consistent_report(
             for k in ("rank1", "rank5"):
                 assert r["protected"][k] in (0.0, 1 / 3, 2 / 3, 1.0)
                 assert r["clean"]["rank1"] <= r["clean"]["rank5"]
+            # Each of the 3 protected faces against its own original, by the rule.
+            own = r["own_original"]
+            assert own["faces"] == 3 and own["matched"] in (0.0, 1 / 3, 2 / 3, 1.0)
+            assert -1.0 < own["cosine"] < 0.9999, (cond, name)
             line = next(x for x in section.splitlines() if x.startswith(f"| {name} "))
-            cells = [c.strip() for c in line.split("|")[3:7]]
+            cells = [c.strip() for c in line.split("|")[3:9]]
             assert cells == [
                 f"{100 * r['clean']['rank1']:.1f}%",
                 f"{100 * r['protected']['rank1']:.1f}%",
                 f"{100 * r['clean']['rank5']:.1f}%",
                 f"{100 * r['protected']['rank5']:.1f}%",
+                f"{100 * own['matched']:.1f}%",
+                f"{own['cosine']:.3f}",
             ]
 
     # Every attacked batch was kept; a second run with the same settings reuses them all

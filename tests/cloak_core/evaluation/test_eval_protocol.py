@@ -164,3 +164,36 @@ def test_attack_batches_keep_a_persons_photos_together() -> None:
     assert [im for b in batches for im in b] == everyone
     assert max(len(b) for b in batches) <= 4
     assert person_batches([], 4) == []
+
+
+def test_own_original_match_against_scipy() -> None:
+    """Mean cosine and the share still matched, by either kind of rule, against SciPy's
+    own distances on random embeddings (thresholds at a quartile of the faces' values, so
+    the share is neither 0 nor 1 and tells the rule's direction)."""
+    from scipy.spatial import distance
+
+    rng = np.random.default_rng(3)
+    clean = rng.normal(size=(40, 128))
+    protected = clean + rng.normal(scale=1.2, size=(40, 128))
+    cos = np.array([1 - distance.cosine(a, b) for a, b in zip(clean, protected, strict=True)])
+    dist = np.array([distance.euclidean(a, b) for a, b in zip(clean, protected, strict=True)])
+
+    threshold = float(np.quantile(cos, 0.25))
+    got = protocol.own_original_match(clean, protected, "cosine", threshold)
+    assert got["faces"] == 40
+    assert got["cosine"] == pytest.approx(cos.mean(), abs=1e-12)
+    assert got["matched"] == pytest.approx((cos >= threshold).mean())
+    assert 0.7 <= got["matched"] <= 0.8  # at or above: the upper three quarters
+
+    threshold = float(np.quantile(dist, 0.3))
+    got = protocol.own_original_match(clean, protected, "euclidean", threshold)
+    assert got["matched"] == pytest.approx((dist < threshold).mean())
+    assert got["cosine"] == pytest.approx(cos.mean(), abs=1e-12)
+    # An unchanged face (one the detector missed) is matched, at cosine 1.
+    same = protocol.own_original_match(clean[:5], clean[:5], "euclidean", 0.6)
+    assert same["matched"] == 1.0 and same["cosine"] == pytest.approx(1.0)
+
+    with pytest.raises(ValueError, match="different shapes"):
+        protocol.own_original_match(clean, protected[:3], "cosine", 0.3)
+    with pytest.raises(ValueError, match="unknown metric"):
+        protocol.own_original_match(clean, protected, "manhattan", 0.3)

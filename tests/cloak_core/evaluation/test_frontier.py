@@ -116,8 +116,17 @@ def test_frontier_on_a_tiny_set(faces_dir, store, tmp_path, monkeypatch, capsys)
         ]
         for e in p["evaluators"].values():
             assert e["rank1"]["png"] in (0.0, 0.5, 1.0)
+            # Both protected faces against their own originals, by the evaluator's rule.
+            own = e["own_original"]["png"]
+            assert own["faces"] == 2 and own["matched"] in (0.0, 0.5, 1.0)
+            assert -1.0 < own["cosine"] < 0.9999
             assert e["visibility"]["de2000_mean"]["mean"] > 0
             assert e["visibility"]["scielab_mean"]["mean"] > 0
+        # The table's column: the worst evaluator's share matched, the mean cosine.
+        owns = [e["own_original"]["png"] for e in p["evaluators"].values()]
+        cell = f"{100 * max(o['matched'] for o in owns):.1f}% "
+        cell += f"({sum(o['cosine'] for o in owns) / len(owns):.2f})"
+        assert f"| {cell} |" in printed, cell
     # Three steps change the faces more than one step.
     assert points[1]["visibility"]["de2000_mean"] > points[0]["visibility"]["de2000_mean"]
     assert points[1]["visibility"]["psnr"] < points[0]["visibility"]["psnr"]
@@ -165,6 +174,9 @@ def test_frontier_on_a_tiny_set(faces_dir, store, tmp_path, monkeypatch, capsys)
     rows += [e["visibility"] for p in old["points"] for e in p["evaluators"].values()]
     for v in rows:
         del v["scielab_mean"], v["scielab_p95"]
+    for p in old["points"]:  # nor did it keep the faces' matches to their own originals
+        for e in p["evaluators"].values():
+            del e["own_original"]
     (tmp_path / "old.json").write_text(json.dumps(old))
     run = f"old={tmp_path / 'old.json'},new={out / 'frontier.json'}"
     assert main(["frontier", "--combine", run, "--out", str(both)]) == 0
