@@ -91,11 +91,14 @@ def shared_identity(
     models: Mapping[str, FaceModel],
     photo: torch.Tensor,
     collection: torch.Tensor | None = None,
+    mix: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """Per model, each face's embedding ``(N, D)`` replaced by the mean over the faces that
     every model verifies as the same person, in other photos (``photo``, ``(N,)``, says
     which photo each face is in: two faces of one photo are two people) of the same
-    collection (``collection``, ``(N,)``; all one collection when None), itself included.
+    collection (``collection``, ``(N,)``; all one collection when None), itself included;
+    with ``mix`` below 1, by the point that fraction of the way from the face's own
+    embedding to that mean (``centroid_mix``).
 
     Cosine models average unit vectors (their rule ignores length). A face that matches
     no other keeps its own embedding.
@@ -110,6 +113,7 @@ def shared_identity(
             same[k] &= rule.same_person(e[k : k + 1].expand_as(e), e).cpu()
     same |= torch.eye(n, dtype=torch.bool)
     weights = same.float() / same.float().sum(1, keepdim=True)
+    weights = mix * weights + (1.0 - mix) * torch.eye(n)
     out = {}
     for name, e in embeddings.items():
         if models[name].spec.verification.metric == "cosine":

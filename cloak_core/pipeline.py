@@ -507,7 +507,9 @@ class Protector:
         back[torch.tensor(order)] = torch.arange(len(order))
         embeddings = {n: torch.cat(found[n], 0)[back.to(self.device)] for n in names}
         photo = torch.tensor([r.image for r in regions])
-        return shared_identity(embeddings, models, photo, collection[photo])
+        return shared_identity(
+            embeddings, models, photo, collection[photo], mix=config.centroid_mix
+        )
 
     def plan_hold_out(
         self, faces: Sequence[Sequence[Face]], config: AttackConfig | None = None

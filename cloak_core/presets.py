@@ -100,6 +100,11 @@ class AttackConfig:
       pushed away from their shared identity, the mean of their embeddings, instead of
       from their own embedding alone: what a clean photo of that person would match.
       Alone, a face is pushed from its own embedding as before.
+    - ``centroid_mix``: with ``centroid``, where between a face's own embedding (0) and
+      the shared identity (1) the point it is pushed from lies. At 1 each photo can stay
+      close to itself (a recogniser that holds the original still matches it); halfway
+      kept the shared identity's rank-1 and the own photo's protection in one
+      measurement (issue 18, DECISIONS.md), not yet a preset's value.
     - ``dropout``: model augmentation. During the attack's steps every convolution of
       every ensemble model has its output dropped at a rate (a fresh random mask at each
       forward, the rest scaled up to keep the mean), so the perturbation is made against
@@ -143,6 +148,7 @@ class AttackConfig:
     sign_steps: bool = True
     hold_out: bool = False
     centroid: bool = False
+    centroid_mix: float = 1.0
     dropout: float | None = None
     seed: int | None = None
 
@@ -181,6 +187,8 @@ class AttackConfig:
             changes[name] = _typed(name, types[name], value)
         if changes.get("steps", 1) < 1:
             raise UsageError("steps must be at least 1")
+        if not 0.0 <= changes.get("centroid_mix", 1.0) <= 1.0:
+            raise UsageError("centroid_mix is a fraction from 0 to 1")
         return replace(self, **changes)
 
 

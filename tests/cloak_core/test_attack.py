@@ -78,12 +78,17 @@ def test_settings_take_each_fields_type():
     assert type(changed.steps) is int and type(changed.noise) is float
     assert base.with_settings([("centroid", 0.0)]).centroid is False
     assert base.with_settings([("flips", 1.0)]).flips is True
+    assert (
+        base.centroid_mix == 1.0 and base.with_settings([("centroid_mix", 0.5)]).centroid_mix == 0.5
+    )
     for setting, message in (
         (("centroid", 0.5), "a switch"),
         (("steps", None), "cannot be none"),
         (("grad_sigma", True), "takes a number"),
         (("lpips_net", 1.0), "not an attack setting"),
         (("steps", 0.2), "at least 1"),
+        (("centroid_mix", 1.5), "fraction from 0 to 1"),
+        (("centroid_mix", -0.1), "fraction from 0 to 1"),
     ):
         with pytest.raises(UsageError, match=message):
             base.with_settings([setting])
@@ -182,6 +187,13 @@ def test_photos_of_one_person_are_pushed_from_their_shared_identity(store, faces
         assert torch.allclose(shared["dlib"][0], own["dlib"][:2].mean(0), atol=1e-6)
         assert torch.allclose(shared["sface"][2], unit[2], atol=1e-6)
         assert torch.allclose(shared["dlib"][2], own["dlib"][2])
+        # Mixed: that fraction of the way from each face's own (unit) embedding to the
+        # shared identity; 0 is the face's own.
+        half = shared_identity(own, models, torch.tensor([0, 1, 2]), mix=0.25)
+        assert torch.allclose(half["sface"], 0.25 * shared["sface"] + 0.75 * unit, atol=1e-6)
+        assert torch.allclose(half["dlib"], 0.25 * shared["dlib"] + 0.75 * own["dlib"], atol=1e-6)
+        none = shared_identity(own, models, torch.tensor([0, 1, 2]), mix=0.0)
+        assert torch.allclose(none["sface"], unit, atol=1e-6)
         # Two faces of one photo are two people, whatever the models say.
         apart = shared_identity(own, models, torch.tensor([0, 0, 2]))
         assert torch.allclose(apart["sface"], unit, atol=1e-6)
