@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from cloak_core.align import estimate_similarity, template_keypoints, warp_affine
+from cloak_core.models import get_spec
 from cloak_core.models.base import ARCFACE_TEMPLATE_112, VerificationRule
 from cloak_core.weights import PypiSource, WeightFile
 
@@ -159,7 +160,7 @@ class DlibPipelineEvaluator:
     name = "dlib-bin"
     independent = True
     weights = frozenset({DLIB_DESCRIPTOR, DLIB_SHAPE_PREDICTOR})
-    rule = VerificationRule("euclidean", 0.6)  # dlib's documented threshold
+    rule = get_spec("dlib").verification  # the same network: dlib's documented 0.6
 
     def __init__(self, store: ModelStore) -> None:
         import dlib
@@ -209,7 +210,7 @@ class OpenCVPipelineEvaluator:
     name = "opencv-sface"
     independent = True
     weights = frozenset({YUNET, SFACE})
-    rule = VerificationRule("cosine", 0.363)  # FaceRecognizerSF's documented threshold
+    rule = get_spec("sface").verification  # the same network: FaceRecognizerSF's 0.363
 
     def __init__(self, store: ModelStore, *, score_threshold: float = 0.6, bgr: bool = True):
         import cv2
@@ -277,8 +278,6 @@ def black_box_ensemble(ensemble: Sequence[str], evaluator: Evaluator) -> list[st
     The protected images an evaluator is scored on must come from such an ensemble
     (leave-one-out): no model that shares weights with it, in any form.
     """
-    from cloak_core.models import get_spec
-
     return [m for m in ensemble if not (set(get_spec(m).weights) & evaluator.weights)]
 
 

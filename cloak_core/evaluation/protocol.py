@@ -19,10 +19,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from cloak_core.errors import UsageError
+
+if TYPE_CHECKING:
+    from cloak_core.models import VerificationRule
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 PROBE_EVERY = 10
@@ -168,29 +173,24 @@ def accuracy(
 
 
 def own_original_match(
-    clean: np.ndarray, protected: np.ndarray, metric: str, threshold: float
+    clean: np.ndarray, protected: np.ndarray, rule: VerificationRule
 ) -> dict[str, float | int]:
     """How far each protected face still matches the very photo it was made from.
 
     ``clean`` and ``protected`` are ``(N, D)`` embeddings of the same N faces before and
-    after protection (under the same condition). ``metric`` and ``threshold`` are the
-    recogniser's own same-person rule: ``"cosine"`` (at or above) or ``"euclidean"``
-    (below). Returns the mean cosine, the fraction the rule still calls the same person,
-    and N. A per-face, continuous measure beside rank-k: a face counts even when no probe
-    of its identity happens to rank it, and the worst case for the person (a recogniser
-    holding the original itself) is what it scores.
+    after protection (under the same condition); ``rule`` is the recogniser's own
+    same-person rule (its :class:`~cloak_core.models.VerificationRule`). Returns the mean
+    cosine, the fraction the rule still calls the same person, and N. A per-face,
+    continuous measure beside rank-k: a face counts even when no probe of its identity
+    happens to rank it, and the worst case for the person (a recogniser holding the
+    original itself) is what it scores.
     """
     a = np.asarray(clean, dtype=np.float64)
     b = np.asarray(protected, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 2:
         raise ValueError(f"embeddings of different shapes: {a.shape} and {b.shape}")
     cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-    if metric == "cosine":
-        same = cos >= threshold
-    elif metric == "euclidean":
-        same = np.linalg.norm(a - b, axis=1) < threshold
-    else:
-        raise ValueError(f"unknown metric {metric!r}")
+    same = rule.same_person(torch.from_numpy(a), torch.from_numpy(b)).numpy()
     return {
         "cosine": float(cos.mean()) if len(cos) else float("nan"),
         "matched": float(same.mean()) if len(same) else float("nan"),

@@ -37,6 +37,18 @@ def _num(value: float, digits: int) -> str:
     return "–" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
 
+def _setting_text(value: object) -> str:
+    """A ``--set`` value as the run's configuration took it, written as it is typed:
+    ``true``/``false`` for a switch, ``none`` for no cap, a number in its shortest form."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
 def markdown(report: dict) -> str:
     """``report.md``'s text for a report dict (as :class:`EvalResult` holds it)."""
     d = report["dataset"]
@@ -55,7 +67,10 @@ def markdown(report: dict) -> str:
     if cfg:
         run = report.get("settings", {})
         jobs = run.get("jobs", 1)
-        settings = ", ".join(f"{name}={value}" for name, value in run.get("overrides") or [])
+        settings = ", ".join(
+            f"{name}={_setting_text(cfg.get(name, value))}"
+            for name, value in run.get("overrides") or []
+        )
         lines.append(
             f"- attack: preset `{cfg['name']}` ({cfg['steps']} steps of {cfg['step_size']}, "
             f"LPIPS weight {cfg['lpips_weight']}"
@@ -64,10 +79,17 @@ def markdown(report: dict) -> str:
             f"device {report['device']}" + (f" ({jobs} processes)" if jobs > 1 else "")
         )
         if cfg.get("centroid"):
+            mix = cfg.get("centroid_mix", 1.0)
+            point = (
+                "their shared identity"
+                if mix == 1.0
+                else f"{_setting_text(mix)} of the way from their own embedding to their "
+                "shared identity"
+            )
             lines.append(
                 "- each attack batch was protected as one collection, a person's gallery "
-                "photos kept in one batch where they fit: their faces were pushed from their "
-                "shared identity (`centroid`); "
+                f"photos kept in one batch where they fit: their faces were pushed from {point} "
+                "(`centroid`, `centroid_mix`); "
                 "a photo uploaded alone gets only its own push (`--set centroid=0` measures that)"
             )
     else:

@@ -620,7 +620,7 @@ class Evaluation:
                         # from, by the recogniser's own rule; one the detector found no
                         # face in went up unprotected and counts as the match it is.
                         entry["own_original"] = protocol.own_original_match(
-                            clean_emb[idx], prot_emb[idx], ev.rule.metric, ev.rule.threshold
+                            clean_emb[idx], prot_emb[idx], ev.rule
                         )
                     results[cond.name][ev.name] = entry
                     bar.update(1)

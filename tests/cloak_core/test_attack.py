@@ -79,7 +79,7 @@ def test_settings_take_each_fields_type():
     assert base.with_settings([("centroid", 0.0)]).centroid is False
     assert base.with_settings([("flips", 1.0)]).flips is True
     assert (
-        base.centroid_mix == 1.0 and base.with_settings([("centroid_mix", 0.5)]).centroid_mix == 0.5
+        base.centroid_mix == 0.5 and base.with_settings([("centroid_mix", 1)]).centroid_mix == 1.0
     )
     for setting, message in (
         (("centroid", 0.5), "a switch"),
@@ -156,9 +156,10 @@ def test_only_regions_shown_larger_than_optimised_get_smoothed():
 
 def test_photos_of_one_person_are_pushed_from_their_shared_identity(store, faces_dir):
     """With `centroid` and photos protected together, faces that every model verifies as
-    one person (in different photos) are pushed away from the mean of their embeddings;
-    another person, or two faces of one photo, keep their own; without `together` (the
-    daemon's separate uploads) nothing is shared."""
+    one person (in different photos) are pushed away from the mean of their embeddings
+    (from halfway to it, the preset's `centroid_mix`); another person, or two faces of one
+    photo, keep their own; without `together` (the daemon's separate uploads) nothing is
+    shared."""
     import torch.nn.functional as F
 
     from cloak_core.attack import embed, shared_identity
@@ -208,6 +209,9 @@ def test_photos_of_one_person_are_pushed_from_their_shared_identity(store, faces
         }
         plain = replace(config, centroid=False)
         unshared = p.protect_pixels(images, faces, seed=0, config=plain, together=True)
+        assert config.centroid_mix == 0.5  # the preset's: halfway
+        whole = replace(config, centroid_mix=1.0)
+        from_shared = p.protect_pixels(images, faces, seed=0, config=whole, together=True)
         assert all(np.array_equal(a, b) for a, b in zip(outputs[False], unshared, strict=True))
         # One call holding several uploads (the daemon's batches): shared within each.
         labelled = p.protect_pixels(images, faces, seed=0, collections=["up", "up", None])
@@ -220,8 +224,12 @@ def test_photos_of_one_person_are_pushed_from_their_shared_identity(store, faces
             with torch.no_grad():
                 return F.cosine_similarity(sface(x).float(), centre, dim=-1).tolist()
 
-    alone, shared_push = from_centre(outputs[False]), from_centre(outputs[True])
-    assert all(t < a - 0.05 for t, a in zip(shared_push, alone, strict=True)), (shared_push, alone)
+    alone, halfway = from_centre(outputs[False]), from_centre(outputs[True])
+    assert all(t < a - 0.05 for t, a in zip(halfway, alone, strict=True)), (halfway, alone)
+    # The mix reaches the attack: from the shared identity itself, other faces; the third
+    # face, a person of their own, is the same either way.
+    assert not np.array_equal(from_shared[0], outputs[True][0])
+    assert np.array_equal(from_shared[2], outputs[True][2])
 
 
 def test_feature_dropout_augments_only_the_attacks_steps(store, faces_dir):

@@ -9,6 +9,7 @@ import pytest
 
 from cloak_core.errors import UsageError
 from cloak_core.evaluation import protocol
+from cloak_core.models import VerificationRule, get_spec
 
 
 def _paths(n: int) -> list[Path]:
@@ -179,21 +180,19 @@ def test_own_original_match_against_scipy() -> None:
     dist = np.array([distance.euclidean(a, b) for a, b in zip(clean, protected, strict=True)])
 
     threshold = float(np.quantile(cos, 0.25))
-    got = protocol.own_original_match(clean, protected, "cosine", threshold)
+    got = protocol.own_original_match(clean, protected, VerificationRule("cosine", threshold))
     assert got["faces"] == 40
     assert got["cosine"] == pytest.approx(cos.mean(), abs=1e-12)
     assert got["matched"] == pytest.approx((cos >= threshold).mean())
     assert 0.7 <= got["matched"] <= 0.8  # at or above: the upper three quarters
 
     threshold = float(np.quantile(dist, 0.3))
-    got = protocol.own_original_match(clean, protected, "euclidean", threshold)
+    got = protocol.own_original_match(clean, protected, VerificationRule("euclidean", threshold))
     assert got["matched"] == pytest.approx((dist < threshold).mean())
     assert got["cosine"] == pytest.approx(cos.mean(), abs=1e-12)
     # An unchanged face (one the detector missed) is matched, at cosine 1.
-    same = protocol.own_original_match(clean[:5], clean[:5], "euclidean", 0.6)
+    same = protocol.own_original_match(clean[:5], clean[:5], get_spec("dlib").verification)
     assert same["matched"] == 1.0 and same["cosine"] == pytest.approx(1.0)
 
     with pytest.raises(ValueError, match="different shapes"):
-        protocol.own_original_match(clean, protected[:3], "cosine", 0.3)
-    with pytest.raises(ValueError, match="unknown metric"):
-        protocol.own_original_match(clean, protected, "manhattan", 0.3)
+        protocol.own_original_match(clean, protected[:3], VerificationRule("cosine", 0.3))
