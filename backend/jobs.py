@@ -12,7 +12,10 @@ The jobs of one upload of several photos form a collection (``POST /v1/jobs``'s
 ``collection_size`` of them have come (at most ``collection_wait`` seconds after the
 first; meanwhile other jobs run), then go into one batch, before any job sent alone, and
 the protector treats them as one person's photos (``collections``). A collection larger
-than a batch is split between batches, each part shared within itself.
+than a batch is split between batches; the worker keeps what the protector saw of its
+earlier parts (the faces' clean embeddings, ``carried``), so each later part is pushed
+from the shared identity of every photo of the upload so far, and forgets it once no
+photo of that upload waits.
 
 A running batch stops early (``cancel`` is set) when every client that waits for it
 has gone, when it runs past the per-job time limit, or when a shutdown's deadline
@@ -156,6 +159,8 @@ class Worker:
         self._queue: deque[Job] = deque()
         self._jobs: dict[str, Job] = {}
         self._batch: _Batch | None = None
+        # Per split collection, its earlier parts' faces (the protector's ``carried``).
+        self._carried: dict[tuple[str, str], dict[str, Any]] = {}
         self._batch_done: asyncio.Event = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -394,6 +399,7 @@ class Worker:
             extra["measure"] = "models"
         if any(job.collection for job in jobs):
             extra["collections"] = [job.collection for job in jobs]
+            extra["carried"] = self._carried
         call = functools.partial(
             _protect_then_trim,
             self.protector,
@@ -448,6 +454,10 @@ class Worker:
             _collections_note(jobs),
             time.monotonic() - started,
         )
+        # What was carried for a collection none of whose photos still waits is forgotten.
+        waiting = {job.collection for job in self._queue}
+        for label in [c for c in self._carried if c not in waiting]:
+            del self._carried[label]
         self._batch = None
         self._batch_done.set()
 

@@ -35,12 +35,14 @@ class ProtectorLike(Protocol):
         max_decoded_bytes: int | None = None,
         measure: bool | str = False,
         collections: Sequence[Any] | None = None,
+        carried: dict[Any, Any] | None = None,
     ) -> Sequence[Any]:
         """One result (with ``data``, ``mime``, ``faces``, ``seconds``) or error per item.
 
         ``measure="models"`` (passed only for jobs that want a preview) adds ``previews``.
         ``collections`` (passed only when some items are one upload's photos): per item,
-        the upload it is part of, or None.
+        the upload it is part of, or None; with them ``carried``, what the protector
+        kept of each upload's photos in earlier calls, which it reads and adds to.
 
         ``config`` is the :class:`cloak_core.presets.AttackConfig` of every item;
         ``max_pixels`` and ``max_decoded_bytes`` the decoded-size limits (over them:

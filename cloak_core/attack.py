@@ -92,6 +92,8 @@ def shared_identity(
     photo: torch.Tensor,
     collection: torch.Tensor | None = None,
     mix: float = 1.0,
+    companions: Mapping[str, torch.Tensor] | None = None,
+    companion_collection: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per model, each face's embedding ``(N, D)`` replaced by the mean over the faces that
     every model verifies as the same person, in other photos (``photo``, ``(N,)``, says
@@ -100,20 +102,35 @@ def shared_identity(
     with ``mix`` below 1, by the point that fraction of the way from the face's own
     embedding to that mean (``centroid_mix``).
 
+    ``companions``: per model, ``(M, D)`` embeddings of more faces of these collections
+    (``companion_collection``, ``(M,)``), from photos protected before (an upload larger
+    than a batch): they count in the mean like the faces of another photo, and get no
+    row of their own.
+
     Cosine models average unit vectors (their rule ignores length). A face that matches
     no other keeps its own embedding.
     """
     n = len(photo)
-    same = photo.view(-1, 1) != photo.view(1, -1)
+    extra = 0 if companions is None else len(next(iter(companions.values())))
+    if extra:
+        assert companions is not None and companion_collection is not None
+        if collection is None:
+            collection = torch.zeros(n, dtype=torch.long)
+        embeddings = {k: torch.cat([e, companions[k].to(e)], 0) for k, e in embeddings.items()}
+        # Each companion in a photo of its own, none of them one of this call's.
+        photo = torch.cat([photo, int(photo.max()) + 1 + torch.arange(extra)])
+        collection = torch.cat([collection, companion_collection])
+    same = photo[:n].view(-1, 1) != photo.view(1, -1)
     if collection is not None:
-        same &= collection.view(-1, 1) == collection.view(1, -1)
+        same &= collection[:n].view(-1, 1) == collection.view(1, -1)
     for name, e in embeddings.items():
         rule = models[name].spec.verification
-        for k in range(n):  # a row at a time: n x n x D would not fit for many photos
+        for k in range(n):  # a row at a time: n x (n + M) x D would not fit for many photos
             same[k] &= rule.same_person(e[k : k + 1].expand_as(e), e).cpu()
-    same |= torch.eye(n, dtype=torch.bool)
+    own = torch.eye(n, n + extra, dtype=torch.bool)
+    same |= own
     weights = same.float() / same.float().sum(1, keepdim=True)
-    weights = mix * weights + (1.0 - mix) * torch.eye(n)
+    weights = mix * weights + (1.0 - mix) * own.float()
     out = {}
     for name, e in embeddings.items():
         if models[name].spec.verification.metric == "cosine":

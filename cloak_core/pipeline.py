@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -44,6 +44,10 @@ Progress = Callable[[float], None]
 # Margin added around the union of the models' crops, as a fraction of its size; the
 # perturbation fades out over it, so there is no visible seam.
 REGION_MARGIN = 0.12
+# Per collection label, per model, the clean embeddings of the faces a split upload's
+# earlier calls protected (:meth:`Protector.protect_pixels`'s ``carried``).
+Carried = MutableMapping[Hashable, dict[str, torch.Tensor]]
+
 # Faces optimised together in one batch (larger batches are split, one after the other).
 MAX_BATCH = {"cpu": 8, "cuda": 64}
 # ``hold_out`` leaves one model out of each face's attack only when the ensemble has at
@@ -296,6 +300,7 @@ class Protector:
         times: StageTimes | None = None,
         together: bool = False,
         collections: Sequence[Hashable | None] | None = None,
+        carried: Carried | None = None,
     ) -> list[ProtectResult | FaceCloakError]:
         """Protect several encoded images in one batched attack.
 
@@ -310,7 +315,8 @@ class Protector:
         (seconds per photo); ``"models"`` only :attr:`ProtectResult.previews`, the models'
         verdicts on the encoded output and small crops (one forward pass per model).
         ``together``: the items are one person's collection; ``collections``: per item, the
-        collection it is part of, or None (see :meth:`protect_pixels`).
+        collection it is part of, or None; ``carried``: what earlier calls saw of those
+        collections (see :meth:`protect_pixels`).
         """
         if measure not in (False, True, "models"):
             raise UsageError(f"measure must be False, True or 'models', got {measure!r}")
@@ -349,6 +355,7 @@ class Protector:
             held_out=held_out,
             together=together,
             collections=None if collections is None else [collections[i] for i in good],
+            carried=carried,
         )
         seconds = time.perf_counter() - start
         results: list[ProtectResult | FaceCloakError] = list(decoded)  # type: ignore[arg-type]
@@ -398,6 +405,7 @@ class Protector:
         held_out: Sequence[Sequence[str | None]] | None = None,
         together: bool = False,
         collections: Sequence[Hashable | None] | None = None,
+        carried: Carried | None = None,
     ) -> list[np.ndarray]:
         """The attack on given faces: ``images`` are ``(H, W, 3)`` RGB uint8 or uint16.
 
@@ -412,18 +420,17 @@ class Protector:
         ``collections``, instead: per image, the collection it is part of (images with equal
         labels are one collection, as with ``together``), or None for an image alone; so
         one call can hold several uploads of several photos each.
+        ``carried``, with ``collections``: per collection label, per model, the clean
+        embeddings of that collection's faces protected by earlier calls (an upload
+        larger than one call, split between calls): they count in the shared identity as
+        photos of the collection, and are not attacked again. This call's faces of each
+        of its collections are added to it, so the caller keeps one ``carried`` for the
+        calls of a split upload.
         """
         config = config or self.config
         times = times or StageTimes(self.device)
         seed = config.seed if seed is None else seed
-        names = list(config.models or self.model_names)
-        models = {n: self._model(n) for n in names}
-        specs = [get_spec(n) for n in names]
-        regions = [
-            self._plan(i, img.shape[:2], face, specs, config)
-            for i, (img, fs) in enumerate(zip(images, faces, strict=True))
-            for face in fs
-        ]
+        names, models, regions = self._regions(images, faces, config)
         outputs = [np.array(img, copy=True) for img in images]
         if not regions:
             if progress is not None:
@@ -449,10 +456,14 @@ class Protector:
                 chunks.append([r])
         lpips = self._lpips_net(config.lpips_net) if config.measures_lpips else None
         targets = None
-        collection = _collection_ids(together, collections, len(images))
+        if carried is not None and together:
+            raise UsageError("carried collections need collection labels, not together")
+        collection, labels = _collection_ids(together, collections, len(images), carried or {})
         if collection is not None and config.centroid:
             with times.stage("shared identity"):
-                targets = self._shared_identity(regions, images, chunks, models, config, collection)
+                targets = self._shared_identity(
+                    regions, images, chunks, models, config, collection, labels, carried
+                )
         for c, chunk in enumerate(chunks):
             chunk_regions = [regions[r] for r in chunk]
             members = [n for n in names if n != left_out[chunk[0]]]
@@ -479,6 +490,24 @@ class Protector:
                     _blend(outputs[region.image], region, delta[k])
         return outputs
 
+    def _regions(
+        self,
+        images: Sequence[np.ndarray],
+        faces: Sequence[Sequence[Face]],
+        config: AttackConfig,
+    ) -> tuple[list[str], dict[str, FaceModel], list[_Region]]:
+        """The ensemble's names and models, and the region of every face of ``images``
+        (``faces[i]`` those of image ``i``), in order."""
+        names = list(config.models or self.model_names)
+        models = {n: self._model(n) for n in names}
+        specs = [get_spec(n) for n in names]
+        regions = [
+            self._plan(i, img.shape[:2], face, specs, config)
+            for i, (img, fs) in enumerate(zip(images, faces, strict=True))
+            for face in fs
+        ]
+        return names, models, regions
+
     def _shared_identity(
         self,
         regions: Sequence[_Region],
@@ -487,11 +516,61 @@ class Protector:
         models: Mapping[str, FaceModel],
         config: AttackConfig,
         collection: torch.Tensor,
+        labels: Mapping[Hashable, int],
+        carried: Carried | None,
     ) -> dict[str, torch.Tensor]:
         """Per model, ``(len(regions), D)``: what each face is pushed away from, the mean
         embedding of the faces in the other photos of its collection (``collection``, per
-        image) that every model verifies as the same person, itself included
-        (:func:`~cloak_core.attack.shared_identity`)."""
+        image; ``labels``, the number of each label) that every model verifies as the same
+        person, itself included, with the faces ``carried`` from earlier calls
+        (:func:`~cloak_core.attack.shared_identity`); this call's faces join ``carried``."""
+        names = list(models)
+        embeddings = self._clean_embeddings(regions, images, chunks, models, config)
+        photo = torch.tensor([r.image for r in regions])
+        face_collection = collection[photo]
+        before = {
+            label: carried[label]
+            for label in labels
+            if carried is not None and label in carried and set(names) <= set(carried[label])
+        }
+        companions, companion_collection = None, None
+        if before:
+            companions = {
+                n: torch.cat([e[n].to(self.device) for e in before.values()]) for n in names
+            }
+            companion_collection = torch.cat(
+                [torch.full((len(e[names[0]]),), labels[label]) for label, e in before.items()]
+            )
+        targets = shared_identity(
+            embeddings,
+            models,
+            photo,
+            face_collection,
+            mix=config.centroid_mix,
+            companions=companions,
+            companion_collection=companion_collection,
+        )
+        if carried is not None:
+            for label, number in labels.items():
+                mine = face_collection == number
+                if bool(mine.any()):
+                    new = {n: embeddings[n][mine.to(self.device)] for n in names}
+                    old = carried.get(label)
+                    if old is not None and set(names) <= set(old):
+                        new = {n: torch.cat([old[n].to(self.device), new[n]]) for n in names}
+                    carried[label] = new
+        return targets
+
+    def _clean_embeddings(
+        self,
+        regions: Sequence[_Region],
+        images: Sequence[np.ndarray],
+        chunks: Sequence[Sequence[int]],
+        models: Mapping[str, FaceModel],
+        config: AttackConfig,
+    ) -> dict[str, torch.Tensor]:
+        """Per model, ``(len(regions), D)``: each face's embedding before protection, as
+        the attack sees it (its working crop, flipped too with ``flips``)."""
         names = list(models)
         found: dict[str, list[torch.Tensor]] = {n: [] for n in names}
         order = [r for chunk in chunks for r in chunk]
@@ -505,11 +584,26 @@ class Protector:
                     found[n].append(embed(models[n], batch.pixels, batch.matrices[n], config.flips))
         back = torch.empty(len(order), dtype=torch.long)
         back[torch.tensor(order)] = torch.arange(len(order))
-        embeddings = {n: torch.cat(found[n], 0)[back.to(self.device)] for n in names}
-        photo = torch.tensor([r.image for r in regions])
-        return shared_identity(
-            embeddings, models, photo, collection[photo], mix=config.centroid_mix
-        )
+        return {n: torch.cat(found[n], 0)[back.to(self.device)] for n in names}
+
+    def embed_faces(
+        self,
+        images: Sequence[np.ndarray],
+        faces: Sequence[Sequence[Face]],
+        config: AttackConfig | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per ensemble model, ``(F, D)``: the clean embeddings of every face of ``images``
+        (``faces[i]`` those of image ``i``, in order), as :meth:`protect_pixels` computes
+        them for a shared identity: what ``carried`` holds of a collection's earlier photos."""
+        config = config or self.config
+        names, models, regions = self._regions(images, faces, config)
+        if not regions:
+            return {n: torch.empty(0, models[n].spec.embedding_dim) for n in names}
+        limit = MAX_BATCH.get(self.device.type, 8)
+        chunks = [
+            list(range(k, min(k + limit, len(regions)))) for k in range(0, len(regions), limit)
+        ]
+        return self._clean_embeddings(regions, images, chunks, models, config)
 
     def plan_hold_out(
         self, faces: Sequence[Sequence[Face]], config: AttackConfig | None = None
@@ -726,12 +820,17 @@ class Protector:
 
 
 def _collection_ids(
-    together: bool, collections: Sequence[Hashable | None] | None, count: int
-) -> torch.Tensor | None:
+    together: bool,
+    collections: Sequence[Hashable | None] | None,
+    count: int,
+    carried: Mapping[Hashable, object] | None = None,
+) -> tuple[torch.Tensor | None, dict[Hashable, int]]:
     """Per image, a number naming its collection (an image alone gets one of its own), or
-    None when no two of the ``count`` images share one."""
+    None when no two of the ``count`` images share one and none has faces ``carried``
+    from an earlier call; and the number of each collection label."""
     if collections is None:
-        return torch.zeros(count, dtype=torch.long) if together and count > 1 else None
+        ids = torch.zeros(count, dtype=torch.long) if together and count > 1 else None
+        return ids, {}
     if together:
         raise UsageError("give together or collections, not both")
     if len(collections) != count:
@@ -741,9 +840,10 @@ def _collection_ids(
         labels.setdefault(c, len(labels)) if c is not None else -1 - i
         for i, c in enumerate(collections)
     ]
-    if len(labels) == len([c for c in collections if c is not None]):
-        return None  # every collection holds one image at most
-    return torch.tensor(ids)
+    alone = len(labels) == len([c for c in collections if c is not None])
+    if alone and not any(label in (carried or {}) for label in labels):
+        return None, labels  # every collection holds one image at most
+    return torch.tensor(ids), labels
 
 
 def _as_uint8(pixels: np.ndarray) -> np.ndarray:

@@ -73,6 +73,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="C,D",
         help=f"png, jpegQ, scaleP-jpegQ, resizeN-jpegQ (default: {','.join(DEFAULT_CONDITIONS)})",
     )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        metavar="N",
+        help="photos per attack batch (default 32 on a CPU, 64 on a GPU); a person with more "
+        "is split between batches, their earlier photos carried into the later ones, as the "
+        "daemon splits an upload larger than its --batch-size",
+    )
     p.add_argument("--jpeg", type=int, metavar="Q", help="add the condition jpegQ")
     p.add_argument(
         "--resize", type=positive_int, metavar="PX", help="add resizePX-jpegQ (Q: --jpeg or 85)"
@@ -161,6 +169,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         landmarks=args.landmarks,
         resume=not args.fresh,
         jobs=args.jobs,
+        batch_size=args.batch_size,
     )
 
 

@@ -58,9 +58,12 @@ class AttackCache:
         seed: int,
         pixels: Sequence[np.ndarray],
         faces: Sequence[Sequence[Face]],
+        companions: Sequence[np.ndarray] = (),
+        companion_faces: Sequence[Sequence[Face]] = (),
     ) -> Path:
         """The file of one batch: ``pixels`` (RGB uint8 ``(H, W, 3)`` each) attacked with
-        ``config`` (its ``models`` the ensemble) and ``seed``, ``faces`` the faces of each."""
+        ``config`` (its ``models`` the ensemble) and ``seed``, ``faces`` the faces of each;
+        ``companions``, the earlier photos of its people carried into it, and their faces."""
         import torch
 
         key = {
@@ -72,6 +75,11 @@ class AttackCache:
             "images": [hashlib.sha256(px.tobytes()).hexdigest() for px in pixels],
             "faces": [[[list(f.box), f.keypoints.tolist()] for f in fs] for fs in faces],
         }
+        if companions:  # only then: the keys of batches without any stay as they were
+            key["companions"] = [hashlib.sha256(px.tobytes()).hexdigest() for px in companions]
+            key["companion_faces"] = [
+                [[list(f.box), f.keypoints.tolist()] for f in fs] for fs in companion_faces
+            ]
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         return self.directory / f"{digest}.npz"
 

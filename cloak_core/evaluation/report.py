@@ -86,11 +86,19 @@ def markdown(report: dict) -> str:
                 else f"{_setting_text(mix)} of the way from their own embedding to their "
                 "shared identity"
             )
+            size = run.get("batch_size")
             lines.append(
                 "- each attack batch was protected as one collection, a person's gallery "
                 f"photos kept in one batch where they fit: their faces were pushed from {point} "
                 "(`centroid`, `centroid_mix`); "
                 "a photo uploaded alone gets only its own push (`--set centroid=0` measures that)"
+                + (
+                    f"; batches of at most {size} photos (`--batch-size`), a person with more "
+                    "split between batches, their earlier batches' faces carried into the later "
+                    "ones' shared identity as the daemon carries a split upload's"
+                    if size
+                    else ""
+                )
             )
     else:
         lines.append("- no attack (clean accuracy only)")

@@ -55,7 +55,7 @@ from cloak_core.evaluation.evaluators import (
     RegistryEvaluator,
 )
 from cloak_core.evaluation.versions import software_versions
-from cloak_core.evaluation.workers import AttackTask, attack_in_workers
+from cloak_core.evaluation.workers import AttackTask, attack_in_workers, protect_batch
 from cloak_core.presets import Setting
 from cloak_core.visibility import (
     GridRow,
@@ -98,6 +98,8 @@ class EvalSettings:
     settings replacing the preset's, as ``(field, value)`` pairs (the frontier's sweep).
     ``worst_images``: how many of each ensemble's most visible images the report names
     (and the grid shows beside the first image of ``grid_identities`` identities).
+    ``batch_size``: photos per attack batch (None: 32 on a CPU, 64 on a GPU); a person
+    with more is split, their earlier batches' photos carried into the later ones.
     """
 
     dataset: Path
@@ -386,7 +388,7 @@ class Evaluation:
             tqdm(total=len(targets), desc=label, disable=not self.progress, unit="img") as bar,
         ):
             seconds, resumed = 0.0, 0
-            for seed, chunk, cached in self._batches(group, targets):
+            for seed, chunk, earlier, cached in self._batches(group, targets):
                 done = bar.n
 
                 def step(f: float, done: float = done, n: int = len(chunk)) -> None:
@@ -397,12 +399,14 @@ class Evaluation:
                 hit = read_batch(cached) if reuse else None
                 if hit is None:
                     t = time.perf_counter()
-                    pixels = protector.protect_pixels(
+                    pixels = protect_batch(
+                        protector,
                         [im.pixels for im in chunk],
                         [im.attack_faces for im in chunk],
-                        seed=seed,
+                        seed,
+                        [im.pixels for im in earlier],
+                        [im.attack_faces for im in earlier],
                         progress=step,
-                        together=True,
                     )
                     hit = (pixels, time.perf_counter() - t)
                     write_batch(cached, *hit)
@@ -426,15 +430,29 @@ class Evaluation:
 
     def _batches(
         self, group: AttackGroup, targets: Sequence[_Image]
-    ) -> list[tuple[int, Sequence[_Image], Path]]:
-        """``group``'s attack batches: the seed, the images and the cache entry of each."""
+    ) -> list[tuple[int, Sequence[_Image], Sequence[_Image], Path]]:
+        """``group``'s attack batches: the seed, the images, the photos of the same people
+        in earlier batches (a person with more photos than a batch holds is split, and
+        their earlier photos are carried into the later batches' shared identity, as the
+        daemon carries a split upload's) and the cache entry of each."""
         size = self.settings.batch_size or (64 if self.device.type == "cuda" else 32)
         config = replace(self.config, models=group.ensemble)
         out = []
+        seen: list[_Image] = []
         for b, chunk in enumerate(person_batches(targets, size)):
             seed = self.settings.seed + b
-            pixels, faces = [im.pixels for im in chunk], [im.attack_faces for im in chunk]
-            out.append((seed, chunk, self.cache.path(config, seed, pixels, faces)))
+            people = {im.identity for im in chunk}
+            earlier = [im for im in seen if im.identity in people]
+            seen += chunk
+            path = self.cache.path(
+                config,
+                seed,
+                [im.pixels for im in chunk],
+                [im.attack_faces for im in chunk],
+                [im.pixels for im in earlier],
+                [im.attack_faces for im in earlier],
+            )
+            out.append((seed, chunk, earlier, path))
         return out
 
     def _prefill(
@@ -450,9 +468,11 @@ class Evaluation:
                 [im.attack_faces for im in chunk],
                 seed,
                 path,
+                [im.pixels for im in earlier],
+                [im.attack_faces for im in earlier],
             )
             for group in groups
-            for seed, chunk, path in self._batches(group, targets)
+            for seed, chunk, earlier, path in self._batches(group, targets)
             if not (self.settings.resume and read_batch(path) is not None)
         ]
         self.timings["attack_worker_batches"] = len(tasks)

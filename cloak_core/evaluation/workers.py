@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -33,6 +33,8 @@ class AttackTask:
 
     ``config``: the attack config, its ``models`` the ensemble. ``pixels``: RGB uint8
     ``(H, W, 3)`` images; ``faces``: the faces of each. ``path``: the cache entry.
+    ``companions`` / ``companion_faces``: photos of the same people protected in earlier
+    batches (a person split between batches), carried into this batch's shared identity.
     """
 
     config: AttackConfig
@@ -40,6 +42,28 @@ class AttackTask:
     faces: list[list[Face]]
     seed: int
     path: Path
+    companions: list[np.ndarray] = field(default_factory=list)
+    companion_faces: list[list[Face]] = field(default_factory=list)
+
+
+def protect_batch(
+    protector: Protector,
+    pixels: Sequence[np.ndarray],
+    faces: Sequence[Sequence[Face]],
+    seed: int,
+    companions: Sequence[np.ndarray] = (),
+    companion_faces: Sequence[Sequence[Face]] = (),
+    progress: Callable[[float], None] | None = None,
+) -> list[np.ndarray]:
+    """One evaluation batch protected as one collection, as the daemon protects one
+    upload: with ``companions``, the rest of a split upload, whose faces' clean embeddings
+    are carried into the shared identity (``Protector.protect_pixels``'s ``carried``)."""
+    if not companions:
+        return protector.protect_pixels(pixels, faces, seed=seed, progress=progress, together=True)
+    carried = {0: protector.embed_faces(companions, companion_faces)}
+    return protector.protect_pixels(
+        pixels, faces, seed=seed, progress=progress, collections=[0] * len(pixels), carried=carried
+    )
 
 
 class AttackWorker:
@@ -63,7 +87,9 @@ class AttackWorker:
             )
             self._protectors[ensemble] = protector
         t = time.perf_counter()
-        pixels = protector.protect_pixels(task.pixels, task.faces, seed=task.seed, together=True)
+        pixels = protect_batch(
+            protector, task.pixels, task.faces, task.seed, task.companions, task.companion_faces
+        )
         write_batch(task.path, pixels, time.perf_counter() - t)
         return len(pixels)
 

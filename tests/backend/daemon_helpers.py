@@ -58,7 +58,9 @@ class ReencodingProtector:
 
     ``steps`` progress reports ``step_seconds`` apart, checking ``cancel`` before each.
     ``batches`` records the size of every ``protect_many`` call, ``collections`` the
-    collection labels it was given (None when it was given none).
+    collection labels it was given (None when it was given none), ``carried`` how many
+    photos of each collection it was handed from earlier calls; like the Protector it
+    adds a row per photo of each collection to ``carried``.
     """
 
     def __init__(self, steps: int = 4, step_seconds: float = 0.0):
@@ -70,6 +72,7 @@ class ReencodingProtector:
         self.configs: list[object] = []
         self.measures: list[object] = []
         self.collections: list[object] = []
+        self.carried: list[dict | None] = []
         self.closed = False
         self.thread_names: set[str] = set()
 
@@ -84,9 +87,17 @@ class ReencodingProtector:
         max_decoded_bytes=None,
         measure=False,
         collections=None,
+        carried=None,
     ):
         self.batches.append(len(items))
         self.collections.append(collections)
+        self.carried.append(
+            None if carried is None else {c: len(e["rows"]) for c, e in carried.items()}
+        )
+        for label in set(collections or []) - {None}:
+            if carried is not None:
+                rows = carried.get(label, {}).get("rows", [])
+                carried[label] = {"rows": [*rows, *(c for c in collections if c == label)]}
         self.measures.append(measure)
         self.configs.append(config)
         self.thread_names.add(threading.current_thread().name)

@@ -15,6 +15,7 @@ from PIL import Image
 
 from backend.app import create_app
 from backend.jobs import STOP_GRACE
+from backend.keys import WORKER_KEY
 from cloak_core.errors import ModelStoreError
 from cloak_core.presets import PRESETS
 
@@ -220,6 +221,16 @@ async def test_what_is_left_of_a_split_collection_runs_once_each(config):
             await _until(lambda job_id=job_id: _state_is(client, token, job_id, "done"))
         assert protector.batches == [1, 3, 2]
         assert len({label for labels in protector.collections[1:] for label in labels}) == 1
+        # The second part is handed the first part's photos, and once the upload is done
+        # the worker keeps nothing of it.
+        label = protector.collections[1][0]
+        assert protector.carried[1] == {} and protector.carried[2] == {label: 3}
+        worker = client.server.app[WORKER_KEY]
+
+        async def forgotten():
+            return not worker._carried
+
+        await _until(forgotten)
 
 
 @pytest.mark.parametrize(

@@ -232,6 +232,111 @@ def test_photos_of_one_person_are_pushed_from_their_shared_identity(store, faces
     assert np.array_equal(from_shared[2], outputs[True][2])
 
 
+def test_an_upload_split_between_calls_is_pushed_from_the_whole_uploads_identity(store, faces_dir):
+    """An upload larger than one call (the daemon's batches) carries each call's clean
+    embeddings to the next: a later part is pushed from the shared identity of every
+    photo of the upload so far, as if all were in one call, and a photo left on its own
+    is pushed from it instead of being protected alone."""
+    import torch.nn.functional as F
+
+    from cloak_core.attack import embed, shared_identity
+    from cloak_core.detect import Face
+    from cloak_core.models.base import ARCFACE_TEMPLATE_112
+    from cloak_core.pipeline import Protector
+
+    folders = sorted(faces_dir.iterdir())
+    load = lambda d, k: np.asarray(Image.open(d / f"{k:03d}.png").convert("RGB"))  # noqa: E731
+    # Three photos of one person, then a fourth of them and one of another person.
+    images = [load(folders[1], k) for k in (1, 3, 5, 7)] + [load(folders[2], 1)]
+    face = Face.from_template(ARCFACE_TEMPLATE_112, box=(0, 0, 112, 112))
+    config = replace(get_preset("balanced"), steps=16, seed=0)
+    names = ["dlib", "sface"]
+    with Protector(config, store=store, device="cpu", models=names) as p:
+        models = {n: p._model(n) for n in names}
+        specs = [m.spec for m in models.values()]
+        regions = [p._plan(i, (112, 112), face, specs, config) for i in range(5)]
+        batch = p._batch(regions, images, names, config)
+        with torch.no_grad():
+            own = {n: embed(m, batch.pixels, batch.matrices[n], True) for n, m in models.items()}
+        for mix in (1.0, 0.5):
+            whole = shared_identity(own, models, torch.arange(5), mix=mix)
+            later = shared_identity(
+                {n: e[3:] for n, e in own.items()},
+                models,
+                torch.arange(2),
+                mix=mix,
+                companions={n: e[:3] for n, e in own.items()},
+                companion_collection=torch.zeros(3, dtype=torch.long),
+            )
+            for n in names:
+                assert torch.allclose(later[n], whole[n][3:], atol=1e-6), (n, mix)
+            # Companions of another upload count for nothing.
+            other = shared_identity(
+                {n: e[3:] for n, e in own.items()},
+                models,
+                torch.arange(2),
+                torch.zeros(2, dtype=torch.long),
+                mix=mix,
+                companions={n: e[:3] for n, e in own.items()},
+                companion_collection=torch.ones(3, dtype=torch.long),
+            )
+            assert torch.allclose(other["sface"], F.normalize(own["sface"][3:], dim=-1))
+
+        faces = [[face]] * 5
+        carried: dict = {}
+        p.protect_pixels(images[:3], faces[:3], seed=0, collections=["up"] * 3, carried=carried)
+        assert set(carried) == {"up"}
+        assert all(torch.allclose(carried["up"][n], own[n][:3], atol=1e-5) for n in names)
+        snapshot = {n: e.clone() for n, e in carried["up"].items()}
+        last = p.protect_pixels(
+            images[3:], faces[3:], seed=0, collections=["up", None], carried=carried
+        )
+        assert [len(carried["up"][n]) for n in names] == [4, 4]
+        assert torch.allclose(carried["up"]["dlib"][3], own["dlib"][3], atol=1e-5)
+        alone = p.protect_pixels(images[3:], faces[3:], seed=0, collections=["up", None])
+        # The photo of another person is protected as it would be alone.
+        assert np.array_equal(last[1], alone[1])
+        assert not np.array_equal(last[0], alone[0])
+        # Without the preset's centroid nothing is carried or shared.
+        plain = replace(config, centroid=False)
+        kept: dict = {"up": snapshot}
+        unshared = p.protect_pixels(
+            images[3:4], faces[3:4], seed=0, config=plain, collections=["up"], carried=kept
+        )
+        assert np.array_equal(
+            unshared[0], p.protect_pixels(images[3:4], faces[3:4], seed=0, config=plain)[0]
+        )
+        assert len(kept["up"]["sface"]) == 3
+        with pytest.raises(UsageError, match="collection labels"):
+            p.protect_pixels(images[:2], faces[:2], together=True, carried={})
+        # The evaluation's batches carry a split person the same way, from their photos.
+        from cloak_core.evaluation.workers import protect_batch
+
+        assert all(
+            torch.allclose(e, own[n][:3], atol=1e-5)
+            for n, e in p.embed_faces(images[:3], faces[:3]).items()
+        )
+        carried_once = p.protect_pixels(
+            images[3:4], faces[3:4], seed=0, collections=["up"], carried={"up": snapshot}
+        )
+        from_photos = protect_batch(p, images[3:4], faces[3:4], 0, images[:3], faces[:3])
+        assert np.array_equal(carried_once[0], from_photos[0])
+        assert not np.array_equal(carried_once[0], alone[0])
+        centre = F.normalize(own["sface"][:4], dim=-1).mean(0, keepdim=True)
+        sface = models["sface"]
+
+        def from_centre(pixels: np.ndarray) -> float:
+            x = torch.from_numpy(pixels).permute(2, 0, 1)[None].float() / 255
+            with torch.no_grad():
+                return float(F.cosine_similarity(sface(x).float(), centre, dim=-1))
+
+    # Pushed from the upload's identity, the photo ends further from it than alone.
+    assert from_centre(last[0]) < from_centre(alone[0]) - 0.05, (
+        from_centre(last[0]),
+        from_centre(alone[0]),
+    )
+
+
 def test_feature_dropout_augments_only_the_attacks_steps(store, faces_dir):
     """Model augmentation: with gradients on, SFace's convolutions drop about 5% of
     their outputs (the rest scaled to keep the mean), reproducibly from the seed; without

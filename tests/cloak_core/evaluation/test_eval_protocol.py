@@ -167,6 +167,53 @@ def test_attack_batches_keep_a_persons_photos_together() -> None:
     assert person_batches([], 4) == []
 
 
+def test_a_person_split_between_batches_carries_their_earlier_photos(tmp_path) -> None:
+    """A person with more photos than a batch is split, and their earlier batches' photos
+    go with each later batch (the daemon carries a split upload the same way); other
+    people's photos never do. The cache entry names the carried photos: the same batch
+    with other companions is another entry, one without any keeps its old key."""
+    from cloak_core.detect import Face
+    from cloak_core.evaluation.ensembles import AttackGroup
+    from cloak_core.evaluation.runner import EvalSettings, Evaluation, _Image
+    from cloak_core.models.base import ARCFACE_TEMPLATE_112
+
+    face = Face.from_template(ARCFACE_TEMPLATE_112, box=(0, 0, 112, 112))
+    rng = np.random.default_rng(0)
+
+    def person(name: str, n: int) -> list[_Image]:
+        return [
+            _Image(
+                name,
+                Path(f"{name}/{i}.png"),
+                rng.integers(0, 256, (4, 4, 3), dtype=np.uint8),
+                [face],
+                [face],
+            )
+            for i in range(n)
+        ]
+
+    settings = EvalSettings(dataset=tmp_path, out=tmp_path, device="cpu", batch_size=3)
+    run = Evaluation(settings, store=None)
+    a, b = person("a", 7), person("b", 2)
+    batches = run._batches(AttackGroup(("dlib", "sface"), []), a + b)
+    assert [[im.identity for im in chunk] for _, chunk, _, _ in batches] == [
+        ["a"] * 3,
+        ["a"] * 3,
+        ["a", "b", "b"],
+    ]
+    assert [len(earlier) for _, _, earlier, _ in batches] == [0, 3, 6]
+    assert batches[2][2] == a[:6] and batches[1][2] == a[:3]
+    assert len({path for *_, path in batches}) == 3
+    config = run.config
+    chunk = batches[1][1]
+    pixels, faces = [im.pixels for im in chunk], [im.attack_faces for im in chunk]
+    seed = batches[1][0]
+    alone = run.cache.path(config, seed, pixels, faces)
+    other = run.cache.path(config, seed, pixels, faces, [b[0].pixels], [[face]])
+    assert len({alone, other, batches[1][3]}) == 3
+    assert run.cache.path(config, seed, pixels, faces, [], []) == alone
+
+
 def test_own_original_match_against_scipy() -> None:
     """Mean cosine and the share still matched, by either kind of rule, against SciPy's
     own distances on random embeddings (thresholds at a quartile of the faces' values, so
