@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import replace
 
 import cv2
@@ -322,6 +323,12 @@ def test_an_upload_split_between_calls_is_pushed_from_the_whole_uploads_identity
         from_photos = protect_batch(p, images[3:4], faces[3:4], 0, images[:3], faces[:3])
         assert np.array_equal(carried_once[0], from_photos[0])
         assert not np.array_equal(carried_once[0], alone[0])
+        # The daemon's call: encoded photos, the face found by the detector.
+        png = io.BytesIO()
+        Image.fromarray(images[3]).save(png, format="PNG")
+        daemons = {"up": dict(snapshot)}
+        (result,) = p.protect_many([png.getvalue()], collections=["up"], carried=daemons)
+        assert result.faces == 1 and len(daemons["up"]["sface"]) == 4
         centre = F.normalize(own["sface"][:4], dim=-1).mean(0, keepdim=True)
         sface = models["sface"]
 
