@@ -104,7 +104,8 @@ class AttackConfig:
       the shared identity (1) the point it is pushed from lies. At 1 each photo can stay
       close to itself (a recogniser that holds the original still matches it); halfway
       (``balanced``) protected best against new photos and halved that leak, on two
-      seeds of the full leave-one-out eval (issue 18, DECISIONS.md).
+      seeds of the full leave-one-out eval (issue 18, DECISIONS.md); for ``strong`` it
+      moved neither way beyond a seed's reach, so ``strong`` keeps 1.
     - ``dropout``: model augmentation. During the attack's steps every convolution of
       every ensemble model has its output dropped at a rate (a fresh random mask at each
       forward, the rest scaled up to keep the mean), so the perturbation is made against
