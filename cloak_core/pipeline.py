@@ -458,11 +458,12 @@ class Protector:
         targets = None
         if carried is not None and together:
             raise UsageError("carried collections need collection labels, not together")
-        collection, labels = _collection_ids(together, collections, len(images), carried or {})
+        collection, labels = _collection_ids(together, collections, len(images), carried)
         if collection is not None and config.centroid:
             with times.stage("shared identity"):
+                clean = self._clean_embeddings(regions, images, chunks, models, config)
                 targets = self._shared_identity(
-                    regions, images, chunks, models, config, collection, labels, carried
+                    regions, clean, models, config, collection, labels, carried
                 )
         for c, chunk in enumerate(chunks):
             chunk_regions = [regions[r] for r in chunk]
@@ -511,8 +512,7 @@ class Protector:
     def _shared_identity(
         self,
         regions: Sequence[_Region],
-        images: Sequence[np.ndarray],
-        chunks: Sequence[Sequence[int]],
+        embeddings: Mapping[str, torch.Tensor],
         models: Mapping[str, FaceModel],
         config: AttackConfig,
         collection: torch.Tensor,
@@ -520,12 +520,12 @@ class Protector:
         carried: Carried | None,
     ) -> dict[str, torch.Tensor]:
         """Per model, ``(len(regions), D)``: what each face is pushed away from, the mean
-        embedding of the faces in the other photos of its collection (``collection``, per
-        image; ``labels``, the number of each label) that every model verifies as the same
-        person, itself included, with the faces ``carried`` from earlier calls
-        (:func:`~cloak_core.attack.shared_identity`); this call's faces join ``carried``."""
+        of the clean ``embeddings`` of the faces in the other photos of its collection
+        (``collection``, per image; ``labels``, the number of each label) that every model
+        verifies as the same person, itself included, with the faces ``carried`` from
+        earlier calls (:func:`~cloak_core.attack.shared_identity`); this call's faces join
+        ``carried``."""
         names = list(models)
-        embeddings = self._clean_embeddings(regions, images, chunks, models, config)
         photo = torch.tensor([r.image for r in regions])
         face_collection = collection[photo]
         before = {
@@ -841,7 +841,8 @@ def _collection_ids(
         for i, c in enumerate(collections)
     ]
     alone = len(labels) == len([c for c in collections if c is not None])
-    if alone and not any(label in (carried or {}) for label in labels):
+    carried_here = carried is not None and any(label in carried for label in labels)
+    if alone and not carried_here:
         return None, labels  # every collection holds one image at most
     return torch.tensor(ids), labels
 

@@ -155,6 +155,19 @@ def test_only_regions_shown_larger_than_optimised_get_smoothed():
     assert torch.equal(grad, torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0)))
 
 
+def _aligned_embeddings(p, images, face, config, names) -> dict:
+    """Per model, the clean embeddings of aligned 112-pixel ``images`` (one ``face`` each)
+    as the attack sees them, computed here from the pipeline's own planning and ``embed``."""
+    from cloak_core.attack import embed
+
+    models = {n: p._model(n) for n in names}
+    specs = [m.spec for m in models.values()]
+    regions = [p._plan(i, (112, 112), face, specs, config) for i in range(len(images))]
+    batch = p._batch(regions, images, names, config)
+    with torch.no_grad():
+        return {n: embed(m, batch.pixels, batch.matrices[n], True) for n, m in models.items()}
+
+
 def test_photos_of_one_person_are_pushed_from_their_shared_identity(store, faces_dir):
     """With `centroid` and photos protected together, faces that every model verifies as
     one person (in different photos) are pushed away from the mean of their embeddings
@@ -163,7 +176,7 @@ def test_photos_of_one_person_are_pushed_from_their_shared_identity(store, faces
     shared."""
     import torch.nn.functional as F
 
-    from cloak_core.attack import embed, shared_identity
+    from cloak_core.attack import shared_identity
     from cloak_core.detect import Face
     from cloak_core.models.base import ARCFACE_TEMPLATE_112
     from cloak_core.pipeline import Protector
@@ -177,11 +190,7 @@ def test_photos_of_one_person_are_pushed_from_their_shared_identity(store, faces
     names = ["dlib", "sface"]
     with Protector(config, store=store, device="cpu", models=names) as p:
         models = {n: p._model(n) for n in names}
-        specs = [m.spec for m in models.values()]
-        regions = [p._plan(i, (112, 112), face, specs, config) for i in range(3)]
-        batch = p._batch(regions, images, names, config)
-        with torch.no_grad():
-            own = {n: embed(m, batch.pixels, batch.matrices[n], True) for n, m in models.items()}
+        own = _aligned_embeddings(p, images, face, config, names)
         unit = F.normalize(own["sface"], dim=-1)
         shared = shared_identity(own, models, torch.tensor([0, 1, 2]))
         assert torch.allclose(shared["sface"][0], shared["sface"][1])
@@ -240,7 +249,7 @@ def test_an_upload_split_between_calls_is_pushed_from_the_whole_uploads_identity
     is pushed from it instead of being protected alone."""
     import torch.nn.functional as F
 
-    from cloak_core.attack import embed, shared_identity
+    from cloak_core.attack import shared_identity
     from cloak_core.detect import Face
     from cloak_core.models.base import ARCFACE_TEMPLATE_112
     from cloak_core.pipeline import Protector
@@ -254,11 +263,7 @@ def test_an_upload_split_between_calls_is_pushed_from_the_whole_uploads_identity
     names = ["dlib", "sface"]
     with Protector(config, store=store, device="cpu", models=names) as p:
         models = {n: p._model(n) for n in names}
-        specs = [m.spec for m in models.values()]
-        regions = [p._plan(i, (112, 112), face, specs, config) for i in range(5)]
-        batch = p._batch(regions, images, names, config)
-        with torch.no_grad():
-            own = {n: embed(m, batch.pixels, batch.matrices[n], True) for n, m in models.items()}
+        own = _aligned_embeddings(p, images, face, config, names)
         for mix in (1.0, 0.5):
             whole = shared_identity(own, models, torch.arange(5), mix=mix)
             later = shared_identity(
