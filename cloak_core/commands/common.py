@@ -1,4 +1,5 @@
-"""Flags and helpers shared by the commands that run the attack (protect, bench, eval)."""
+"""Flags and helpers shared by the commands that run the attack (protect, bench, eval,
+frontier)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,44 @@ def add_detector_flags(parser: argparse.ArgumentParser) -> None:
         "(default %(default)s: just under its usual 0.9, since a perturbed non-face costs "
         "little and a missed face costs the photo); lower finds more, with more false alarms",
     )
+
+
+def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
+    """How ``eval`` and ``frontier`` split, protect and find the faces they score:
+    ``--gallery-per-identity``, ``--probes-per-identity``, ``--attack-models``,
+    ``--batch-size``, ``--landmarks`` and the detector's ``--face-threshold``."""
+    parser.add_argument(
+        "--gallery-per-identity", type=positive_int, metavar="K", help="cap the gallery"
+    )
+    parser.add_argument(
+        "--probes-per-identity", type=positive_int, metavar="P", help="cap the probes"
+    )
+    parser.add_argument(
+        "--attack-models",
+        type=model_list,
+        metavar="A,B",
+        help="one fixed attack ensemble instead of leave-one-out (evaluators sharing its "
+        "weights are reported as white-box)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        metavar="N",
+        help="photos per attack batch (default 32 on a CPU, 64 on a GPU); a person with more "
+        "is split between batches, their earlier photos carried into the later ones, as the "
+        "daemon splits an upload larger than its --batch-size",
+    )
+    parser.add_argument(
+        "--landmarks",
+        default="auto",
+        choices=["auto", "template", "detect", "detector"],
+        help="template: images are 112x112 ArcFace-aligned crops; detect: find faces "
+        "(images without one left out); detector: the attack protects only the faces the "
+        "pipeline's detector finds, and a gallery image without one stays unprotected, as "
+        "it would be uploaded (auto: template when every image is 112x112). Every report "
+        "states the detector's recall",
+    )
+    add_detector_flags(parser)
 
 
 def detector_config(args: argparse.Namespace) -> DetectorConfig:

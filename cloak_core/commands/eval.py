@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cloak_core.commands.common import (
-    add_detector_flags,
+    add_scoring_flags,
     detector_config,
     model_list,
     positive_int,
@@ -40,8 +40,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="N",
         help="protect and score the first N identities (default: all)",
     )
-    p.add_argument("--gallery-per-identity", type=positive_int, metavar="K", help="cap the gallery")
-    p.add_argument("--probes-per-identity", type=positive_int, metavar="P", help="cap the probes")
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help="attack preset")
     p.add_argument("--steps", type=positive_int, help="override the preset's number of steps")
     p.add_argument(
@@ -55,13 +53,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "momentum=none (repeatable): a frontier point evaluated in full",
     )
     p.add_argument(
-        "--attack-models",
-        type=model_list,
-        metavar="A,B",
-        help="one fixed attack ensemble instead of leave-one-out (evaluators sharing its "
-        "weights are reported as white-box)",
-    )
-    p.add_argument(
         "--eval-models",
         type=model_list,
         metavar="A,B",
@@ -73,29 +64,11 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="C,D",
         help=f"png, jpegQ, scaleP-jpegQ, resizeN-jpegQ (default: {','.join(DEFAULT_CONDITIONS)})",
     )
-    p.add_argument(
-        "--batch-size",
-        type=positive_int,
-        metavar="N",
-        help="photos per attack batch (default 32 on a CPU, 64 on a GPU); a person with more "
-        "is split between batches, their earlier photos carried into the later ones, as the "
-        "daemon splits an upload larger than its --batch-size",
-    )
     p.add_argument("--jpeg", type=int, metavar="Q", help="add the condition jpegQ")
     p.add_argument(
         "--resize", type=positive_int, metavar="PX", help="add resizePX-jpegQ (Q: --jpeg or 85)"
     )
-    p.add_argument(
-        "--landmarks",
-        default="auto",
-        choices=["auto", "template", "detect", "detector"],
-        help="template: images are 112x112 ArcFace-aligned crops; detect: find faces "
-        "(images without one left out); detector: the attack protects only the faces the "
-        "pipeline's detector finds, and a gallery image without one stays unprotected, as "
-        "it would be uploaded (auto: template when every image is 112x112). Every report "
-        "states the detector's recall",
-    )
-    add_detector_flags(p)
+    add_scoring_flags(p)
     p.add_argument(
         "--joint",
         action="store_true",

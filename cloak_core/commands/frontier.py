@@ -6,7 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from cloak_core.commands.common import model_list, positive_int
+from cloak_core.commands.common import (
+    add_scoring_flags,
+    detector_config,
+    model_list,
+    positive_int,
+)
 from cloak_core.errors import UsageError
 from cloak_core.evaluation.conditions import parse_condition
 from cloak_core.evaluation.frontier import (
@@ -69,8 +74,10 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="plot black-box protection against face visibility for presets",
         description="For each preset, scale one strength setting by each factor; evaluate "
         "every point leave-one-out (every evaluator, both independent pipelines included, "
-        "scored on images protected without its weights) and plot protected rank-1 against "
-        "the faces' CIEDE2000, with JPEG q90/q75 re-encoding as calibration points. Writes "
+        "scored on images protected without its weights) or with one fixed attack ensemble "
+        "(--attack-models), and plot protected rank-1 against the faces' S-CIELAB, with JPEG "
+        "q90/q75 re-encoding as calibration points. --landmarks detector scores the faces the "
+        "pipeline's detector finds, as uploads are protected. Writes "
         "frontier.json, frontier.md and frontier.png; attacked images are kept in "
         "OUT/attack-cache and reused.",
     )
@@ -126,6 +133,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="how galleries reach the recogniser (default: png,scale50-jpeg85)",
     )
     p.add_argument("--eval-models", type=model_list, metavar="A,B", help="evaluators")
+    add_scoring_flags(p)
     p.add_argument("--out", type=Path, default=Path("frontier-out"), metavar="DIR", help="outputs")
     p.add_argument("--seed", type=int, default=0, help="seed of the attack's start noise")
     p.add_argument(
@@ -186,8 +194,18 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         device=args.device,
         jobs=args.jobs,
+        gallery_per_identity=args.gallery_per_identity,
+        probes_per_identity=args.probes_per_identity,
+        landmarks=args.landmarks,
+        attack_models=args.attack_models,
+        batch_size=args.batch_size,
     )
-    frontier = Frontier(settings, ModelStore.from_env(), progress=sys.stderr.isatty()).run()
+    frontier = Frontier(
+        settings,
+        ModelStore.from_env(),
+        progress=sys.stderr.isatty(),
+        detector_config=detector_config(args),
+    ).run()
     written = write_outputs(frontier, settings.out)
     print((settings.out / FRONTIER_MD).read_text(), end="")
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)

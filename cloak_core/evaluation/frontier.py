@@ -34,6 +34,7 @@ from cloak_core.evaluation.conditions import Condition, parse_condition
 from cloak_core.presets import get_preset
 
 if TYPE_CHECKING:
+    from cloak_core.detect import DetectorConfig
     from cloak_core.store import ModelStore
 
 QUICK_IDENTITIES = 8
@@ -76,6 +77,12 @@ class FrontierSettings:
     ``"quick"`` or ``"full"``; ``identities``, ``gallery_per_identity`` and
     ``probes_per_identity`` replace the mode's own when given.
     ``conditions``: how the gallery reaches the recogniser (a row of the plot each).
+    ``landmarks``, ``attack_models`` and ``batch_size`` are the evaluation's
+    (:class:`~cloak_core.evaluation.runner.EvalSettings`): ``landmarks="detector"``
+    protects and scores only the faces the pipeline's detector finds, so a missed face
+    counts as a leak; ``attack_models`` replaces leave-one-out by one fixed ensemble (the
+    product's, say), and evaluators sharing its weights are white-box, left out of every
+    point's worst.
     """
 
     dataset: Path
@@ -95,6 +102,9 @@ class FrontierSettings:
     seed: int = 0
     device: str = "auto"
     jobs: int = 1
+    landmarks: str = "auto"
+    attack_models: tuple[str, ...] | None = None
+    batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.sweep not in SWEEPS:
@@ -141,9 +151,11 @@ class Frontier:
         *,
         progress: bool = False,
         log: Callable[[str], None] | None = None,
+        detector_config: DetectorConfig | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
+        self.detector_config = detector_config
         self.progress = progress
         self.log = log or (lambda message: print(message, file=sys.stderr))
 
@@ -163,6 +175,9 @@ class Frontier:
             seed=s.seed,
             device=s.device,
             jobs=s.jobs,
+            landmarks=s.landmarks,
+            attack_models=s.attack_models,
+            batch_size=s.batch_size,
             grid_identities=0,
         )
         return replace(base, **changes)
@@ -187,6 +202,7 @@ class Frontier:
                     progress=self.progress,
                     log=self.log,
                     embeddings=embeddings,
+                    detector_config=self.detector_config,
                 )
                 report = result.run().report
                 points.append(_point(report, preset, factor, s.sweep, value))
@@ -199,6 +215,7 @@ class Frontier:
                 progress=self.progress,
                 log=self.log,
                 embeddings=embeddings,
+                detector_config=self.detector_config,
             )
             .run()
             .report
@@ -229,6 +246,7 @@ def _point(report: dict, preset: str, factor: float, sweep: str, value: float | 
     for name, group in by_evaluator.items():
         evaluators[name] = {
             "ensemble": group["ensemble"],
+            "white_box": bool(report["evaluators"][name]["white_box"]),
             "visibility": group["visibility"],
             "rank1": {
                 cond: rows[name]["protected"]["rank1"]
@@ -251,6 +269,7 @@ def _point(report: dict, preset: str, factor: float, sweep: str, value: float | 
         "visibility": _mean_panel(everything),
         "seconds_per_image": float(np.mean([g["seconds_per_image"] or 0.0 for g in groups])),
         "visibility_calibration": report["visibility_calibration"],
+        "detector_recall": report.get("detector_recall"),
         "scored": {
             "identities": len(report["dataset"]["protected_identities"]),
             "protected_gallery_images": report["dataset"]["protected_gallery_images"],
@@ -294,6 +313,12 @@ def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.1f}%"
 
 
+def black_box(point: dict) -> dict[str, dict]:
+    """A point's evaluators that the attack did not use (all of them under leave-one-out;
+    with a fixed ensemble, those that share none of its weights): what its worst counts."""
+    return {n: e for n, e in point["evaluators"].items() if not e.get("white_box", False)}
+
+
 def _factors(frontier: dict) -> str:
     """Each preset's swept factors, as ``balanced x0.5/1/2``."""
     by_preset: dict[str, list[str]] = {}
@@ -326,13 +351,46 @@ def _own(point: dict, cond: str) -> str:
     and the mean cosine to them over evaluators ("-" for a run from before they were kept)."""
     own = [
         e["own_original"][cond]
-        for e in point["evaluators"].values()
+        for e in black_box(point).values()
         if cond in e.get("own_original", {})
     ]
     if not own:
         return "-"
     worst = max(o["matched"] for o in own)
     return f"{_pct(worst)} ({np.mean([o['cosine'] for o in own]):.2f})"
+
+
+def _ensemble(frontier: dict) -> str:
+    """How the points were attacked, for the table's header."""
+    fixed = frontier["settings"].get("attack_models")
+    if not fixed:
+        return "leave-one-out (every rank-1 is black-box)"
+    white = sorted(
+        {n for p in frontier["points"] for n in p["evaluators"]}
+        - {n for p in frontier["points"] for n in black_box(p)}
+    )
+    return f"one attack ensemble, {', '.join(fixed)}" + (
+        f" (white-box, left out of worst: {', '.join(white)})" if white else ""
+    )
+
+
+def _faces(frontier: dict) -> str:
+    """Which faces were protected and scored, and how many of them the detector found."""
+    landmarks = frontier["settings"].get("landmarks", "auto")
+    told = {
+        "auto": "the template's on aligned crops, else the detector's",
+        "template": "the ArcFace template's (aligned crops)",
+        "detect": "the detector's (images without a face left out)",
+        "detector": "the pipeline's detector's: a gallery face it misses stays unprotected",
+    }.get(landmarks, landmarks)
+    recalls = [p.get("detector_recall") for p in frontier["points"]]
+    recall = next((r for r in recalls if r), None)
+    if recall is None:
+        return told
+    return (
+        f"{told}; detector recall {recall['found']}/{recall['images']} images, gallery "
+        f"{recall['gallery_found']}/{recall['gallery_images']}"
+    )
 
 
 def _value(point: dict, sweep: str) -> str:
@@ -353,7 +411,8 @@ def markdown(frontier: dict) -> str:
         f"- dataset `{s['dataset']}`, mode {s['mode']}: {sc['identities']} protected "
         f"identities, {sc['protected_gallery_images']} protected faces, {sc['probes']} probes",
         f"- sweep: `{s['sweep']}`, as multiples of each preset's own value: {_factors(frontier)};"
-        " leave-one-out (every rank-1 is black-box)",
+        f" {_ensemble(frontier)}",
+        f"- faces: {_faces(frontier)}",
         *(
             [f"- combined runs: {', '.join(s['combined'])} (each preset named by its run)"]
             if s.get("combined")
@@ -381,7 +440,7 @@ def markdown(frontier: dict) -> str:
         ]
         for p in frontier["points"]:
             ranks = [p["evaluators"].get(e, {}).get("rank1", {}).get(cond) for e in evaluators]
-            known = [r for r in ranks if r is not None]
+            known = [e["rank1"][cond] for e in black_box(p).values() if cond in e["rank1"]]
             v = p["visibility"]
             lines.append(
                 f"| {p['preset']} | {_value(p, s['sweep'])} | "
@@ -443,7 +502,7 @@ def plot(frontier: dict, path: Path) -> None:
                     if p["preset"] != preset:
                         continue
                     if ev == "worst":
-                        ranks = [e["rank1"].get(cond) for e in p["evaluators"].values()]
+                        ranks = [e["rank1"].get(cond) for e in black_box(p).values()]
                         ranks = [x for x in ranks if x is not None]
                         y, x = (max(ranks) if ranks else None), p["visibility"][axis]
                     else:
@@ -495,11 +554,16 @@ def plot(frontier: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# What a frontier.json from before a setting was recorded used.
+_OLD_SETTINGS = {"landmarks": "auto", "attack_models": None}
+
+
 def combine(runs: Sequence[tuple[str, dict]]) -> dict:
     """One frontier from several runs' ``frontier.json`` (before and after a change, say),
     each ``(label, frontier)``: every run's points, each preset renamed ``label: preset``
     so that one plot shows the runs' curves side by side. The runs must have scored the same
-    split (mode and counts), conditions and evaluators, or the curves would not be
+    split (mode and counts), conditions, faces (landmarks), attack ensembles and
+    evaluators, or the curves would not be
     comparable; the calibration points are the first run's. Raises :class:`UsageError`
     otherwise."""
     if not runs:
@@ -507,12 +571,12 @@ def combine(runs: Sequence[tuple[str, dict]]) -> dict:
     first_label, first = runs[0]
     points = []
     for label, run in runs:
-        s = run["settings"]
-        for name in ("mode", "conditions"):
-            if s[name] != first["settings"][name]:
+        for name in ("mode", "conditions", "landmarks", "attack_models"):
+            mine, theirs = (r["settings"].get(name, _OLD_SETTINGS.get(name)) for r in (run, first))
+            if mine != theirs:
                 raise UsageError(
-                    f"{label}: {name} {s[name]!r} differs from {first_label}'s "
-                    f"{first['settings'][name]!r}; only runs scored the same way combine"
+                    f"{label}: {name} {mine!r} differs from {first_label}'s {theirs!r}; only "
+                    "runs scored the same way combine"
                 )
         if run["evaluators"] != first["evaluators"]:
             raise UsageError(

@@ -197,3 +197,65 @@ def test_frontier_on_a_tiny_set(faces_dir, store, tmp_path, monkeypatch, capsys)
     run = f"a={tmp_path / 'report.json'}"
     assert main(["frontier", "--combine", run, "--out", str(both)]) == 2
     assert "is not a frontier.json" in capsys.readouterr().err
+
+
+def test_frontier_scores_detected_faces_against_one_fixed_ensemble(
+    faces_dir, store, tmp_path, monkeypatch, capsys
+) -> None:
+    from cloak_core.evaluation import frontier as module
+    from cloak_core.evaluation import runner
+
+    monkeypatch.setattr(module, "QUICK_IDENTITIES", 2)
+    # Every evaluation the frontier runs, with the settings it was given.
+    seen = []
+
+    class Recorded(runner.Evaluation):
+        def __init__(self, settings, *args, detector_config=None, **kwargs):
+            seen.append((settings, detector_config))
+            super().__init__(settings, *args, detector_config=detector_config, **kwargs)
+
+    monkeypatch.setattr(runner, "Evaluation", Recorded)
+    out = tmp_path / "fixed"
+    args = ["frontier", "--dataset", str(faces_dir), "--presets", "fast@0.1"]
+    args += ["--sweep", "steps", "--eval-models", "dlib,mobilefacenet", "--device", "cpu"]
+    args += ["--conditions", "png", "--out", str(out), "--landmarks", "detector"]
+    args += ["--attack-models", "dlib", "--gallery-per-identity", "1", "--probes-per-identity", "1"]
+    args += ["--batch-size", "2", "--face-threshold", "0.6"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    # The point and the calibration both ran as the flags say.
+    assert len(seen) == 2
+    for settings, detector in seen:
+        assert settings.landmarks == "detector" and settings.attack_models == ("dlib",)
+        assert (settings.gallery_per_identity, settings.probes_per_identity) == (1, 1)
+        assert settings.batch_size == 2 and detector.face_threshold == 0.6
+    frontier = json.loads((out / "frontier.json").read_text())
+    assert frontier["settings"]["landmarks"] == "detector"
+    assert frontier["settings"]["attack_models"] == ["dlib"]
+    (point,) = frontier["points"]
+    assert point["scored"] == {"identities": 2, "protected_gallery_images": 2, "probes": 2}
+    assert point["evaluators"]["dlib"]["ensemble"] == ["dlib"]
+    assert point["evaluators"]["dlib"]["white_box"] is True
+    assert point["evaluators"]["mobilefacenet"]["white_box"] is False
+    # Every identity's faces, distractors' too, go through the detector: all found.
+    recall = point["detector_recall"]
+    assert recall["gallery_images"] == 24 and recall["found"] == recall["images"] == 48
+    assert "one attack ensemble, dlib (white-box, left out of worst: dlib)" in printed
+    assert "detector recall 48/48 images, gallery 24/24" in printed
+
+    # The worst column and panel count only the evaluators the attack did not use.
+    rigged = json.loads((out / "frontier.json").read_text())
+    rigged["points"][0]["evaluators"]["dlib"]["rank1"]["png"] = 1.0
+    rigged["points"][0]["evaluators"]["mobilefacenet"]["rank1"]["png"] = 0.5
+    (tmp_path / "rigged.json").write_text(json.dumps(rigged))
+    both = tmp_path / "both"
+    assert main(["frontier", "--combine", f"r={tmp_path / 'rigged.json'}", "--out", str(both)]) == 0
+    assert "| r: fast | 1 | 100.0% | 50.0% | 50.0% |" in capsys.readouterr().out
+    # Runs whose faces or attack ensembles differ do not combine.
+    for key, value in (("landmarks", "template"), ("attack_models", None)):
+        other = json.loads((out / "frontier.json").read_text())
+        other["settings"][key] = value
+        (tmp_path / "other.json").write_text(json.dumps(other))
+        run = f"a={out / 'frontier.json'},b={tmp_path / 'other.json'}"
+        assert main(["frontier", "--combine", run, "--out", str(both)]) == 2
+        assert f"{key} " in capsys.readouterr().err
