@@ -605,6 +605,27 @@ class Protector:
         ]
         return self._clean_embeddings(regions, images, chunks, models, config)
 
+    def embed_photos(
+        self,
+        items: Sequence[bytes],
+        *,
+        max_pixels: int = 50_000_000,
+        config: AttackConfig | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per ensemble model, ``(F, D)`` on the CPU: the clean embeddings of every face the
+        detector finds in the encoded photos ``items`` (:meth:`embed_faces`), one photo
+        decoded at a time; a photo that does not decode adds nothing (protecting it
+        reports why). What ``carried`` holds of photos protected in another call."""
+        parts = [self.embed_faces([], [], config)]  # no face: an empty (0, D) per model
+        for data in items:
+            try:
+                pixels = decode_image(data, max_pixels=max_pixels).pixels
+            except FaceCloakError:
+                continue
+            faces = self.detector.detect(_as_uint8(pixels))
+            parts.append(self.embed_faces([pixels], [faces], config))
+        return {n: torch.cat([part[n].float().cpu() for part in parts]) for n in parts[0]}
+
     def plan_hold_out(
         self, faces: Sequence[Sequence[Face]], config: AttackConfig | None = None
     ) -> list[list[str | None]]:

@@ -17,6 +17,7 @@ from cloak_core.commands.common import (
     add_detector_flags,
     attack_config,
     detector_config,
+    positive_int,
     progress_bar,
 )
 from cloak_core.errors import FaceCloakError, UsageError
@@ -28,6 +29,11 @@ if TYPE_CHECKING:  # the pipeline pulls in torch: imported only when the command
     Outcome = ProtectResult | FaceCloakError | OSError
 
 _SUFFIX = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}
+# Photos decoded and attacked at a time with --together (a 12 MP photo holds about 36 MB
+# decoded, and the attack's regions a few MB per face).
+TOGETHER_BATCH = 8
+# The collection label of --together's photos, split between batches.
+_THE_SET = "together"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -63,9 +69,18 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--together",
         action="store_true",
-        help="the inputs are one person's photos: protect them in one batch, and push the "
-        "faces that show the same person in several of them away from their shared "
-        "identity (what a new photo of that person would match), not only each from itself",
+        help="the inputs are one person's photos: push the faces that show the same person "
+        "in several of them away from their shared identity (what a new photo of that "
+        "person would match), not only each from itself",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=TOGETHER_BATCH,
+        metavar="N",
+        help="with --together: photos decoded and attacked at a time (default "
+        "%(default)s); each batch is written as soon as it is done, and every batch is "
+        "pushed from the shared identity of all the inputs, seen in a first, lighter pass",
     )
     p.add_argument(
         "--calibrate",
@@ -169,6 +184,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("-o/--output takes one input; use --out-dir for several")
     if args.calibrate and not args.json:
         raise UsageError("--calibrate adds to the --json records: give --json too")
+    if args.batch_size != TOGETHER_BATCH and not args.together:
+        raise UsageError("--batch-size sets how many photos --together attacks at a time")
     if args.quality is not None and not 1 <= args.quality <= 100:
         raise UsageError(f"--quality must be within 1..100, got {args.quality}")
     from cloak_core.pipeline import Protector
@@ -261,24 +278,56 @@ def _protect_each(
 def _protect_together(
     protector: Protector, args: argparse.Namespace, bar: Any
 ) -> Iterator[tuple[int, Path, bytes, Outcome]]:
-    """Every readable input in one batch, as one person's collection (``--together``):
-    the faces that show one person are pushed away from their shared identity."""
-    read = [_read(name) for name in args.inputs]
-    good = [(source, data) for source, data in read if isinstance(data, bytes)]
-    results = iter(
-        protector.protect_many(
-            [data for _, data in good],
-            out_format=args.format,
-            quality=args.quality,
-            measure=args.json,
-            progress=lambda f: bar.update(f * len(args.inputs) - bar.n),
-            together=True,
+    """The inputs as one person's collection (``--together``): the faces that show one
+    person are pushed away from their shared identity.
+
+    At most ``--batch-size`` photos are decoded and attacked at a time, and each batch is
+    handed on (written) as soon as it is done. When the inputs take several batches, a
+    first pass reads every input once to embed its faces (decode, detect, one forward pass
+    per model), and each batch is handed the other batches' faces (``carried``), so every
+    face is pushed from the shared identity of all the inputs, as in one batch."""
+    import torch
+
+    names = list(args.inputs)
+    size = args.batch_size
+    parts = [names[k : k + size] for k in range(0, len(names), size)]
+    seen = [protector.embed_photos(_readable(part)) for part in parts] if len(parts) > 1 else []
+    done = 0
+    for k, part in enumerate(parts):
+        read = [_read(name) for name in part]
+        good = [data for _, data in read if isinstance(data, bytes)]
+        carried = None
+        others = [seen[j] for j in range(len(parts)) if j != k]
+        if others and any(len(next(iter(o.values()))) for o in others):
+            carried = {_THE_SET: {n: torch.cat([o[n] for o in others]) for n in others[0]}}
+        start, span = done, len(part)
+
+        def advance(fraction: float, start: int = start, span: int = span) -> None:
+            bar.update(start + fraction * span - bar.n)
+
+        results = iter(
+            protector.protect_many(
+                good,
+                out_format=args.format,
+                quality=args.quality,
+                measure=args.json,
+                progress=advance,
+                together=carried is None,
+                collections=None if carried is None else [_THE_SET] * len(good),
+                carried=carried,
+            )
+            if good
+            else []
         )
-        if good
-        else []
-    )
-    for i, (source, data) in enumerate(read):
-        if isinstance(data, OSError):
-            yield i, source, b"", data
-        else:
-            yield i, source, data, next(results)
+        for i, (source, data) in enumerate(read):
+            if isinstance(data, OSError):
+                yield done + i, source, b"", data
+            else:
+                yield done + i, source, data, next(results)
+        done += len(part)
+
+
+def _readable(names: list[str]) -> list[bytes]:
+    """The contents of the files of ``names`` that can be read (the others are reported
+    when their batch is protected)."""
+    return [data for _, data in map(_read, names) if isinstance(data, bytes)]

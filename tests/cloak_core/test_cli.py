@@ -165,6 +165,62 @@ def test_protect_json_names_each_faces_held_out_model():
     assert "held_out" not in json.loads(json_line(Path("in.jpg"), Path("out.jpg"), plain))
 
 
+def test_protect_together_in_batches_pushes_every_batch_from_the_whole_set(
+    tmp_path, photos_dir, capsys, monkeypatch
+):
+    """`--together --batch-size 2` on three photos of one person attacks them two, then
+    one, at a time, and writes each batch before the next is decoded; every face is still
+    pushed from the shared identity of all three, exactly as in one batch."""
+    import torch
+
+    from cloak_core import pipeline
+    from cloak_core.pipeline import Protector
+
+    calls, targets = [], []
+    real_many, real_lowkey = Protector.protect_many, pipeline.lowkey
+    out_dir = tmp_path / "out"
+
+    def spy(self, items, **kwargs):
+        # What is already written when this batch starts.
+        written = sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else []
+        carried = kwargs.get("carried")  # its faces, counted before the call adds its own
+        faces = None if carried is None else len(carried["together"]["dlib"])
+        calls.append((len(items), kwargs.get("together"), written, faces))
+        return real_many(self, items, **kwargs)
+
+    def record(batch, models, *args, **kwargs):
+        t = kwargs["targets"]
+        targets.append(torch.cat([t[n].float().cpu() for n in sorted(models)], 1))
+        return real_lowkey(batch, models, *args, **kwargs)
+
+    monkeypatch.setattr(Protector, "protect_many", spy)
+    monkeypatch.setattr(pipeline, "lowkey", record)
+    inputs = [str(photos_dir / f"obama{k}.jpg") for k in (1, 2, 3)]
+    args = ["protect", *inputs, "--together", "--steps", "1", "--format", "png"]
+    assert main([*args, "--out-dir", str(tmp_path / "whole")]) == 0
+    whole, calls[:], targets[:] = list(targets), [], []
+    assert main([*args, "--out-dir", str(out_dir), "--batch-size", "2"]) == 0
+    capsys.readouterr()
+
+    assert [c[:3] for c in calls] == [
+        (2, False, []),
+        (1, False, ["obama1.cloaked.png", "obama2.cloaked.png"]),
+    ]
+    # Each batch carries the other batch's faces: one face each in obama3 and obama1-2.
+    assert [c[3] for c in calls] == [1, 2]
+    assert sorted(p.name for p in out_dir.iterdir()) == [f"obama{k}.cloaked.png" for k in (1, 2, 3)]
+    # The same three targets (per face, every model's embedding to push from) as in one
+    # batch, up to float rounding.
+    split = torch.cat(targets)
+    whole = torch.cat(whole)
+    assert split.shape == whole.shape == (3, 128 + 128)
+    order = lambda t: t[torch.argsort(t[:, 0])]  # noqa: E731
+    torch.testing.assert_close(order(split), order(whole), atol=1e-4, rtol=0)
+    # A batch size means nothing for photos protected one by one.
+    assert main(["protect", inputs[0], "--batch-size", "2"]) == 2
+    assert "--together" in capsys.readouterr().err
+
+
 def test_protect_together_batches_one_persons_photos(tmp_path, photos_dir, capsys, monkeypatch):
     """`--together` protects every readable input in one batch marked as one person's
     collection (the shared-identity push is tested in test_attack); a file that cannot be
