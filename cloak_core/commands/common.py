@@ -9,7 +9,7 @@ import sys
 from tqdm import tqdm
 
 from cloak_core.detect import DetectorConfig
-from cloak_core.presets import DEFAULT_PRESET, PRESETS, AttackConfig, get_preset
+from cloak_core.presets import DEFAULT_PRESET, PRESETS, AttackConfig, Setting, get_preset
 
 
 def add_attack_flags(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +45,45 @@ def add_detector_flags(parser: argparse.ArgumentParser) -> None:
         "(default %(default)s: just under its usual 0.9, since a perturbed non-face costs "
         "little and a missed face costs the photo); lower finds more, with more false alarms",
     )
+
+
+def add_set_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--set NAME=VALUE`` (repeatable, into ``settings``): one attack setting of the
+    preset changed; ``what`` says what that makes of the run."""
+    parser.add_argument(
+        "--set",
+        dest="settings",
+        type=setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set one attack setting of the preset, e.g. perceptual=0.7, centroid=false or "
+        f"momentum=none (repeatable): {what}",
+    )
+
+
+WORDS: dict[str, Setting] = {"true": True, "false": False, "none": None}
+
+
+def setting(text: str) -> tuple[str, Setting]:
+    """``NAME=VALUE`` as ``(name, value)``: a number, ``true``/``false`` for a switch or
+    ``none`` (no cap, no bound); name and type are checked against the preset's fields
+    when the run starts."""
+    name, sep, value = text.partition("=")
+    word = value.strip().lower()
+    number: Setting
+    if word in WORDS:
+        number = WORDS[word]
+    else:
+        try:
+            number = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected NAME=NUMBER, NAME=true|false or NAME=none, got {text!r}"
+            ) from None
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name.strip(), number
 
 
 def add_scoring_flags(parser: argparse.ArgumentParser) -> None:

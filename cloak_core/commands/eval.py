@@ -9,12 +9,13 @@ from typing import TYPE_CHECKING
 
 from cloak_core.commands.common import (
     add_scoring_flags,
+    add_set_flag,
     detector_config,
     model_list,
     positive_int,
 )
 from cloak_core.evaluation.conditions import DEFAULT_CONDITIONS, conditions_from_flags
-from cloak_core.presets import DEFAULT_PRESET, PRESETS, Setting
+from cloak_core.presets import DEFAULT_PRESET, PRESETS
 
 if TYPE_CHECKING:  # the runner pulls in torch: imported only when the command runs
     from cloak_core.evaluation.runner import EvalSettings
@@ -42,16 +43,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--preset", default=DEFAULT_PRESET, choices=list(PRESETS), help="attack preset")
     p.add_argument("--steps", type=positive_int, help="override the preset's number of steps")
-    p.add_argument(
-        "--set",
-        dest="settings",
-        type=_setting,
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="set one attack setting of the preset, e.g. perceptual=0.7, centroid=false or "
-        "momentum=none (repeatable): a frontier point evaluated in full",
-    )
+    add_set_flag(p, "a frontier point evaluated in full")
     p.add_argument(
         "--eval-models",
         type=model_list,
@@ -93,30 +85,6 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="attack again instead of reusing the attacked images kept in OUT/attack-cache",
     )
     return p
-
-
-WORDS: dict[str, Setting] = {"true": True, "false": False, "none": None}
-
-
-def _setting(text: str) -> tuple[str, Setting]:
-    """``NAME=VALUE`` as ``(name, value)``: a number, ``true``/``false`` for a switch or
-    ``none`` (no cap, no bound); name and type are checked against the preset's fields
-    when the run starts."""
-    name, sep, value = text.partition("=")
-    word = value.strip().lower()
-    number: Setting
-    if word in WORDS:
-        number = WORDS[word]
-    else:
-        try:
-            number = float(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"expected NAME=NUMBER, NAME=true|false or NAME=none, got {text!r}"
-            ) from None
-    if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
-    return name.strip(), number
 
 
 def settings_from_args(args: argparse.Namespace) -> EvalSettings:

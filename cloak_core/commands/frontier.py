@@ -8,6 +8,7 @@ from pathlib import Path
 
 from cloak_core.commands.common import (
     add_scoring_flags,
+    add_set_flag,
     detector_config,
     model_list,
     positive_int,
@@ -132,6 +133,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="C,D",
         help="how galleries reach the recogniser (default: png,scale50-jpeg85)",
     )
+    add_set_flag(p, "changed on every point (a technique turned off, say)")
     p.add_argument("--eval-models", type=model_list, metavar="A,B", help="evaluators")
     add_scoring_flags(p)
     p.add_argument("--out", type=Path, default=Path("frontier-out"), metavar="DIR", help="outputs")
@@ -199,6 +201,7 @@ def run(args: argparse.Namespace) -> int:
         landmarks=args.landmarks,
         attack_models=args.attack_models,
         batch_size=args.batch_size,
+        overrides=tuple(args.settings),
     )
     frontier = Frontier(
         settings,

@@ -31,7 +31,7 @@ import numpy as np
 
 from cloak_core.errors import UsageError
 from cloak_core.evaluation.conditions import Condition, parse_condition
-from cloak_core.presets import get_preset
+from cloak_core.presets import Setting, get_preset
 
 if TYPE_CHECKING:
     from cloak_core.detect import DetectorConfig
@@ -82,7 +82,9 @@ class FrontierSettings:
     protects and scores only the faces the pipeline's detector finds, so a missed face
     counts as a leak; ``attack_models`` replaces leave-one-out by one fixed ensemble (the
     product's, say), and evaluators sharing its weights are white-box, left out of every
-    point's worst.
+    point's worst. ``overrides``: settings changed on every point, as ``eval --set`` (a
+    technique turned off, say: its curve beside the preset's shows what it contributes);
+    they cannot name the swept setting.
     """
 
     dataset: Path
@@ -105,6 +107,7 @@ class FrontierSettings:
     landmarks: str = "auto"
     attack_models: tuple[str, ...] | None = None
     batch_size: int | None = None
+    overrides: tuple[tuple[str, Setting], ...] = ()
 
     def __post_init__(self) -> None:
         if self.sweep not in SWEEPS:
@@ -116,6 +119,8 @@ class FrontierSettings:
                 raise UsageError("factors must be positive numbers")
         if not self.presets:
             raise UsageError("name at least one preset")
+        if self.sweep in dict(self.overrides):
+            raise UsageError(f"--set {self.sweep} is the swept setting; sweep another or drop it")
         for name in self.presets:
             config = get_preset(name)
             # A preset without the swept setting can still stand as its own point (x1).
@@ -194,7 +199,7 @@ class Frontier:
                 value = point_value(preset, s.sweep, factor)
                 shown = "unused" if value is None else f"{value:g}"
                 self.log(f"frontier: {preset}, {s.sweep} = {shown} (x{factor:g})")
-                overrides = () if value is None else ((s.sweep, value),)
+                overrides = s.overrides + (() if value is None else ((s.sweep, value),))
                 settings = self._eval_settings(preset=preset, overrides=overrides)
                 result = Evaluation(
                     settings,
@@ -412,6 +417,11 @@ def markdown(frontier: dict) -> str:
         f"identities, {sc['protected_gallery_images']} protected faces, {sc['probes']} probes",
         f"- sweep: `{s['sweep']}`, as multiples of each preset's own value: {_factors(frontier)};"
         f" {_ensemble(frontier)}",
+        *(
+            ["- set on every point: " + ", ".join(f"`{k}={v}`" for k, v in s["overrides"])]
+            if s.get("overrides")
+            else []
+        ),
         f"- faces: {_faces(frontier)}",
         *(
             [f"- combined runs: {', '.join(s['combined'])} (each preset named by its run)"]

@@ -220,15 +220,18 @@ def test_frontier_scores_detected_faces_against_one_fixed_ensemble(
     args += ["--sweep", "steps", "--eval-models", "dlib,mobilefacenet", "--device", "cpu"]
     args += ["--conditions", "png", "--out", str(out), "--landmarks", "detector"]
     args += ["--attack-models", "dlib", "--gallery-per-identity", "1", "--probes-per-identity", "1"]
-    args += ["--batch-size", "2", "--face-threshold", "0.6"]
+    args += ["--batch-size", "2", "--face-threshold", "0.6", "--set", "flips=false"]
     assert main(args) == 0
     printed = capsys.readouterr().out
-    # The point and the calibration both ran as the flags say.
+    # The point and the calibration both ran as the flags say; the point with the preset
+    # changed by --set and then swept.
     assert len(seen) == 2
     for settings, detector in seen:
         assert settings.landmarks == "detector" and settings.attack_models == ("dlib",)
         assert (settings.gallery_per_identity, settings.probes_per_identity) == (1, 1)
         assert settings.batch_size == 2 and detector.face_threshold == 0.6
+    assert seen[0][0].overrides == (("flips", False), ("steps", 1.0))
+    assert "- set on every point: `flips=False`" in printed
     frontier = json.loads((out / "frontier.json").read_text())
     assert frontier["settings"]["landmarks"] == "detector"
     assert frontier["settings"]["attack_models"] == ["dlib"]
@@ -251,6 +254,9 @@ def test_frontier_scores_detected_faces_against_one_fixed_ensemble(
     both = tmp_path / "both"
     assert main(["frontier", "--combine", f"r={tmp_path / 'rigged.json'}", "--out", str(both)]) == 0
     assert "| r: fast | 1 | 100.0% | 50.0% | 50.0% |" in capsys.readouterr().out
+    # --set cannot also name the swept setting.
+    assert main([*args, "--set", "steps=3"]) == 2
+    assert "swept setting" in capsys.readouterr().err
     # Runs whose faces or attack ensembles differ do not combine.
     for key, value in (("landmarks", "template"), ("attack_models", None)):
         other = json.loads((out / "frontier.json").read_text())
