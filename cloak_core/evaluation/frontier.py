@@ -64,6 +64,19 @@ _COLOURS = {
     "fast": "#9467bd",
 }
 _OTHER_COLOURS = ("#8c564b", "#e377c2", "#17becf", "#bcbd22")
+# One colour per run where combined runs all drew one preset (matplotlib's tab10).
+_RUN_COLOURS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
 
 
 @dataclass(frozen=True)
@@ -481,6 +494,23 @@ def markdown(frontier: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def curve_style(
+    preset: str, k: int, presets: Sequence[str], combined: Sequence[str]
+) -> tuple[str, str, float]:
+    """Line and marker, colour and opacity of curve ``k``, ``preset``, of the plot's
+    ``presets``. Alone, a curve's colour is its preset's. In a combined frontier
+    (``combined`` names its runs; presets read ``run: preset``) the colour stays the
+    preset's and the line says the run, the last one solid, earlier ones dashed and
+    paler; but where every run drew the same one preset (one technique turned off per
+    run, say), each run gets a colour of its own, all solid."""
+    run, _, base = preset.rpartition(": ") if combined else ("", "", preset)
+    if combined and len({p.rpartition(": ")[2] for p in presets}) == 1:
+        return "o-", _RUN_COLOURS[combined.index(run) % len(_RUN_COLOURS)], 1.0
+    earlier = bool(combined) and run != combined[-1]
+    colour = _COLOURS.get(base) or _OTHER_COLOURS[k % len(_OTHER_COLOURS)]
+    return ("s--" if earlier else "o-"), colour, (0.55 if earlier else 1.0)
+
+
 def plot(frontier: dict, path: Path) -> None:
     """Rank-1 against visibility (:func:`visibility_axis`: S-CIELAB mean): a panel per
     evaluator (and the worst of them), a row per condition, a curve per preset, the JPEG
@@ -524,16 +554,13 @@ def plot(frontier: dict, path: Path) -> None:
                         xs.append(x)
                         ys.append(100 * y)
                 order = np.argsort(xs)
-                # In a combined frontier a curve's colour is its preset's and its line its
-                # run's: the last run solid, earlier ones dashed and paler.
-                run, _, base = preset.rpartition(": ") if combined else ("", "", preset)
-                earlier = combined and run != combined[-1]
+                style, colour, alpha = curve_style(preset, k, presets, combined)
                 ax.plot(
                     np.asarray(xs)[order],
                     np.asarray(ys)[order],
-                    "s--" if earlier else "o-",
-                    color=_COLOURS.get(base) or _OTHER_COLOURS[k % len(_OTHER_COLOURS)],
-                    alpha=0.55 if earlier else 1.0,
+                    style,
+                    color=colour,
+                    alpha=alpha,
                     label=preset,
                     ms=4,
                 )

@@ -34,6 +34,22 @@ def test_point_values_scale_the_presets_own_setting() -> None:
     )
 
 
+def test_combined_curves_tell_runs_apart() -> None:
+    from cloak_core.evaluation.frontier import curve_style
+
+    assert curve_style("balanced", 0, ["balanced", "strong"], []) == ("o-", "#1f77b4", 1.0)
+    # Before and after, several presets: the colour says the preset, the line the run.
+    presets = ["old: balanced", "old: strong", "new: balanced", "new: strong"]
+    styles = [curve_style(p, k, presets, ["old", "new"]) for k, p in enumerate(presets)]
+    assert [s[0] for s in styles] == ["s--", "s--", "o-", "o-"]
+    assert styles[0][1] == styles[2][1] != styles[1][1] == styles[3][1]
+    # One preset in every run (a technique turned off per run): a colour per run.
+    runs = ["today", "no-diversity", "alone"]
+    presets = [f"{r}: balanced" for r in runs]
+    styles = [curve_style(p, k, presets, runs) for k, p in enumerate(presets)]
+    assert {s[0] for s in styles} == {"o-"} and len({s[1] for s in styles}) == 3
+
+
 def test_eval_set_evaluates_one_frontier_point(store, tmp_path) -> None:
     from cloak_core.cli import build_parser
     from cloak_core.commands.eval import settings_from_args
