@@ -411,6 +411,20 @@ def _faces(frontier: dict) -> str:
     )
 
 
+def _set(overrides: Sequence[Sequence]) -> str:
+    """``--set`` settings as the table shows them: `name=value`, ..."""
+    return ", ".join(f"`{name}={value}`" for name, value in overrides)
+
+
+def _runs(settings: dict) -> str:
+    """A combined frontier's runs, each with the settings its ``--set`` changed."""
+    changed = settings.get("combined_overrides") or {}
+    return ", ".join(
+        f"{label} ({_set(changed[label])})" if changed.get(label) else label
+        for label in settings["combined"]
+    )
+
+
 def _value(point: dict, sweep: str) -> str:
     """A point's swept value, named when the table mixes sweeps (a combined frontier)."""
     value = "-" if point["value"] is None else format(point["value"], "g")
@@ -430,14 +444,10 @@ def markdown(frontier: dict) -> str:
         f"identities, {sc['protected_gallery_images']} protected faces, {sc['probes']} probes",
         f"- sweep: `{s['sweep']}`, as multiples of each preset's own value: {_factors(frontier)};"
         f" {_ensemble(frontier)}",
-        *(
-            ["- set on every point: " + ", ".join(f"`{k}={v}`" for k, v in s["overrides"])]
-            if s.get("overrides")
-            else []
-        ),
+        *(["- set on every point: " + _set(s["overrides"])] if s.get("overrides") else []),
         f"- faces: {_faces(frontier)}",
         *(
-            [f"- combined runs: {', '.join(s['combined'])} (each preset named by its run)"]
+            [f"- combined runs: {_runs(s)} (each preset named by its run)"]
             if s.get("combined")
             else []
         ),
@@ -630,6 +640,11 @@ def combine(runs: Sequence[tuple[str, dict]]) -> dict:
         **first["settings"],
         "sweep": sweeps[0] if len(sweeps) == 1 else "setting",
         "combined": [label for label, _ in runs],
+        # Each run's own --set (the first run's would otherwise stand for all).
+        "overrides": [],
+        "combined_overrides": {
+            label: [list(o) for o in run["settings"].get("overrides", [])] for label, run in runs
+        },
     }
     return {**first, "settings": settings, "points": points}
 

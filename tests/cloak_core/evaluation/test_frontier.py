@@ -269,7 +269,10 @@ def test_frontier_scores_detected_faces_against_one_fixed_ensemble(
     (tmp_path / "rigged.json").write_text(json.dumps(rigged))
     both = tmp_path / "both"
     assert main(["frontier", "--combine", f"r={tmp_path / 'rigged.json'}", "--out", str(both)]) == 0
-    assert "| r: fast | 1 | 100.0% | 50.0% | 50.0% |" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "| r: fast | 1 | 100.0% | 50.0% | 50.0% |" in table
+    # A combined table names each run's own --set, not the first run's for all.
+    assert "- combined runs: r (`flips=False`)" in table and "set on every point" not in table
     # --set cannot also name the swept setting.
     assert main([*args, "--set", "steps=3"]) == 2
     assert "swept setting" in capsys.readouterr().err
