@@ -76,10 +76,9 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size",
         type=positive_int,
-        default=TOGETHER_BATCH,
         metavar="N",
-        help="with --together: photos decoded and attacked at a time (default "
-        "%(default)s); each batch is written as soon as it is done, and every batch is "
+        help=f"with --together: photos decoded and attacked at a time (default "
+        f"{TOGETHER_BATCH}); each batch is written as soon as it is done, and every batch is "
         "pushed from the shared identity of all the inputs, seen in a first, lighter pass",
     )
     p.add_argument(
@@ -184,7 +183,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("-o/--output takes one input; use --out-dir for several")
     if args.calibrate and not args.json:
         raise UsageError("--calibrate adds to the --json records: give --json too")
-    if args.batch_size != TOGETHER_BATCH and not args.together:
+    if args.batch_size is not None and not args.together:
         raise UsageError("--batch-size sets how many photos --together attacks at a time")
     if args.quality is not None and not 1 <= args.quality <= 100:
         raise UsageError(f"--quality must be within 1..100, got {args.quality}")
@@ -289,7 +288,7 @@ def _protect_together(
     import torch
 
     names = list(args.inputs)
-    size = args.batch_size
+    size = args.batch_size or TOGETHER_BATCH
     parts = [names[k : k + size] for k in range(0, len(names), size)]
     seen = [protector.embed_photos(_readable(part)) for part in parts] if len(parts) > 1 else []
     done = 0
