@@ -12,10 +12,12 @@ The jobs of one upload of several photos form a collection (``POST /v1/jobs``'s
 ``collection_size`` of them have come (at most ``collection_wait`` seconds after the
 first; meanwhile other jobs run), then go into one batch, before any job sent alone, and
 the protector treats them as one person's photos (``collections``). A collection larger
-than a batch is split between batches; the worker keeps what the protector saw of its
-earlier parts (the faces' clean embeddings, ``carried``), so each later part is pushed
-from the shared identity of every photo of the upload so far, and forgets it once no
-photo of that upload waits.
+than a batch is split between batches. Before its first part runs, the worker has the
+protector embed the faces of the photos left waiting (decode, detect, one forward pass
+per model, about a fifth of a second a photo on a CPU: ``waiting``), and it keeps what
+the protector saw of the parts already run (``carried``), so every part, the first
+included, is pushed from the shared identity of every photo of the upload; both are
+forgotten once no photo of that upload waits.
 
 A running batch stops early (``cancel`` is set) when every client that waits for it
 has gone, when it runs past the per-job time limit, or when a shutdown's deadline
@@ -159,8 +161,10 @@ class Worker:
         self._queue: deque[Job] = deque()
         self._jobs: dict[str, Job] = {}
         self._batch: _Batch | None = None
-        # Per split collection, its earlier parts' faces (the protector's ``carried``).
+        # Per split collection, its earlier parts' faces (the protector's ``carried``), and
+        # per photo of one still waiting, its faces (what makes the protector's ``waiting``).
         self._carried: dict[tuple[str, str], dict[str, Any]] = {}
+        self._waiting: dict[Job, Any] = {}
         self._batch_done: asyncio.Event = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -400,6 +404,14 @@ class Worker:
         if any(job.collection for job in jobs):
             extra["collections"] = [job.collection for job in jobs]
             extra["carried"] = self._carried
+            later = {
+                c: [j for j in self._queue if j.collection == c]
+                for c in {job.collection for job in jobs}
+            }
+            later = {c: queued for c, queued in later.items() if queued}
+            if later:
+                extra["later"] = later
+                extra["embedded"] = self._waiting
         call = functools.partial(
             _protect_then_trim,
             self.protector,
@@ -454,10 +466,13 @@ class Worker:
             _collections_note(jobs),
             time.monotonic() - started,
         )
-        # What was carried for a collection none of whose photos still waits is forgotten.
+        # What was carried for a collection none of whose photos still waits is forgotten,
+        # and what was embedded of a photo no longer waiting.
         waiting = {job.collection for job in self._queue}
         for label in [c for c in self._carried if c not in waiting]:
             del self._carried[label]
+        for job in [j for j in self._waiting if j not in self._queue]:
+            del self._waiting[job]
         self._batch = None
         self._batch_done.set()
 
@@ -502,14 +517,48 @@ def _data_url(jpeg: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
-def _protect_then_trim(protector: Any, items: list[bytes], **kwargs: Any) -> list[Any]:
+def _protect_then_trim(
+    protector: Any,
+    items: list[bytes],
+    *,
+    later: dict[tuple[str, str], list[Job]] | None = None,
+    embedded: dict[Job, Any] | None = None,
+    **kwargs: Any,
+) -> list[Any]:
     """``protector.protect_many`` in the worker thread, then give freed heap back to the OS.
+
+    ``later``: per collection of the batch, its photos still queued for later batches;
+    each is embedded first (``protector.embed_photos``, kept in ``embedded`` for the next
+    batches) and handed over as ``waiting``. A photo that fails to embed is left out (its
+    own batch reports why); it fails no other photo.
 
     A batch allocates hundreds of MB of short-lived buffers (decoded photos, activations);
     glibc keeps them mapped unless asked, so a daemon that idles between uploads would
     otherwise sit at its peak memory for good.
     """
     try:
+        if later:
+            known = embedded if embedded is not None else {}
+            for queued in later.values():
+                for job in queued:
+                    data = job.data  # None once its client has gone
+                    if job in known or data is None:
+                        continue
+                    try:
+                        known[job] = protector.embed_photos(
+                            [data],
+                            max_pixels=kwargs["max_pixels"],
+                            max_decoded_bytes=kwargs["max_decoded_bytes"],
+                            config=kwargs["config"],
+                            cancel=kwargs["cancel"],
+                        )
+                    except CancelledError:
+                        raise
+                    except Exception:  # that photo's own batch reports it; this one goes on
+                        log.warning("a waiting photo of an upload could not be embedded")
+            kwargs["waiting"] = {
+                c: [known[job] for job in queued if job in known] for c, queued in later.items()
+            }
         return protector.protect_many(items, **kwargs)
     finally:
         _trim_heap()

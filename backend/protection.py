@@ -36,19 +36,35 @@ class ProtectorLike(Protocol):
         measure: bool | str = False,
         collections: Sequence[Any] | None = None,
         carried: dict[Any, Any] | None = None,
+        waiting: dict[Any, Sequence[Any]] | None = None,
     ) -> Sequence[Any]:
         """One result (with ``data``, ``mime``, ``faces``, ``seconds``) or error per item.
 
         ``measure="models"`` (passed only for jobs that want a preview) adds ``previews``.
         ``collections`` (passed only when some items are one upload's photos): per item,
         the upload it is part of, or None; with them ``carried``, what the protector
-        kept of each upload's photos in earlier calls, which it reads and adds to.
+        kept of each upload's photos in earlier calls, which it reads and adds to, and
+        ``waiting``, per upload, what :meth:`embed_photos` gave for each of its photos
+        that a later call will protect, which it reads only.
 
         ``config`` is the :class:`cloak_core.presets.AttackConfig` of every item;
         ``max_pixels`` and ``max_decoded_bytes`` the decoded-size limits (over them:
         ImageTooLargeError for that item). Setting ``cancel`` must stop every stage part
         way and raise :class:`cloak_core.errors.CancelledError`.
         """
+        ...
+
+    def embed_photos(
+        self,
+        items: Sequence[bytes],
+        *,
+        max_pixels: int,
+        max_decoded_bytes: int | None,
+        config: Any,
+        cancel: threading.Event | None,
+    ) -> Any:
+        """What ``waiting`` holds of a photo: its faces' clean embeddings, per model
+        (nothing for a photo that does not decode). Setting ``cancel`` stops it part way."""
         ...
 
     def close(self) -> None:

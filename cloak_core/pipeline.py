@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import threading
 import time
-from collections.abc import Callable, Hashable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Collection, Hashable, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -47,6 +47,9 @@ REGION_MARGIN = 0.12
 # Per collection label, per model, the clean embeddings of the faces a split upload's
 # earlier calls protected (:meth:`Protector.protect_pixels`'s ``carried``).
 Carried = MutableMapping[Hashable, dict[str, torch.Tensor]]
+# Per collection label, per photo of it that a later call will protect, per model, the
+# clean embeddings of that photo's faces (:meth:`Protector.protect_pixels`'s ``waiting``).
+Waiting = Mapping[Hashable, Sequence[Mapping[str, torch.Tensor]]]
 
 # Faces optimised together in one batch (larger batches are split, one after the other).
 MAX_BATCH = {"cpu": 8, "cuda": 64}
@@ -301,6 +304,7 @@ class Protector:
         together: bool = False,
         collections: Sequence[Hashable | None] | None = None,
         carried: Carried | None = None,
+        waiting: Waiting | None = None,
     ) -> list[ProtectResult | FaceCloakError]:
         """Protect several encoded images in one batched attack.
 
@@ -316,7 +320,8 @@ class Protector:
         verdicts on the encoded output and small crops (one forward pass per model).
         ``together``: the items are one person's collection; ``collections``: per item, the
         collection it is part of, or None; ``carried``: what earlier calls saw of those
-        collections (see :meth:`protect_pixels`).
+        collections, ``waiting``: what later calls will protect of them (see
+        :meth:`protect_pixels`).
         """
         if measure not in (False, True, "models"):
             raise UsageError(f"measure must be False, True or 'models', got {measure!r}")
@@ -356,6 +361,7 @@ class Protector:
             together=together,
             collections=None if collections is None else [collections[i] for i in good],
             carried=carried,
+            waiting=waiting,
         )
         seconds = time.perf_counter() - start
         results: list[ProtectResult | FaceCloakError] = list(decoded)  # type: ignore[arg-type]
@@ -406,6 +412,7 @@ class Protector:
         together: bool = False,
         collections: Sequence[Hashable | None] | None = None,
         carried: Carried | None = None,
+        waiting: Waiting | None = None,
     ) -> list[np.ndarray]:
         """The attack on given faces: ``images`` are ``(H, W, 3)`` RGB uint8 or uint16.
 
@@ -426,6 +433,11 @@ class Protector:
         photos of the collection, and are not attacked again. This call's faces of each
         of its collections are added to it, so the caller keeps one ``carried`` for the
         calls of a split upload.
+        ``waiting``, with ``collections``: per collection label, the clean embeddings
+        (:meth:`embed_photos`) of each photo of that collection a later call will protect;
+        they count in the shared identity as ``carried`` does, so the first part of a split
+        upload is pushed from the identity of the whole upload too, and are not added to
+        ``carried`` (their own call adds them).
         """
         config = config or self.config
         times = times or StageTimes(self.device)
@@ -456,14 +468,15 @@ class Protector:
                 chunks.append([r])
         lpips = self._lpips_net(config.lpips_net) if config.measures_lpips else None
         targets = None
-        if carried is not None and together:
-            raise UsageError("carried collections need collection labels, not together")
-        collection, labels = _collection_ids(together, collections, len(images), carried)
+        if (carried is not None or waiting is not None) and together:
+            raise UsageError("carried or waiting collections need collection labels, not together")
+        elsewhere = {*(carried or {}), *(k for k, photos in (waiting or {}).items() if photos)}
+        collection, labels = _collection_ids(together, collections, len(images), elsewhere)
         if collection is not None and config.centroid:
             with times.stage("shared identity"):
                 clean = self._clean_embeddings(regions, images, chunks, models, config)
                 targets = self._shared_identity(
-                    regions, clean, models, config, collection, labels, carried
+                    regions, clean, models, config, collection, labels, carried, waiting
                 )
         for c, chunk in enumerate(chunks):
             chunk_regions = [regions[r] for r in chunk]
@@ -518,21 +531,26 @@ class Protector:
         collection: torch.Tensor,
         labels: Mapping[Hashable, int],
         carried: Carried | None,
+        waiting: Waiting | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per model, ``(len(regions), D)``: what each face is pushed away from, the mean
         of the clean ``embeddings`` of the faces in the other photos of its collection
         (``collection``, per image; ``labels``, the number of each label) that every model
         verifies as the same person, itself included, with the faces ``carried`` from
-        earlier calls (:func:`~cloak_core.attack.shared_identity`); this call's faces join
-        ``carried``."""
+        earlier calls and those of the photos ``waiting`` for later ones
+        (:func:`~cloak_core.attack.shared_identity`); this call's faces join ``carried``."""
         names = list(models)
         photo = torch.tensor([r.image for r in regions])
         face_collection = collection[photo]
-        before = {
-            label: carried[label]
-            for label in labels
-            if carried is not None and label in carried and set(names) <= set(carried[label])
-        }
+        before: dict[Hashable, dict[str, torch.Tensor]] = {}
+        for label in labels:
+            parts = [
+                e
+                for e in [(carried or {}).get(label), *(waiting or {}).get(label, ())]
+                if e is not None and set(names) <= set(e) and len(e[names[0]])
+            ]
+            if parts:
+                before[label] = {n: torch.cat([e[n].to(self.device) for e in parts]) for n in names}
         companions, companion_collection = None, None
         if before:
             companions = {
@@ -610,19 +628,27 @@ class Protector:
         items: Sequence[bytes],
         *,
         max_pixels: int = 50_000_000,
+        max_decoded_bytes: int | None = None,
         config: AttackConfig | None = None,
+        cancel: threading.Event | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per ensemble model, ``(F, D)`` on the CPU: the clean embeddings of every face the
         detector finds in the encoded photos ``items`` (:meth:`embed_faces`), one photo
         decoded at a time; a photo that does not decode adds nothing (protecting it
-        reports why). What ``carried`` holds of photos protected in another call."""
+        reports why). What ``carried`` holds of photos protected in another call, and
+        ``waiting`` of each photo a later call will protect. Setting ``cancel`` stops it
+        part way (:class:`~cloak_core.errors.CancelledError`)."""
         parts = [self.embed_faces([], [], config)]  # no face: an empty (0, D) per model
         for data in items:
             try:
-                pixels = decode_image(data, max_pixels=max_pixels).pixels
+                pixels = decode_image(
+                    data, max_pixels=max_pixels, max_decoded_bytes=max_decoded_bytes, cancel=cancel
+                ).pixels
+            except CancelledError:
+                raise
             except FaceCloakError:
                 continue
-            faces = self.detector.detect(_as_uint8(pixels))
+            faces = self.detector.detect(_as_uint8(pixels), cancel=cancel)
             parts.append(self.embed_faces([pixels], [faces], config))
         return {n: torch.cat([part[n].float().cpu() for part in parts]) for n in parts[0]}
 
@@ -844,11 +870,12 @@ def _collection_ids(
     together: bool,
     collections: Sequence[Hashable | None] | None,
     count: int,
-    carried: Mapping[Hashable, object] | None = None,
+    elsewhere: Collection[Hashable] = (),
 ) -> tuple[torch.Tensor | None, dict[Hashable, int]]:
     """Per image, a number naming its collection (an image alone gets one of its own), or
-    None when no two of the ``count`` images share one and none has faces ``carried``
-    from an earlier call; and the number of each collection label."""
+    None when no two of the ``count`` images share one and none has photos ``elsewhere``
+    (carried from an earlier call, or waiting for a later one); and the number of each
+    collection label."""
     if collections is None:
         ids = torch.zeros(count, dtype=torch.long) if together and count > 1 else None
         return ids, {}
@@ -862,8 +889,7 @@ def _collection_ids(
         for i, c in enumerate(collections)
     ]
     alone = len(labels) == len([c for c in collections if c is not None])
-    carried_here = carried is not None and any(label in carried for label in labels)
-    if alone and not carried_here:
+    if alone and not any(label in elsewhere for label in labels):
         return None, labels  # every collection holds one image at most
     return torch.tensor(ids), labels
 

@@ -108,8 +108,8 @@ def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         metavar="N",
         help="photos per attack batch (default 32 on a CPU, 64 on a GPU); a person with more "
-        "is split between batches, their earlier photos carried into the later ones, as the "
-        "daemon splits an upload larger than its --batch-size",
+        "is split between batches, each batch pushed from their photos in the others too, as "
+        "the daemon splits an upload larger than its --batch-size",
     )
     parser.add_argument(
         "--landmarks",

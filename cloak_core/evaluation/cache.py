@@ -63,7 +63,7 @@ class AttackCache:
     ) -> Path:
         """The file of one batch: ``pixels`` (RGB uint8 ``(H, W, 3)`` each) attacked with
         ``config`` (its ``models`` the ensemble) and ``seed``, ``faces`` the faces of each;
-        ``companions``, the earlier photos of its people carried into it, and their faces."""
+        ``companions``, its people's photos in other batches counted in it, and their faces."""
         import torch
 
         key = {

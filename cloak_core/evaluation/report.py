@@ -94,8 +94,8 @@ def markdown(report: dict) -> str:
                 "a photo uploaded alone gets only its own push (`--set centroid=0` measures that)"
                 + (
                     f"; batches of at most {size} photos (`--batch-size`), a person with more "
-                    "split between batches, their earlier batches' faces carried into the later "
-                    "ones' shared identity as the daemon carries a split upload's"
+                    "split between batches, each batch's shared identity counting their faces in "
+                    "the other batches as the daemon's parts of a split upload count the rest"
                     if size
                     else ""
                 )

@@ -99,7 +99,8 @@ class EvalSettings:
     ``worst_images``: how many of each ensemble's most visible images the report names
     (and the grid shows beside the first image of ``grid_identities`` identities).
     ``batch_size``: photos per attack batch (None: 32 on a CPU, 64 on a GPU); a person
-    with more is split, their earlier batches' photos carried into the later ones.
+    with more is split, and each batch is handed their photos in the other batches, as
+    the daemon hands each part of a split upload the rest of it.
     """
 
     dataset: Path
@@ -388,7 +389,7 @@ class Evaluation:
             tqdm(total=len(targets), desc=label, disable=not self.progress, unit="img") as bar,
         ):
             seconds, resumed = 0.0, 0
-            for seed, chunk, earlier, cached in self._batches(group, targets):
+            for seed, chunk, others, cached in self._batches(group, targets):
                 done = bar.n
 
                 def step(f: float, done: float = done, n: int = len(chunk)) -> None:
@@ -404,8 +405,8 @@ class Evaluation:
                         [im.pixels for im in chunk],
                         [im.attack_faces for im in chunk],
                         seed,
-                        [im.pixels for im in earlier],
-                        [im.attack_faces for im in earlier],
+                        [im.pixels for im in others],
+                        [im.attack_faces for im in others],
                         progress=step,
                     )
                     hit = (pixels, time.perf_counter() - t)
@@ -432,27 +433,29 @@ class Evaluation:
         self, group: AttackGroup, targets: Sequence[_Image]
     ) -> list[tuple[int, Sequence[_Image], Sequence[_Image], Path]]:
         """``group``'s attack batches: the seed, the images, the photos of the same people
-        in earlier batches (a person with more photos than a batch holds is split, and
-        their earlier photos are carried into the later batches' shared identity, as the
-        daemon carries a split upload's) and the cache entry of each."""
+        in the other batches (a person with more photos than a batch holds is split, and
+        each batch's shared identity counts their photos in the others, earlier and later,
+        as the daemon's parts of a split upload count the rest of it) and the cache entry
+        of each."""
         size = self.settings.batch_size or (64 if self.device.type == "cuda" else 32)
         config = replace(self.config, models=group.ensemble)
         out = []
-        seen: list[_Image] = []
-        for b, chunk in enumerate(person_batches(targets, size)):
+        batches = person_batches(targets, size)
+        for b, chunk in enumerate(batches):
             seed = self.settings.seed + b
             people = {im.identity for im in chunk}
-            earlier = [im for im in seen if im.identity in people]
-            seen += chunk
+            others = [
+                im for j, c in enumerate(batches) if j != b for im in c if im.identity in people
+            ]
             path = self.cache.path(
                 config,
                 seed,
                 [im.pixels for im in chunk],
                 [im.attack_faces for im in chunk],
-                [im.pixels for im in earlier],
-                [im.attack_faces for im in earlier],
+                [im.pixels for im in others],
+                [im.attack_faces for im in others],
             )
-            out.append((seed, chunk, earlier, path))
+            out.append((seed, chunk, others, path))
         return out
 
     def _prefill(
@@ -468,11 +471,11 @@ class Evaluation:
                 [im.attack_faces for im in chunk],
                 seed,
                 path,
-                [im.pixels for im in earlier],
-                [im.attack_faces for im in earlier],
+                [im.pixels for im in others],
+                [im.attack_faces for im in others],
             )
             for group in groups
-            for seed, chunk, earlier, path in self._batches(group, targets)
+            for seed, chunk, others, path in self._batches(group, targets)
             if not (self.settings.resume and read_batch(path) is not None)
         ]
         self.timings["attack_worker_batches"] = len(tasks)

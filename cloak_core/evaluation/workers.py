@@ -33,8 +33,8 @@ class AttackTask:
 
     ``config``: the attack config, its ``models`` the ensemble. ``pixels``: RGB uint8
     ``(H, W, 3)`` images; ``faces``: the faces of each. ``path``: the cache entry.
-    ``companions`` / ``companion_faces``: photos of the same people protected in earlier
-    batches (a person split between batches), carried into this batch's shared identity.
+    ``companions`` / ``companion_faces``: photos of the same people protected in other
+    batches (a person split between batches), counted in this batch's shared identity.
     """
 
     config: AttackConfig

@@ -59,8 +59,11 @@ class ReencodingProtector:
     ``steps`` progress reports ``step_seconds`` apart, checking ``cancel`` before each.
     ``batches`` records the size of every ``protect_many`` call, ``collections`` the
     collection labels it was given (None when it was given none), ``carried`` how many
-    photos of each collection it was handed from earlier calls; like the Protector it
-    adds a row per photo of each collection to ``carried``.
+    photos of each collection it was handed from earlier calls, ``waiting`` how many it
+    was handed of photos later calls will protect; like the Protector it adds a row per
+    photo of each collection to ``carried``. ``embedded`` lists the size of each photo
+    given to :meth:`embed_photos` (one row per photo); ``embed_error``, when set, is
+    raised by it instead.
     """
 
     def __init__(self, steps: int = 4, step_seconds: float = 0.0):
@@ -73,6 +76,9 @@ class ReencodingProtector:
         self.measures: list[object] = []
         self.collections: list[object] = []
         self.carried: list[dict | None] = []
+        self.waiting: list[dict | None] = []
+        self.embedded: list[int] = []
+        self.embed_error: Exception | None = None
         self.closed = False
         self.thread_names: set[str] = set()
 
@@ -88,8 +94,14 @@ class ReencodingProtector:
         measure=False,
         collections=None,
         carried=None,
+        waiting=None,
     ):
         self.batches.append(len(items))
+        self.waiting.append(
+            None
+            if waiting is None
+            else {c: sum(len(e["rows"]) for e in photos) for c, photos in waiting.items()}
+        )
         self.collections.append(collections)
         self.carried.append(
             None if carried is None else {c: len(e["rows"]) for c, e in carried.items()}
@@ -141,6 +153,14 @@ class ReencodingProtector:
             width=source.width,
             height=source.height,
         )
+
+    def embed_photos(self, items, *, max_pixels, max_decoded_bytes, config, cancel):
+        if cancel is not None and cancel.is_set():
+            raise CancelledError("cancelled")
+        if self.embed_error is not None:
+            raise self.embed_error
+        self.embedded.extend(len(data) for data in items)
+        return {"rows": ["waiting"] * len(items)}
 
     def close(self) -> None:
         self.closed = True

@@ -215,22 +215,41 @@ async def test_what_is_left_of_a_split_collection_runs_once_each(config):
         token = await pair(client, config)
         busy = await _send(client, token)
         await _until(lambda: _state_is(client, token, busy, "running"))
-        query = "?collection=five-photos&collection_size=5"
-        upload = [await _send(client, token, query) for _ in range(5)]
+        query = "?collection=seven-photos&collection_size=7"
+        upload = [await _send(client, token, query) for _ in range(7)]
         for job_id in upload:
             await _until(lambda job_id=job_id: _state_is(client, token, job_id, "done"))
-        assert protector.batches == [1, 3, 2]
+        assert protector.batches == [1, 3, 3, 1]
         assert len({label for labels in protector.collections[1:] for label in labels}) == 1
-        # The second part is handed the first part's photos, and once the upload is done
-        # the worker keeps nothing of it.
+        # Each part is handed the photos still waiting, embedded once, before the first
+        # part runs, and the earlier parts' photos; once the upload is done the worker
+        # keeps nothing of it.
         label = protector.collections[1][0]
-        assert protector.carried[1] == {} and protector.carried[2] == {label: 3}
+        assert protector.waiting[1:] == [{label: 4}, {label: 1}, None]
+        assert len(protector.embedded) == 4
+        assert protector.carried[1:] == [{}, {label: 3}, {label: 6}]
         worker = client.server.app[WORKER_KEY]
 
         async def forgotten():
-            return not worker._carried
+            return not worker._carried and not worker._waiting
 
         await _until(forgotten)
+
+
+async def test_a_waiting_photo_that_fails_to_embed_fails_no_other(config):
+    """The first part of a split upload runs without a waiting photo the protector could
+    not embed; that photo is still protected in its own batch."""
+    protector = ReencodingProtector()
+    protector.embed_error = RuntimeError("a bug in embedding")
+    async with serve(with_changes(config, batch_size=2, collection_wait=5.0), protector) as client:
+        token = await pair(client, config)
+        query = "?collection=three-photos&collection_size=3"
+        upload = [await _send(client, token, query) for _ in range(3)]
+        for job_id in upload:
+            await _until(lambda job_id=job_id: _state_is(client, token, job_id, "done"))
+        label = protector.collections[0][0]
+        assert protector.batches == [2, 1]
+        assert protector.waiting == [{label: 0}, None] and protector.embedded == []
 
 
 @pytest.mark.parametrize(

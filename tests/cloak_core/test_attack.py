@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from dataclasses import replace
 
 import cv2
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from cloak_core.attack import gaussian_blur, model_term
-from cloak_core.errors import UsageError
+from cloak_core.errors import CancelledError, UsageError
 from cloak_core.models.base import VerificationRule
 from cloak_core.pipeline import feather_mask
 from cloak_core.presets import PRESETS, get_preset
@@ -290,7 +291,9 @@ def test_an_upload_split_between_calls_is_pushed_from_the_whole_uploads_identity
 
         faces = [[face]] * 5
         carried: dict = {}
-        p.protect_pixels(images[:3], faces[:3], seed=0, collections=["up"] * 3, carried=carried)
+        outputs_first = p.protect_pixels(
+            images[:3], faces[:3], seed=0, collections=["up"] * 3, carried=carried
+        )
         assert set(carried) == {"up"}
         assert all(torch.allclose(carried["up"][n], own[n][:3], atol=1e-5) for n in names)
         snapshot = {n: e.clone() for n, e in carried["up"].items()}
@@ -334,6 +337,37 @@ def test_an_upload_split_between_calls_is_pushed_from_the_whole_uploads_identity
         daemons = {"up": dict(snapshot)}
         (result,) = p.protect_many([png.getvalue()], collections=["up"], carried=daemons)
         assert result.faces == 1 and len(daemons["up"]["sface"]) == 4
+        # The first part of a split upload is handed the photos still waiting (the
+        # daemon embeds them before it runs): they count as carried ones do, and are not
+        # added to what is carried (their own call adds them).
+        fourth = {n: own[n][3:4] for n in names}
+        as_carried = p.protect_pixels(
+            images[:3], faces[:3], seed=0, collections=["up"] * 3, carried={"up": fourth}
+        )
+        first: dict = {}
+        as_waiting = p.protect_pixels(
+            images[:3], faces[:3], seed=0, collections=["up"] * 3, carried=first,
+            waiting={"up": [fourth, {n: e[:0] for n, e in fourth.items()}]},
+        )  # fmt: skip
+        assert all(np.array_equal(a, b) for a, b in zip(as_carried, as_waiting, strict=True))
+        assert not np.array_equal(as_waiting[0], outputs_first[0])
+        assert [len(first["up"][n]) for n in names] == [3, 3]
+        # A single photo of an upload whose other photos all wait is pushed from them too.
+        (one,) = p.protect_pixels(
+            images[3:4], faces[3:4], seed=0, collections=["up"],
+            waiting={"up": [snapshot]},
+        )  # fmt: skip
+        assert np.array_equal(one, carried_once[0])
+        # What the daemon embeds of a waiting photo: its detected face, per model; a stop
+        # asked for stops it.
+        waited = p.embed_photos([png.getvalue()], max_decoded_bytes=10**8)
+        assert [tuple(waited[n].shape) for n in names] == [(1, 128), (1, 128)]
+        stop = threading.Event()
+        stop.set()
+        with pytest.raises(CancelledError):
+            p.embed_photos([png.getvalue()], cancel=stop)
+        with pytest.raises(UsageError, match="collection labels"):
+            p.protect_pixels(images[:2], faces[:2], together=True, waiting={})
         centre = F.normalize(own["sface"][:4], dim=-1).mean(0, keepdim=True)
         sface = models["sface"]
 

@@ -167,11 +167,12 @@ def test_attack_batches_keep_a_persons_photos_together() -> None:
     assert person_batches([], 4) == []
 
 
-def test_a_person_split_between_batches_carries_their_earlier_photos(tmp_path) -> None:
-    """A person with more photos than a batch is split, and their earlier batches' photos
-    go with each later batch (the daemon carries a split upload the same way); other
-    people's photos never do. The cache entry names the carried photos: the same batch
-    with other companions is another entry, one without any keeps its old key."""
+def test_a_person_split_between_batches_counts_their_photos_in_the_others(tmp_path) -> None:
+    """A person with more photos than a batch is split, and their photos in the other
+    batches, earlier and later, go with each batch (the daemon hands each part of a split
+    upload the rest of it the same way); other people's photos never do. The cache entry
+    names those companions: the same batch with other companions is another entry, one
+    without any keeps its old key."""
     from cloak_core.detect import Face
     from cloak_core.evaluation.ensembles import AttackGroup
     from cloak_core.evaluation.runner import EvalSettings, Evaluation, _Image
@@ -201,8 +202,9 @@ def test_a_person_split_between_batches_carries_their_earlier_photos(tmp_path) -
         ["a"] * 3,
         ["a", "b", "b"],
     ]
-    assert [len(earlier) for _, _, earlier, _ in batches] == [0, 3, 6]
-    assert batches[2][2] == a[:6] and batches[1][2] == a[:3]
+    assert [len(others) for _, _, others, _ in batches] == [4, 4, 6]
+    assert batches[0][2] == a[3:] and batches[1][2] == a[:3] + a[6:]
+    assert batches[2][2] == a[:6]
     assert len({path for *_, path in batches}) == 3
     config = run.config
     chunk = batches[1][1]
