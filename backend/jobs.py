@@ -14,7 +14,8 @@ first; meanwhile other jobs run), then go into one batch, before any job sent al
 the protector treats them as one person's photos (``collections``). A collection larger
 than a batch is split between batches. Before its first part runs, the worker has the
 protector embed the faces of the photos left waiting (decode, detect, one forward pass
-per model, about a fifth of a second a photo on a CPU: ``waiting``), and it keeps what
+per model: ``waiting``; the faces found are handed back when those photos run, so they
+are not looked for twice), and it keeps what
 the protector saw of the parts already run (``carried``), so every part, the first
 included, is pushed from the shared identity of every photo of the upload; both are
 forgotten once no photo of that upload waits.
@@ -162,9 +163,10 @@ class Worker:
         self._jobs: dict[str, Job] = {}
         self._batch: _Batch | None = None
         # Per split collection, its earlier parts' faces (the protector's ``carried``), and
-        # per photo of one still waiting, its faces (what makes the protector's ``waiting``).
+        # per photo of one still waiting, the faces found in it and their embeddings (what
+        # makes the protector's ``waiting``; the faces are not looked for again).
         self._carried: dict[tuple[str, str], dict[str, Any]] = {}
-        self._waiting: dict[Job, Any] = {}
+        self._waiting: dict[Job, tuple[Any, Any]] = {}
         self._batch_done: asyncio.Event = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -412,6 +414,8 @@ class Worker:
             if later:
                 extra["later"] = later
                 extra["embedded"] = self._waiting
+            if any(job in self._waiting for job in jobs):  # found while they waited
+                extra["faces"] = [self._waiting.get(job, (None, None))[0] for job in jobs]
         call = functools.partial(
             _protect_then_trim,
             self.protector,
@@ -528,9 +532,10 @@ def _protect_then_trim(
     """``protector.protect_many`` in the worker thread, then give freed heap back to the OS.
 
     ``later``: per collection of the batch, its photos still queued for later batches;
-    each is embedded first (``protector.embed_photos``, kept in ``embedded`` for the next
-    batches) and handed over as ``waiting``. A photo that fails to embed is left out (its
-    own batch reports why); it fails no other photo.
+    each is embedded first (``protector.embed_photos``; the faces found and their
+    embeddings kept in ``embedded`` for the next batches, whose ``faces`` they become) and
+    handed over as ``waiting``. A photo that fails to embed is left out (its own batch
+    reports why); it fails no other photo.
 
     A batch allocates hundreds of MB of short-lived buffers (decoded photos, activations);
     glibc keeps them mapped unless asked, so a daemon that idles between uploads would
@@ -545,19 +550,22 @@ def _protect_then_trim(
                     if job in known or data is None:
                         continue
                     try:
-                        known[job] = protector.embed_photos(
+                        found: list[Any] = []
+                        embeddings = protector.embed_photos(
                             [data],
                             max_pixels=kwargs["max_pixels"],
                             max_decoded_bytes=kwargs["max_decoded_bytes"],
                             config=kwargs["config"],
                             cancel=kwargs["cancel"],
+                            found=found,
                         )
+                        known[job] = (found[0] if found else None, embeddings)
                     except CancelledError:
                         raise
                     except Exception:  # that photo's own batch reports it; this one goes on
                         log.warning("a waiting photo of an upload could not be embedded")
             kwargs["waiting"] = {
-                c: [known[job] for job in queued if job in known] for c, queued in later.items()
+                c: [known[job][1] for job in queued if job in known] for c, queued in later.items()
             }
         return protector.protect_many(items, **kwargs)
     finally:

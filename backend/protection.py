@@ -37,6 +37,7 @@ class ProtectorLike(Protocol):
         collections: Sequence[Any] | None = None,
         carried: dict[Any, Any] | None = None,
         waiting: dict[Any, Sequence[Any]] | None = None,
+        faces: Sequence[Any] | None = None,
     ) -> Sequence[Any]:
         """One result (with ``data``, ``mime``, ``faces``, ``seconds``) or error per item.
 
@@ -45,7 +46,9 @@ class ProtectorLike(Protocol):
         the upload it is part of, or None; with them ``carried``, what the protector
         kept of each upload's photos in earlier calls, which it reads and adds to, and
         ``waiting``, per upload, what :meth:`embed_photos` gave for each of its photos
-        that a later call will protect, which it reads only.
+        that a later call will protect, which it reads only; ``faces`` (passed only when
+        some items were embedded so), per item, the faces ``embed_photos`` found in it, or
+        None.
 
         ``config`` is the :class:`cloak_core.presets.AttackConfig` of every item;
         ``max_pixels`` and ``max_decoded_bytes`` the decoded-size limits (over them:
@@ -62,9 +65,12 @@ class ProtectorLike(Protocol):
         max_decoded_bytes: int | None,
         config: Any,
         cancel: threading.Event | None,
+        found: list[Any] | None = None,
     ) -> Any:
         """What ``waiting`` holds of a photo: its faces' clean embeddings, per model
-        (nothing for a photo that does not decode). Setting ``cancel`` stops it part way."""
+        (nothing for a photo that does not decode); ``found`` gets the faces of each photo
+        appended (None for one that does not decode). Setting ``cancel`` stops it part
+        way."""
         ...
 
     def close(self) -> None:

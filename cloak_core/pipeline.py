@@ -305,6 +305,7 @@ class Protector:
         collections: Sequence[Hashable | None] | None = None,
         carried: Carried | None = None,
         waiting: Waiting | None = None,
+        faces: Sequence[Sequence[Face] | None] | None = None,
     ) -> list[ProtectResult | FaceCloakError]:
         """Protect several encoded images in one batched attack.
 
@@ -321,12 +322,15 @@ class Protector:
         ``together``: the items are one person's collection; ``collections``: per item, the
         collection it is part of, or None; ``carried``: what earlier calls saw of those
         collections, ``waiting``: what later calls will protect of them (see
-        :meth:`protect_pixels`).
+        :meth:`protect_pixels`). ``faces``: per item, the faces :meth:`embed_photos` already
+        found in those very bytes (its ``found``), or None to detect them here.
         """
         if measure not in (False, True, "models"):
             raise UsageError(f"measure must be False, True or 'models', got {measure!r}")
         if collections is not None and len(collections) != len(items):
             raise UsageError(f"{len(collections)} collections for {len(items)} items")
+        if faces is not None and len(faces) != len(items):
+            raise UsageError(f"faces for {len(faces)} items, not {len(items)}")
         start = time.perf_counter()
         times = times or StageTimes(self.device)
         decoded: list[DecodedImage | FaceCloakError] = []
@@ -347,12 +351,16 @@ class Protector:
                     decoded.append(exc)
         good = [i for i, d in enumerate(decoded) if isinstance(d, DecodedImage)]
         images = [decoded[i].pixels for i in good]  # type: ignore[union-attr]
+        known = [None] * len(good) if faces is None else [faces[i] for i in good]
         with times.stage("detect"):
-            faces = [self.detector.detect(_as_uint8(img), cancel=cancel) for img in images]
-        held_out = self.plan_hold_out(faces, config)
+            found = [
+                list(k) if k is not None else self.detector.detect(_as_uint8(img), cancel=cancel)
+                for img, k in zip(images, known, strict=True)
+            ]
+        held_out = self.plan_hold_out(found, config)
         protected = self.protect_pixels(
             images,
-            faces,
+            found,
             progress=progress,
             cancel=cancel,
             config=config,
@@ -382,17 +390,17 @@ class Protector:
                 data=data,
                 mime=mime,
                 format=mime.split("/")[-1].upper(),
-                faces=len(faces[k]),
+                faces=len(found[k]),
                 seconds=seconds,
                 width=width,
                 height=height,
-                boxes=tuple(f.box for f in faces[k]),
+                boxes=tuple(f.box for f in found[k]),
                 held_out=tuple(held_out[k]),
             )
             if measure == "models":
-                result = self._measure_models(result, source, faces[k])
+                result = self._measure_models(result, source, found[k])
             elif measure:
-                result = self._measure(result, source, faces[k])
+                result = self._measure(result, source, found[k])
             results[i] = result
         return results
 
@@ -631,13 +639,16 @@ class Protector:
         max_decoded_bytes: int | None = None,
         config: AttackConfig | None = None,
         cancel: threading.Event | None = None,
+        found: list[list[Face] | None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per ensemble model, ``(F, D)`` on the CPU: the clean embeddings of every face the
         detector finds in the encoded photos ``items`` (:meth:`embed_faces`), one photo
         decoded at a time; a photo that does not decode adds nothing (protecting it
         reports why). What ``carried`` holds of photos protected in another call, and
-        ``waiting`` of each photo a later call will protect. Setting ``cancel`` stops it
-        part way (:class:`~cloak_core.errors.CancelledError`)."""
+        ``waiting`` of each photo a later call will protect. ``found``, when given, gets
+        each photo's faces appended (None for a photo that does not decode), for
+        :meth:`protect_many`'s ``faces``. Setting ``cancel`` stops it part way
+        (:class:`~cloak_core.errors.CancelledError`)."""
         parts = [self.embed_faces([], [], config)]  # no face: an empty (0, D) per model
         for data in items:
             try:
@@ -647,8 +658,12 @@ class Protector:
             except CancelledError:
                 raise
             except FaceCloakError:
+                if found is not None:
+                    found.append(None)
                 continue
             faces = self.detector.detect(_as_uint8(pixels), cancel=cancel)
+            if found is not None:
+                found.append(faces)
             parts.append(self.embed_faces([pixels], [faces], config))
         return {n: torch.cat([part[n].float().cpu() for part in parts]) for n in parts[0]}
 

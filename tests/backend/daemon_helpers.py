@@ -62,8 +62,8 @@ class ReencodingProtector:
     photos of each collection it was handed from earlier calls, ``waiting`` how many it
     was handed of photos later calls will protect; like the Protector it adds a row per
     photo of each collection to ``carried``. ``embedded`` lists the size of each photo
-    given to :meth:`embed_photos` (one row per photo); ``embed_error``, when set, is
-    raised by it instead.
+    given to :meth:`embed_photos` (one row and one face per photo), ``faces`` the faces
+    each call was handed; ``embed_error``, when set, is raised by it instead.
     """
 
     def __init__(self, steps: int = 4, step_seconds: float = 0.0):
@@ -77,6 +77,7 @@ class ReencodingProtector:
         self.collections: list[object] = []
         self.carried: list[dict | None] = []
         self.waiting: list[dict | None] = []
+        self.faces: list[list | None] = []
         self.embedded: list[int] = []
         self.embed_error: Exception | None = None
         self.closed = False
@@ -95,8 +96,10 @@ class ReencodingProtector:
         collections=None,
         carried=None,
         waiting=None,
+        faces=None,
     ):
         self.batches.append(len(items))
+        self.faces.append(faces)
         self.waiting.append(
             None
             if waiting is None
@@ -154,12 +157,14 @@ class ReencodingProtector:
             height=source.height,
         )
 
-    def embed_photos(self, items, *, max_pixels, max_decoded_bytes, config, cancel):
+    def embed_photos(self, items, *, max_pixels, max_decoded_bytes, config, cancel, found=None):
         if cancel is not None and cancel.is_set():
             raise CancelledError("cancelled")
         if self.embed_error is not None:
             raise self.embed_error
         self.embedded.extend(len(data) for data in items)
+        if found is not None:  # a face per photo, named by its size
+            found.extend([f"face of {len(data)} bytes"] for data in items)
         return {"rows": ["waiting"] * len(items)}
 
     def close(self) -> None:

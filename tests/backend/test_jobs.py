@@ -227,6 +227,10 @@ async def test_what_is_left_of_a_split_collection_runs_once_each(config):
         label = protector.collections[1][0]
         assert protector.waiting[1:] == [{label: 4}, {label: 1}, None]
         assert len(protector.embedded) == 4
+        # The faces found while they waited are handed over, not looked for again.
+        size = len(jpeg_bytes())
+        assert protector.faces[1] is None
+        assert protector.faces[2:] == [[[f"face of {size} bytes"]] * 3, [[f"face of {size} bytes"]]]
         assert protector.carried[1:] == [{}, {label: 3}, {label: 6}]
         worker = client.server.app[WORKER_KEY]
 

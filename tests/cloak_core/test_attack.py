@@ -360,8 +360,19 @@ def test_an_upload_split_between_calls_is_pushed_from_the_whole_uploads_identity
         assert np.array_equal(one, carried_once[0])
         # What the daemon embeds of a waiting photo: its detected face, per model; a stop
         # asked for stops it.
-        waited = p.embed_photos([png.getvalue()], max_decoded_bytes=10**8)
+        found: list = []
+        waited = p.embed_photos([png.getvalue(), b"not an image"], found=found)
         assert [tuple(waited[n].shape) for n in names] == [(1, 128), (1, 128)]
+        assert len(found) == 2 and len(found[0]) == 1 and found[1] is None
+        # ... and when that photo's own call comes, its faces are not looked for again:
+        # the faces handed over are the ones protected (none given, none protected).
+        kept = {"up": dict(snapshot)}
+        (again,) = p.protect_many(
+            [png.getvalue()], collections=["up"], carried=kept, faces=found[:1]
+        )
+        assert again.faces == 1 and again.data == result.data
+        (none,) = p.protect_many([png.getvalue()], faces=[[]])
+        assert none.faces == 0
         stop = threading.Event()
         stop.set()
         with pytest.raises(CancelledError):
