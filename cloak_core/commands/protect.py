@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -284,17 +285,25 @@ def _protect_together(
     handed on (written) as soon as it is done. When the inputs take several batches, a
     first pass reads every input once to embed its faces (decode, detect, one forward pass
     per model), and each batch is handed the other batches' faces (``carried``), so every
-    face is pushed from the shared identity of all the inputs, as in one batch."""
+    face is pushed from the shared identity of all the inputs, as in one batch; the faces
+    the first pass found are handed back with each file whose bytes have not changed since,
+    so none is detected twice."""
     import torch
 
     names = list(args.inputs)
     size = args.batch_size or TOGETHER_BATCH
     parts = [names[k : k + size] for k in range(0, len(names), size)]
-    seen = [protector.embed_photos(_readable(part)) for part in parts] if len(parts) > 1 else []
+    first: dict[str, tuple[bytes, Any]] = {}  # name: the digest of what was read, its faces
+    seen = [_first_pass(protector, part, first) for part in parts] if len(parts) > 1 else []
     done = 0
     for k, part in enumerate(parts):
         read = [_read(name) for name in part]
         good = [data for _, data in read if isinstance(data, bytes)]
+        known = [
+            _found_in(first.get(name), data)
+            for name, (_, data) in zip(part, read, strict=True)
+            if isinstance(data, bytes)
+        ]
         carried = None
         others = [seen[j] for j in range(len(parts)) if j != k]
         if others and any(len(next(iter(o.values()))) for o in others):
@@ -314,6 +323,7 @@ def _protect_together(
                 together=carried is None,
                 collections=None if carried is None else [_THE_SET] * len(good),
                 carried=carried,
+                faces=known if any(f is not None for f in known) else None,
             )
             if good
             else []
@@ -326,7 +336,22 @@ def _protect_together(
         done += len(part)
 
 
-def _readable(names: list[str]) -> list[bytes]:
-    """The contents of the files of ``names`` that can be read (the others are reported
-    when their batch is protected)."""
-    return [data for _, data in map(_read, names) if isinstance(data, bytes)]
+def _first_pass(
+    protector: Protector, names: list[str], first: dict[str, tuple[bytes, Any]]
+) -> dict[str, Any]:
+    """The clean embeddings of the faces in the files of ``names`` that can be read (the
+    others are reported when their batch is protected); ``first`` gets, per file read, the
+    digest of its bytes and the faces found in them."""
+    read = [(name, data) for name in names if isinstance(data := _read(name)[1], bytes)]
+    found: list[Any] = []
+    embeddings = protector.embed_photos([data for _, data in read], found=found)
+    for (name, data), faces in zip(read, found, strict=True):
+        first[name] = (hashlib.sha256(data).digest(), faces)
+    return embeddings
+
+
+def _found_in(first: tuple[bytes, Any] | None, data: bytes) -> Any:
+    """The faces the first pass found in a file, if it read these very bytes; else None."""
+    if first is None or first[0] != hashlib.sha256(data).digest():
+        return None
+    return first[1]

@@ -170,14 +170,20 @@ def test_protect_together_in_batches_pushes_every_batch_from_the_whole_set(
 ):
     """`--together --batch-size 2` on three photos of one person attacks them two, then
     one, at a time, and writes each batch before the next is decoded; every face is still
-    pushed from the shared identity of all three, exactly as in one batch."""
+    pushed from the shared identity of all three, exactly as in one batch. The faces the
+    first pass found are not looked for again, unless the file changed since."""
     import torch
 
     from cloak_core import pipeline
+    from cloak_core.detect import FaceDetector
     from cloak_core.pipeline import Protector
 
-    calls, targets = [], []
-    real_many, real_lowkey = Protector.protect_many, pipeline.lowkey
+    calls, targets, handed, detected = [], [], [], []
+    real_many, real_lowkey, real_detect = (
+        Protector.protect_many,
+        pipeline.lowkey,
+        FaceDetector.detect,
+    )
     out_dir = tmp_path / "out"
 
     def spy(self, items, **kwargs):
@@ -186,7 +192,12 @@ def test_protect_together_in_batches_pushes_every_batch_from_the_whole_set(
         carried = kwargs.get("carried")  # its faces, counted before the call adds its own
         faces = None if carried is None else len(carried["together"]["dlib"])
         calls.append((len(items), kwargs.get("together"), written, faces))
+        handed.append(kwargs.get("faces"))
         return real_many(self, items, **kwargs)
+
+    def count(self, pixels, **kwargs):
+        detected.append(pixels.shape)
+        return real_detect(self, pixels, **kwargs)
 
     def record(batch, models, *args, **kwargs):
         t = kwargs["targets"]
@@ -195,12 +206,16 @@ def test_protect_together_in_batches_pushes_every_batch_from_the_whole_set(
 
     monkeypatch.setattr(Protector, "protect_many", spy)
     monkeypatch.setattr(pipeline, "lowkey", record)
+    monkeypatch.setattr(FaceDetector, "detect", count)
     inputs = [str(photos_dir / f"obama{k}.jpg") for k in (1, 2, 3)]
     args = ["protect", *inputs, "--together", "--steps", "1", "--format", "png"]
     assert main([*args, "--out-dir", str(tmp_path / "whole")]) == 0
-    whole, calls[:], targets[:] = list(targets), [], []
+    whole, calls[:], targets[:], handed[:], detected[:] = list(targets), [], [], [], []
     assert main([*args, "--out-dir", str(out_dir), "--batch-size", "2"]) == 0
     capsys.readouterr()
+    # Each photo detected once, in the first pass, and its faces handed to its batch.
+    assert len(detected) == 3
+    assert [[len(f) for f in h] for h in handed] == [[1, 1], [1]]
 
     assert [c[:3] for c in calls] == [
         (2, False, []),
@@ -216,6 +231,27 @@ def test_protect_together_in_batches_pushes_every_batch_from_the_whole_set(
     assert split.shape == whole.shape == (3, 128 + 128)
     order = lambda t: t[torch.argsort(t[:, 0])]  # noqa: E731
     torch.testing.assert_close(order(split), order(whole), atol=1e-4, rtol=0)
+    # A file changed after the first pass read it is looked at again when its batch comes.
+    changed = tmp_path / "obama3.jpg"
+    shutil.copy(inputs[2], changed)
+
+    def rewrite(self, items, **kwargs):
+        if len(items) == 2:  # the first batch: obama3 changes before its own is read
+            Image.open(inputs[2]).save(changed, quality=70)
+        return spy(self, items, **kwargs)
+
+    monkeypatch.setattr(Protector, "protect_many", rewrite)
+    handed[:], detected[:] = [], []
+    moved = [*inputs[:2], str(changed)]
+    out = str(tmp_path / "changed")
+    assert (
+        main(
+            ["protect", *moved, "--together", "--steps", "1", "--batch-size", "2", "--out-dir", out]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert len(detected) == 4 and handed[1] is None
     # A batch size means nothing for photos protected one by one.
     assert main(["protect", inputs[0], "--batch-size", "2"]) == 2
     assert "--together" in capsys.readouterr().err
