@@ -15,10 +15,9 @@ the protector treats them as one person's photos (``collections``). A collection
 than a batch is split between batches. Before its first part runs, the worker has the
 protector embed the faces of the photos left waiting (decode, detect, one forward pass
 per model: ``waiting``; the faces found are handed back when those photos run, so they
-are not looked for twice), and it keeps what
-the protector saw of the parts already run (``carried``), so every part, the first
-included, is pushed from the shared identity of every photo of the upload; both are
-forgotten once no photo of that upload waits.
+are not looked for twice), and it keeps what the protector saw of the parts already run
+(``carried``), so every part, the first included, is pushed from the shared identity of
+every photo of the upload; both are forgotten once no photo of that upload waits.
 
 A running batch stops early (``cancel`` is set) when every client that waits for it
 has gone, when it runs past the per-job time limit, or when a shutdown's deadline
