@@ -4,6 +4,8 @@
 import { DaemonError } from "./daemon.js";
 
 const POLL_MS = [150, 250, 400, 600, 800, 1000];
+// Waits between offers of a photo to a daemon whose queue is full (429, "busy").
+const BUSY_RETRY_MS = [250, 500, 1000, 2000];
 
 function sleep(ms, signal) {
   return new Promise((resolve, reject) => {
@@ -17,6 +19,23 @@ function sleep(ms, signal) {
       { once: true },
     );
   });
+}
+
+/**
+ * Submit the job; while the daemon's queue is full (an upload of more photos than it
+ * holds at once), wait and offer it again until `signal` (the photo's time limit) ends.
+ * Every other refusal is thrown as it is.
+ */
+async function submitWhenThereIsRoom(client, bytes, mime, options, { onProgress, signal }) {
+  for (let attempt = 0; ; attempt += 1) {
+    try {
+      return await client.submitJob(bytes, mime, { ...options, signal });
+    } catch (err) {
+      if (!(err instanceof DaemonError) || err.code !== "busy") throw err;
+      onProgress({ state: "queued", progress: 0, faces: null });
+      await sleep(BUSY_RETRY_MS[Math.min(attempt, BUSY_RETRY_MS.length - 1)], signal);
+    }
+  }
 }
 
 /**
@@ -34,7 +53,10 @@ export async function protectImage(
   const timeout = AbortSignal.timeout(timeoutSeconds * 1000);
   const deadline = signal ? AbortSignal.any([signal, timeout]) : timeout;
   try {
-    const id = await client.submitJob(bytes, mime, { site, preset, collection, signal: deadline });
+    const id = await submitWhenThereIsRoom(client, bytes, mime, { site, preset, collection }, {
+      onProgress,
+      signal: deadline,
+    });
     onProgress({ state: "queued", progress: 0, faces: null });
     for (let poll = 0; ; poll += 1) {
       const job = await client.jobStatus(id, { signal: deadline });

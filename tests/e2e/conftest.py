@@ -33,11 +33,12 @@ def _free_port() -> int:
 
 
 class Daemon:
-    """A ``facecloak serve`` subprocess with the fast preset."""
+    """A ``facecloak serve`` subprocess with the fast preset (and ``extra`` flags)."""
 
-    def __init__(self, config_dir: Path, log_path: Path) -> None:
+    def __init__(self, config_dir: Path, log_path: Path, extra: tuple[str, ...] = ()) -> None:
         self.config_dir = config_dir
         self.log_path = log_path
+        self.extra = extra  # more ``facecloak serve`` flags
         self.port = _free_port()
         self.proc: subprocess.Popen | None = None
         path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
@@ -57,6 +58,7 @@ class Daemon:
                 str(self.config_dir),
                 "--preset",
                 "fast",
+                *self.extra,
             ),
             cwd=REPO,
             env=self.env,
