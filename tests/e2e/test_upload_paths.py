@@ -13,10 +13,8 @@ and checks that the site received a protected photo, never the original.
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
-from uploads import PHOTO, PROTECT_TIMEOUT_MS, cosine, notice, rgb
+from uploads import PHOTO, PROTECT_TIMEOUT_MS, assert_protected, notice, upload_copies
 
 pytestmark = pytest.mark.browser
 
@@ -27,14 +25,6 @@ def received_one(site, kind: str) -> bytes:
     uploads = site.received(kind)
     assert len(uploads) == 1, f"expected one upload, got {len(uploads)}"
     return uploads[0].data
-
-
-def assert_protected(data: bytes, original: bytes, embedder) -> None:
-    assert data != original, "the site received the original photo"
-    assert data[:3] == b"\xff\xd8\xff"
-    before, after = rgb(original), rgb(data)
-    assert after.shape == before.shape
-    assert cosine(embedder(before), embedder(after)) < 0.5
 
 
 @pytest.mark.parametrize("kind", ["detached", "showpicker", "removed"])
@@ -58,26 +48,14 @@ def test_pickers_no_event_shows_give_the_site_the_protected_photo(
 def test_photos_without_an_image_name_or_type_are_protected(
     extension, daemon, site, page, photos_dir, embedder, tmp_path
 ):
-    photo = photos_dir / PHOTO
     # A JPEG named "photo" (no type at all) and one named "photo.bin" (a generic type).
-    bare, generic = tmp_path / "photo", tmp_path / "photo.bin"
-    for path in (bare, generic):
-        shutil.copyfile(photo, path)
-    page.goto(site.url("fetch"))
-    extension.set_site(page, True)
-    site.clear()
-    logged = daemon.log_path.stat().st_size
-    page.locator("#picker").set_input_files([str(bare), str(generic)])
-
-    site.wait_for("fetch", count=2, timeout_s=PROTECT_TIMEOUT_MS / 1000)
-    uploads = site.received("fetch")
-    assert [u.name for u in uploads] == ["photo", "photo.bin"]
-    for upload in uploads:
-        assert_protected(upload.data, photo.read_bytes(), embedder)
+    names = ["photo", "photo.bin"]
+    uploads, logged = upload_copies(
+        extension, daemon, site, page, photos_dir / PHOTO, tmp_path, names, embedder
+    )
+    assert [u.name for u in uploads] == names
     # The two photos of one upload went to the protector together, as one collection.
-    with daemon.log_path.open("rb") as log:
-        log.seek(logged)
-        assert b"batch of 2 (fast, collections of 2)" in log.read(), daemon.log_tail()
+    assert b"batch of 2 (fast, collections of 2)" in logged, daemon.log_tail()
 
 
 @pytest.mark.parametrize("kind", ["frame", "sandboxed"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import shutil
 import time
 from pathlib import Path
 
@@ -40,6 +41,38 @@ def upload(page, kind: str, path: Path, others: tuple[Path, ...] = ()) -> None:
         page.keyboard.press("Control+V")
     else:
         raise ValueError(kind)
+
+
+def assert_protected(data: bytes, original: bytes, embedder) -> None:
+    """``data``, what a site received, is a JPEG of the original's size whose face an
+    independent recogniser no longer matches to the original's."""
+    assert data != original, "the site received the original photo"
+    assert data[:3] == b"\xff\xd8\xff"
+    before, after = rgb(original), rgb(data)
+    assert after.shape == before.shape
+    assert cosine(embedder(before), embedder(after)) < 0.5
+
+
+def upload_copies(extension, daemon, site, page, photo: Path, folder: Path, names, embedder):
+    """Pick copies of ``photo`` named ``names`` together (one upload) on the site's
+    ``fetch`` page, the site turned on; wait until the site received all of them and check
+    each is protected. Returns what the site received, in order, and what the daemon
+    logged meanwhile."""
+    copies = [folder / name for name in names]
+    for path in copies:
+        shutil.copyfile(photo, path)
+    page.goto(site.url("fetch"))
+    extension.set_site(page, True)
+    site.clear()
+    logged = daemon.log_path.stat().st_size
+    page.locator("#picker").set_input_files([str(p) for p in copies])
+    site.wait_for("fetch", count=len(copies), timeout_s=PROTECT_TIMEOUT_MS / 1000)
+    uploads = site.received("fetch")
+    for upload in uploads:
+        assert_protected(upload.data, photo.read_bytes(), embedder)
+    with daemon.log_path.open("rb") as log:
+        log.seek(logged)
+        return uploads, log.read()
 
 
 def copy_image(page, path: Path) -> None:
