@@ -543,32 +543,42 @@ def _protect_then_trim(
     try:
         if later:
             known = embedded if embedded is not None else {}
-            for queued in later.values():
-                for job in queued:
-                    data = job.data  # None once its client has gone
-                    if job in known or data is None:
-                        continue
-                    try:
-                        found: list[Any] = []
-                        embeddings = protector.embed_photos(
-                            [data],
-                            max_pixels=kwargs["max_pixels"],
-                            max_decoded_bytes=kwargs["max_decoded_bytes"],
-                            config=kwargs["config"],
-                            cancel=kwargs["cancel"],
-                            found=found,
-                        )
-                        known[job] = (found[0] if found else None, embeddings)
-                    except CancelledError:
-                        raise
-                    except Exception:  # that photo's own batch reports it; this one goes on
-                        log.warning("a waiting photo of an upload could not be embedded")
+            _embed_waiting(
+                protector, [job for queued in later.values() for job in queued], known, kwargs
+            )
             kwargs["waiting"] = {
                 c: [known[job][1] for job in queued if job in known] for c, queued in later.items()
             }
         return protector.protect_many(items, **kwargs)
     finally:
         _trim_heap()
+
+
+def _embed_waiting(
+    protector: Any, jobs: list[Job], known: dict[Job, Any], call: dict[str, Any]
+) -> None:
+    """Add to ``known`` the faces found in each of ``jobs`` not in it yet and their
+    embeddings, with the batch's limits, preset and ``cancel`` (from ``call``)."""
+    for job in jobs:
+        data = job.data  # None once its client has gone
+        if job in known or data is None:
+            continue
+        found: list[Any] = []
+        try:
+            embeddings = protector.embed_photos(
+                [data],
+                max_pixels=call["max_pixels"],
+                max_decoded_bytes=call["max_decoded_bytes"],
+                config=call["config"],
+                cancel=call["cancel"],
+                found=found,
+            )
+        except CancelledError:
+            raise
+        except Exception:  # that photo's own batch reports it; this one goes on
+            log.warning("a waiting photo of an upload could not be embedded")
+            continue
+        known[job] = (found[0] if found else None, embeddings)
 
 
 def _trim_heap() -> None:
