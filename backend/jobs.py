@@ -17,7 +17,11 @@ protector embed the faces of the photos left waiting (decode, detect, one forwar
 per model: ``waiting``; the faces found are handed back when those photos run, so they
 are not looked for twice), and it keeps what the protector saw of the parts already run
 (``carried``), so every part, the first included, is pushed from the shared identity of
-every photo of the upload; both are forgotten once no photo of that upload waits.
+every photo of the upload. What was embedded of a photo is forgotten once it runs, and
+what was carried of an upload ``collection_wait`` seconds after its last part ran, so that
+a photo a full queue turned away (an upload larger than the queue), sent again, still joins its
+siblings, and runs without waiting for the rest. A held upload runs at once when the
+queue is full: the rest of it cannot come in until something runs.
 
 A running batch stops early (``cancel`` is set) when every client that waits for it
 has gone, when it runs past the per-job time limit, or when a shutdown's deadline
@@ -166,6 +170,9 @@ class Worker:
         # makes the protector's ``waiting``; the faces are not looked for again).
         self._carried: dict[tuple[str, str], dict[str, Any]] = {}
         self._waiting: dict[Job, tuple[Any, Any]] = {}
+        # Until when a collection none of whose photos waits is still remembered: a photo
+        # of it turned away by a full queue, sent again, joins its siblings' identity.
+        self._carried_until: dict[tuple[str, str], float] = {}
         self._batch_done: asyncio.Event = asyncio.Event()
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -328,6 +335,7 @@ class Worker:
             self.status = "ready"
         log.info("ready: device %s, models %s", self.protector.device, self.protector.model_names)
         while not self._closing:
+            self._forget()
             batch = self._take_batch()
             if batch is None:  # nothing waits, or only collections not yet complete
                 self._wakeup.clear()
@@ -368,20 +376,40 @@ class Worker:
         return batch
 
     def _may_run(self, job: Job, now: float) -> bool:
-        """True unless ``job``'s collection is still coming in (fewer of its photos queued
-        than it holds, and its first came less than ``collection_wait`` ago)."""
-        if job.collection is None:
+        """True unless ``job``'s collection is still coming in: fewer of its photos queued
+        than it holds, its first came less than ``collection_wait`` ago, none of it has run
+        yet, and the queue has room for the rest (a full queue turns them away until
+        something runs, so waiting for them would only idle the worker)."""
+        if job.collection is None or job.collection in self._carried:
+            return True
+        if len(self._queue) >= self.config.queue_size:
             return True
         queued = [j for j in self._queue if j.collection == job.collection]
         waited = now - min(j.queued_at for j in queued)
         return len(queued) >= job.collection_size or waited >= self.config.collection_wait
 
     def _hold_seconds(self) -> float | None:
-        """Seconds until the first held collection may run anyway; None when none waits."""
-        if not self._queue:
+        """Seconds until the first held collection may run anyway, or until a finished
+        collection is forgotten; None when there is neither."""
+        now = time.monotonic()
+        deadlines = [job.queued_at + self.config.collection_wait for job in self._queue]
+        deadlines += self._carried_until.values()
+        if not deadlines:
             return None
-        first = min(job.queued_at for job in self._queue)
-        return max(0.0, first + self.config.collection_wait - time.monotonic()) + 0.01
+        return max(0.0, min(deadlines) - now) + 0.01
+
+    def _forget(self) -> None:
+        """Forget what was carried for a collection none of whose photos waits, once
+        ``collection_wait`` has passed since its last part ran, and what was embedded of a
+        photo no longer waiting."""
+        now = time.monotonic()
+        waiting = {job.collection for job in self._queue}
+        for label in [c for c in self._carried if c not in waiting]:
+            if self._carried_until.get(label, 0.0) <= now:
+                del self._carried[label]
+                self._carried_until.pop(label, None)
+        for job in [j for j in self._waiting if j not in self._queue]:
+            del self._waiting[job]
 
     async def _run_batch(self, jobs: list[Job]) -> None:
         loop = asyncio.get_running_loop()
@@ -469,13 +497,10 @@ class Worker:
             _collections_note(jobs),
             time.monotonic() - started,
         )
-        # What was carried for a collection none of whose photos still waits is forgotten,
-        # and what was embedded of a photo no longer waiting.
-        waiting = {job.collection for job in self._queue}
-        for label in [c for c in self._carried if c not in waiting]:
-            del self._carried[label]
-        for job in [j for j in self._waiting if j not in self._queue]:
-            del self._waiting[job]
+        ran = time.monotonic()
+        for label in {job.collection for job in jobs if job.collection in self._carried}:
+            self._carried_until[label] = ran + self.config.collection_wait
+        self._forget()
         self._batch = None
         self._batch_done.set()
 

@@ -211,7 +211,7 @@ async def test_a_collection_larger_than_a_batch_is_split_and_one_never_completed
 async def test_what_is_left_of_a_split_collection_runs_once_each(config):
     """The remainder of a split upload goes in the next batch together, each photo once."""
     protector = ReencodingProtector(steps=20, step_seconds=0.05)
-    async with serve(with_changes(config, batch_size=3, collection_wait=5.0), protector) as client:
+    async with serve(with_changes(config, batch_size=3, collection_wait=2.0), protector) as client:
         token = await pair(client, config)
         busy = await _send(client, token)
         await _until(lambda: _state_is(client, token, busy, "running"))
@@ -223,7 +223,7 @@ async def test_what_is_left_of_a_split_collection_runs_once_each(config):
         assert len({label for labels in protector.collections[1:] for label in labels}) == 1
         # Each part is handed the photos still waiting, embedded once, before the first
         # part runs, and the earlier parts' photos; once the upload is done the worker
-        # keeps nothing of it.
+        # keeps nothing of it (``collection_wait`` after its last part).
         label = protector.collections[1][0]
         assert protector.waiting[1:] == [{label: 4}, {label: 1}, None]
         assert len(protector.embedded) == 4
@@ -238,6 +238,41 @@ async def test_what_is_left_of_a_split_collection_runs_once_each(config):
             return not worker._carried and not worker._waiting
 
         await _until(forgotten)
+
+
+async def test_an_upload_larger_than_the_queue_runs_at_once_and_stays_one(config):
+    """A full queue turns the rest of an upload away, so what came runs without waiting
+    ``collection_wait``; a photo sent again once there is room (the extension retries a
+    429), before or after the first part is done, joins the upload's identity and runs
+    without waiting for the others."""
+    protector = ReencodingProtector(steps=10, step_seconds=0.05)
+    small = with_changes(config, queue_size=2, batch_size=2, collection_wait=30.0)
+    async with serve(small, protector) as client:
+        token = await pair(client, small)
+        busy = await _send(client, token)
+        await _until(lambda: _state_is(client, token, busy, "running"))
+        query = "?collection=four-photos&collection_size=4"
+        first = [await _send(client, token, query) for _ in range(2)]
+        turned_away = await client.post(f"/v1/jobs{query}", data=jpeg_bytes(), headers=auth(token))
+        assert turned_away.status == 429
+        for job_id in first:  # long before collection_wait
+            await _until(lambda job_id=job_id: _state_is(client, token, job_id, "done"), 5.0)
+        again = await _send(client, token, query)  # after the first part is done
+        await _until(lambda: _state_is(client, token, again, "done"), 5.0)
+        label = protector.collections[1][0]
+        assert protector.batches == [1, 2, 1]
+        assert protector.carried[1:] == [{}, {label: 2}]
+        # The last, sent while the worker is busy with another photo, runs next, pushed
+        # from the three before it.
+        busy = await _send(client, token)
+        await _until(lambda: _state_is(client, token, busy, "running"))
+        last = await _send(client, token, query)
+        await _until(lambda: _state_is(client, token, last, "done"), 5.0)
+        assert protector.batches == [1, 2, 1, 1, 1]
+        assert protector.collections[4] == [label]
+        assert protector.carried[4] == {label: 3}
+        worker = client.server.app[WORKER_KEY]
+        assert label in worker._carried  # remembered for collection_wait
 
 
 async def test_a_waiting_photo_that_fails_to_embed_fails_no_other(config):

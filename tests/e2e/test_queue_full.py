@@ -3,8 +3,9 @@ photos, an album of more, against a queue of 16): the daemon answers the photos 
 find no room 429, and the extension offers each again until there is room, within the
 photo's time limit, so every photo of the upload arrives protected and none is refused.
 
-The daemon here holds one waiting photo (``--queue-size 1``), so an upload of two
-photos fills it."""
+The daemon here holds one waiting photo (``--queue-size 1``): of an upload of three
+photos, the first runs at once (a full queue does not wait for the rest of its upload),
+the second waits, and the third finds no room."""
 
 from __future__ import annotations
 
@@ -31,11 +32,11 @@ def daemon(shared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 def test_photos_that_find_the_queue_full_are_offered_again(
     extension, daemon, site, page, photos_dir, embedder, tmp_path
 ):
-    names = ["first.jpg", "second.jpg"]
+    names = ["first.jpg", "second.jpg", "third.jpg"]
     uploads, logged = upload_copies(
         extension, daemon, site, page, photos_dir / PHOTO, tmp_path, names, embedder
     )
     assert sorted(u.name for u in uploads) == names
     # One photo found the queue full at least once, and was taken later.
     assert b"POST /v1/jobs 429" in logged, daemon.log_tail()
-    assert logged.count(b"POST /v1/jobs 202") == 2, daemon.log_tail()
+    assert logged.count(b"POST /v1/jobs 202") == 3, daemon.log_tail()
