@@ -444,7 +444,7 @@ class Worker:
             if any(job in self._waiting for job in jobs):  # found while they waited
                 extra["faces"] = [self._waiting.get(job, (None, None))[0] for job in jobs]
         call = functools.partial(
-            _protect_then_trim,
+            _protect_batch,
             self.protector,
             [job.data for job in jobs],
             progress=progress,
@@ -545,7 +545,7 @@ def _data_url(jpeg: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
 
 
-def _protect_then_trim(
+def _protect_batch(
     protector: Any,
     items: list[bytes],
     *,
@@ -553,7 +553,8 @@ def _protect_then_trim(
     embedded: dict[Job, Any] | None = None,
     **kwargs: Any,
 ) -> list[Any]:
-    """``protector.protect_many`` in the worker thread, then give freed heap back to the OS.
+    """A batch's work in the worker thread: embed the photos of its uploads still waiting,
+    ``protector.protect_many``, then give freed heap back to the OS.
 
     ``later``: per collection of the batch, its photos still queued for later batches;
     each is embedded first (``protector.embed_photos``; the faces found and their
