@@ -9,6 +9,9 @@ therefore measures what the attack never optimises:
   stated viewing distance (:data:`SAMPLES_PER_DEGREE`), then compared pixel by pixel with
   CIEDE2000. This is the colour difference to read: plain CIEDE2000 counts JPEG's fine
   grain, which nobody sees, as much as the patches and creases a person sees at once;
+- SSIMULACRA2 (JPEG XL's perceptual score: 100 identical, about 90 a change no one sees
+  side by side, 30 low quality), the structural comparison to read beside it: it sees the
+  soft patches and creases on smooth skin that a mean colour difference calls small;
 - CIEDE2000 colour difference per pixel (CIE 2000, in CIELAB from sRGB with a D65 white),
   its mean and 95th percentile: about 1 is a just-noticeable difference between two
   uniform patches side by side, not between two pictures;
@@ -282,6 +285,224 @@ def ssim(
     return float(s.mean())
 
 
+# --------------------------------------------------------------------------- SSIMULACRA2
+
+# SSIMULACRA2 (Jon Sneyers, 2023; libjxl's tools/ssimulacra2.cc defines it): the constants
+# of its colour space, XYB (JPEG XL's opsin absorbance: a mix of linear R, G and B plus a
+# bias, then a cube root), of its comparison, and the weights it was fitted with.
+_XYB_MIX = np.array(
+    [[0.30, 0.0, 0.078], [0.23, 0.0, 0.078], [0.24342268924547819, 0.20476744424496821, 0.0]]
+)
+_XYB_MIX[:2, 1] = 1.0 - _XYB_MIX[:2].sum(axis=1)  # each row sums to 1
+_XYB_MIX[2, 2] = 1.0 - _XYB_MIX[2].sum()
+_XYB_BIAS = 0.0037930732552754493
+_SSIMULACRA2_C2 = 0.0009
+_SSIMULACRA2_SCALES = 6
+_SSIMULACRA2_SIGMA = 1.5
+# Per feature, in the order channel (X, Y, B), scale (full size first), norm (1, then 4),
+# then the three maps (structure, added edges, lost detail).
+_SSIMULACRA2_WEIGHTS = np.array(
+    [
+        0.0,
+        0.0007376606707406586,
+        0.0,
+        0.0,
+        0.0007793481682867309,
+        0.0,
+        0.0,
+        0.0004371155730107379,
+        0.0,
+        1.1041726426657346,
+        0.00066284834129271,
+        0.00015231632783718752,
+        0.0,
+        0.0016406437456599754,
+        0.0,
+        1.8422455520539298,
+        11.441172603757666,
+        0.0,
+        0.0007989109436015163,
+        0.000176816438078653,
+        0.0,
+        1.8787594979546387,
+        10.94906990605142,
+        0.0,
+        0.0007289346991508072,
+        0.9677937080626833,
+        0.0,
+        0.00014003424285435884,
+        0.9981766977854967,
+        0.00031949755934435053,
+        0.0004550992113792063,
+        0.0,
+        0.0,
+        0.0013648766163243398,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        7.466890328078848,
+        0.0,
+        17.445833984131262,
+        0.0006235601634041466,
+        0.0,
+        0.0,
+        6.683678146179332,
+        0.00037724407979611296,
+        1.027889937768264,
+        225.20515300849274,
+        0.0,
+        0.0,
+        19.213238186143016,
+        0.0011401524586618361,
+        0.001237755635509985,
+        176.39317598450694,
+        0.0,
+        0.0,
+        24.43300999870476,
+        0.28520802612117757,
+        0.0004485436923833408,
+        0.0,
+        0.0,
+        0.0,
+        34.77906344483772,
+        44.835625328877896,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0008680556573291698,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0005313191874358747,
+        0.0,
+        0.00016533814161379112,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        0.0004179171803251336,
+        0.0017290828234722833,
+        0.0,
+        0.0020827005846636437,
+        0.0,
+        0.0,
+        8.826982764996862,
+        23.19243343998926,
+        0.0,
+        95.1080498811086,
+        0.9863978034400682,
+        0.9834382792465353,
+        0.0012286405048278493,
+        171.2667255897307,
+        0.9807858872435379,
+        0.0,
+        0.0,
+        0.0,
+        0.0005130064588990679,
+        0.0,
+        0.00010854057858411537,
+    ]
+)
+
+
+def _linear_srgb(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 sRGB ``(H, W, 3)`` as linear light ``(1, 3, H, W)`` float64."""
+    v = torch.from_numpy(pixels.astype(np.float64) / 255.0).permute(2, 0, 1)[None]
+    return torch.where(v <= 0.04045, v / 12.92, ((v + 0.055) / 1.055) ** 2.4)
+
+
+def _positive_xyb(linear: torch.Tensor) -> torch.Tensor:
+    """Linear RGB ``(N, 3, H, W)`` in SSIMULACRA2's shifted XYB, every channel about 0..1."""
+    mix = torch.from_numpy(_XYB_MIX)
+    cone = torch.einsum("ij,njhw->nihw", mix, linear) + _XYB_BIAS
+    cone = cone.clamp(min=0.0) ** (1.0 / 3.0) - _XYB_BIAS ** (1.0 / 3.0)
+    x = (cone[:, 0] - cone[:, 1]) / 2
+    y = (cone[:, 0] + cone[:, 1]) / 2
+    return torch.stack([x * 14.0 + 0.42, y + 0.01, cone[:, 2] - y + 0.55], dim=1)
+
+
+def _ssimulacra2_blur(t: torch.Tensor) -> torch.Tensor:
+    """Gaussian of sigma 1.5 (radius 5) of ``(N, C, H, W)``, as the reference's recursive
+    filter treats the borders: zero beyond the left and right sides, mirrored (the edge row
+    repeated) beyond the top and bottom; every scale is at least 8 > 5 pixels high."""
+    radius = round(3.2795 * _SSIMULACRA2_SIGMA + 0.2546)
+    g = _gaussian_window(2 * radius + 1, _SSIMULACRA2_SIGMA)
+    n, c, h, w = t.shape
+    flat = t.reshape(n * c, 1, h, w)
+    out = F.conv2d(F.pad(flat, (radius, radius, 0, 0)), g.view(1, 1, 1, -1))
+    mirrored = torch.cat([out[..., :radius, :].flip(-2), out, out[..., -radius:, :].flip(-2)], -2)
+    return F.conv2d(mirrored, g.view(1, 1, -1, 1)).reshape(n, c, h, w)
+
+
+def _norms(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel of ``(1, 3, H, W)`` maps: the mean, and the 4-norm mean ``mean(d^4)^(1/4)``."""
+    return d.mean(dim=(0, 2, 3)), (d**4).mean(dim=(0, 2, 3)) ** 0.25
+
+
+def ssimulacra2(original: np.ndarray, changed: np.ndarray) -> float:
+    """SSIMULACRA2 score of ``changed`` against ``original`` (uint8 sRGB ``(H, W, 3)``, one
+    shape): 100 identical, about 90 a change no one sees side by side at 1:1, 70 high
+    quality, 50 medium, 30 low, and below for plain damage (the anchors its authors give,
+    from JPEG XL's subjective tests; it can go negative).
+
+    Both images in XYB, at six scales (each half the last, by 2x2 means in linear light,
+    while both sides keep at least 8 pixels: under 256 pixels a region is scored on fewer,
+    and its later features then take the next scales' weights, as the reference does);
+    per scale and channel, against Gaussian local means, an SSIM map without its
+    luminance term (``1 - (mu1 - mu2)^2`` instead), the edges the change added and the
+    detail it lost, each pooled as its mean and 4-norm; the weighted sum of those 108
+    numbers is mapped onto the score. Unlike PSNR or a colour difference it was fitted to
+    people's ratings of whole pictures, and it sees soft patches and creases on smooth skin
+    that a mean colour difference calls small.
+    """
+    _check_pair(original, changed)
+    a, b = _linear_srgb(to_uint8(original)), _linear_srgb(to_uint8(changed))
+    features: list[torch.Tensor] = []  # per scale: (3 channels, 2 norms, 3 maps)
+    for scale in range(_SSIMULACRA2_SCALES):
+        if min(a.shape[-2:]) < 8:
+            break
+        if scale:
+            a = F.avg_pool2d(a, 2, ceil_mode=True)
+            b = F.avg_pool2d(b, 2, ceil_mode=True)
+            if min(a.shape[-2:]) < 8:
+                break
+        x, y = _positive_xyb(a), _positive_xyb(b)
+        mx, my = _ssimulacra2_blur(x), _ssimulacra2_blur(y)
+        vx = _ssimulacra2_blur(x * x) - mx * mx
+        vy = _ssimulacra2_blur(y * y) - my * my
+        cxy = _ssimulacra2_blur(x * y) - mx * my
+        structure = 1.0 - (1.0 - (mx - my) ** 2) * (2 * cxy + _SSIMULACRA2_C2) / (
+            vx + vy + _SSIMULACRA2_C2
+        )
+        edges = (1.0 + (y - my).abs()) / (1.0 + (x - mx).abs()) - 1.0
+        maps = [structure.clamp(min=0.0), edges.clamp(min=0.0), (-edges).clamp(min=0.0)]
+        pooled = [_norms(m) for m in maps]  # map -> (mean, 4-norm), each (3,)
+        features.append(
+            torch.stack([torch.stack([p[n] for p in pooled], dim=-1) for n in range(2)], dim=1)
+        )
+    if not features:
+        raise UsageError("SSIMULACRA2 needs images of at least 8x8 pixels")
+    # The reference numbers features channel by channel over the scales it measured.
+    f = torch.stack(features, dim=1).reshape(-1).abs().numpy()
+    total = float(f @ _SSIMULACRA2_WEIGHTS[: f.size]) * 0.9562382616834844
+    total = (
+        2.326765642916932 * total
+        - 0.020884521182843837 * total**2
+        + 6.248496625763138e-05 * total**3
+    )
+    return 100.0 - 10.0 * total**0.6276336467831387 if total > 0 else 100.0
+
+
 # --------------------------------------------------------------------------- face regions
 
 
@@ -353,7 +574,9 @@ class Visibility:
 
     ``scielab_mean`` / ``scielab_p95``: S-CIELAB over the region's pixels, the colour
     difference as the eye resolves it at :data:`SAMPLES_PER_DEGREE` (0 identical; JPEG
-    q90 of a face about 0.3); ``de2000_mean`` / ``de2000_p95``: plain CIEDE2000 per pixel
+    q90 of a face about 0.3); ``ssimulacra2``: :func:`ssimulacra2`, a score fitted to
+    people's ratings (100 identical, about 90 unseen side by side, 70 high quality, 30 low;
+    ``nan`` under 8 pixels); ``de2000_mean`` / ``de2000_p95``: plain CIEDE2000 per pixel
     (about 1 is a just-noticeable difference between uniform patches); ``psnr`` in dB
     (``inf`` identical); ``ssim`` (1 identical); ``dists`` and ``lpips_vgg`` (0 identical);
     ``lpips_alex``: the attack's own metric, kept for comparison only. ``size``: the
@@ -362,6 +585,7 @@ class Visibility:
 
     scielab_mean: float
     scielab_p95: float
+    ssimulacra2: float
     de2000_mean: float
     de2000_p95: float
     psnr: float
@@ -383,6 +607,7 @@ class Visibility:
 HIGHER_IS_WORSE = {
     "scielab_mean": True,
     "scielab_p95": True,
+    "ssimulacra2": False,
     "de2000_mean": True,
     "de2000_p95": True,
     "psnr": False,
@@ -463,6 +688,7 @@ class VisibilityMeter:
                 Visibility(
                     scielab_mean=float(seen.mean()),
                     scielab_p95=float(np.percentile(seen, 95)),
+                    ssimulacra2=ssimulacra2(a, b) if min(a.shape[:2]) >= 8 else float("nan"),
                     de2000_mean=float(de.mean()),
                     de2000_p95=float(np.percentile(de, 95)),
                     psnr=psnr(a, b),

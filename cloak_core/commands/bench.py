@@ -206,6 +206,7 @@ def run(args: argparse.Namespace) -> int:
                     stage_text = ", ".join(f"{k} {v:.2f}s" for k, v in stages.items())
                     seen = "; ".join(
                         f"S-CIELAB {p.scielab_mean:.2f} (p95 {p.scielab_p95:.1f}), "
+                        f"SSIMULACRA2 {p.ssimulacra2:.0f}, "
                         f"CIEDE2000 {p.de2000_mean:.2f} (p95 {p.de2000_p95:.1f}), "
                         f"PSNR {p.psnr:.1f} dB, DISTS {p.dists:.3f}"
                         for p in panels

@@ -353,6 +353,12 @@ def _seen(v: dict) -> str:
     return f"{mean:.2f} ({p95:.1f})"
 
 
+def _score(v: dict) -> str:
+    """SSIMULACRA2 mean of a visibility summary; "-" for runs from before it was measured."""
+    score = v.get("ssimulacra2")
+    return "-" if score is None or not np.isfinite(score) else f"{score:.1f}"
+
+
 def visibility_axis(frontier: dict) -> tuple[str, str]:
     """The plot's visibility axis, ``(key, label)``: S-CIELAB mean, the colour difference
     as the eye resolves it; CIEDE2000 mean where some point (a combined run from before
@@ -452,7 +458,8 @@ def markdown(frontier: dict) -> str:
             else []
         ),
         "- visibility on the face region at display scale: S-CIELAB mean (p95), the colour "
-        "difference as the eye resolves it, then CIEDE2000 mean (p95), PSNR, SSIM, DISTS, "
+        "difference as the eye resolves it, SSIMULACRA2 (100 identical, about 90 unseen side "
+        "by side, 30 low quality), then CIEDE2000 mean (p95), PSNR, SSIM, DISTS, "
         "LPIPS-VGG; LPIPS-Alex is the attack's own metric",
         "- matches own original: the share of protected faces that an evaluator, by its own "
         "same-person rule, still matches to the very photo each was made from (a face the "
@@ -467,9 +474,9 @@ def markdown(frontier: dict) -> str:
             + s["sweep"]
             + " | "
             + " | ".join(evaluators)
-            + " | worst | matches own original, worst (mean cosine) | S-CIELAB | CIEDE2000 "
-            "| PSNR | SSIM | DISTS | LPIPS-VGG | LPIPS-Alex (attack's) | s/image |",
-            "| --- | ---: | " + " | ".join("---:" for _ in evaluators) + " | ---: " * 10 + "|",
+            + " | worst | matches own original, worst (mean cosine) | S-CIELAB | SSIMULACRA2 "
+            "| CIEDE2000 | PSNR | SSIM | DISTS | LPIPS-VGG | LPIPS-Alex (attack's) | s/image |",
+            "| --- | ---: | " + " | ".join("---:" for _ in evaluators) + " | ---: " * 11 + "|",
         ]
         for p in frontier["points"]:
             ranks = [p["evaluators"].get(e, {}).get("rank1", {}).get(cond) for e in evaluators]
@@ -479,7 +486,7 @@ def markdown(frontier: dict) -> str:
                 f"| {p['preset']} | {_value(p, s['sweep'])} | "
                 + " | ".join(_pct(r) for r in ranks)
                 + f" | {_pct(max(known) if known else None)} | {_own(p, cond)} | {_seen(v)} | "
-                f"{v['de2000_mean']:.2f} "
+                f"{_score(v)} | {v['de2000_mean']:.2f} "
                 f"({v['de2000_p95']:.1f}) | {v['psnr']:.1f} | {v['ssim']:.3f} | "
                 f"{v['dists']:.3f} | {v['lpips_vgg']:.3f} | {v['lpips_alex']:.4f} | "
                 f"{p['seconds_per_image']:.2f} |"
@@ -490,15 +497,16 @@ def markdown(frontier: dict) -> str:
         "",
         "| re-encoding | "
         + " | ".join(evaluators)
-        + " | S-CIELAB | CIEDE2000 | PSNR | SSIM | DISTS | LPIPS-VGG |",
-        "| --- | " + " | ".join("---:" for _ in evaluators) + " | ---: " * 6 + "|",
+        + " | S-CIELAB | SSIMULACRA2 | CIEDE2000 | PSNR | SSIM | DISTS | LPIPS-VGG |",
+        "| --- | " + " | ".join("---:" for _ in evaluators) + " | ---: " * 7 + "|",
     ]
     for name, c in frontier["calibration"].items():
         v = c["visibility"]
         lines.append(
             f"| {name} | "
             + " | ".join(_pct(c["rank1"].get(e)) for e in evaluators)
-            + f" | {_seen(v)} | {v['de2000_mean']:.2f} ({v['de2000_p95']:.1f}) | {v['psnr']:.1f} | "
+            + f" | {_seen(v)} | {_score(v)} | {v['de2000_mean']:.2f} ({v['de2000_p95']:.1f}) | "
+            f"{v['psnr']:.1f} | "
             f"{v['ssim']:.3f} | {v['dists']:.3f} | {v['lpips_vgg']:.3f} |"
         )
     return "\n".join(lines) + "\n"

@@ -183,6 +183,7 @@ def markdown(report: dict) -> str:
 _PANEL = (
     ("scielab_mean", "S-CIELAB mean", 2),
     ("scielab_p95", "S-CIELAB p95", 2),
+    ("ssimulacra2", "SSIMULACRA2 (90 unseen)", 1),
     ("de2000_mean", "CIEDE2000 mean", 2),
     ("de2000_p95", "CIEDE2000 p95", 2),
     ("psnr", "PSNR (dB)", 2),

@@ -22,6 +22,7 @@ from cloak_core.visibility import (
     scielab,
     srgb_to_lab,
     ssim,
+    ssimulacra2,
     summarise,
     write_grid,
 )
@@ -159,6 +160,58 @@ def test_scielab_counts_patches_a_person_sees_over_fine_grain(photos_dir) -> Non
     assert seen_patches > 0.8 * target
 
 
+def test_ssimulacra2_matches_the_reference_package(tmp_path, faces_dir, photos_dir) -> None:
+    """Against the PyPI ``ssimulacra2`` package (its own port of libjxl's tool), on real
+    faces: a close-up's face region at display scale, an aligned face and an oblong crop
+    of it (the borders are treated differently across and down), a grey face."""
+    reference = pytest.importorskip("ssimulacra2")
+    photo = _rgb(photos_dir / "rose_leslie1.jpg")
+    close, _ = display_pair(photo, photo, (580, 80, 920, 430))
+    aligned = _rgb(faces_dir / "Keanu_Reeves" / "009.png")
+    grey = np.repeat(aligned.mean(axis=2, keepdims=True).astype(np.uint8), 3, axis=2)
+    cases = [
+        (close, jpeg_roundtrip(close, 90)),
+        (close, _noisy(close, 3)),
+        (aligned, jpeg_roundtrip(aligned, 50)),
+        (aligned[:61, :97].copy(), _noisy(aligned[:61, :97], 6)),
+        (grey, jpeg_roundtrip(grey, 75)),
+    ]
+    for k, (a, b) in enumerate(cases):
+        Image.fromarray(a).save(tmp_path / f"{k}a.png")
+        Image.fromarray(b).save(tmp_path / f"{k}b.png")
+        ref = reference.compute_ssimulacra2(
+            str(tmp_path / f"{k}a.png"), str(tmp_path / f"{k}b.png")
+        )
+        assert ssimulacra2(a, b) == pytest.approx(ref, abs=1e-6)
+    assert ssimulacra2(close, close) == 100.0
+    with pytest.raises(UsageError):
+        ssimulacra2(close, close[:, :-1])
+
+
+def test_ssimulacra2_sees_soft_patches_that_ciede2000_calls_small(photos_dir) -> None:
+    """On a real face at display scale, soft luminance patches with less than half the
+    plain CIEDE2000 of a JPEG q90 re-encoding (which nobody sees) score lower than it."""
+    import torch
+
+    from cloak_core.filters import gaussian_blur
+
+    photo = _rgb(photos_dir / "rose_leslie1.jpg")
+    face, _ = display_pair(photo, photo, (580, 80, 920, 430))
+    field = gaussian_blur(
+        torch.tensor(np.random.default_rng(0).normal(0, 1, (1, 1, *face.shape[:2]))), 41, 8.0
+    )
+    field = field[0, 0].numpy()
+    patches = np.clip(face + (field / field.std() * 1.5)[..., None], 0, 255).round()
+    patches = patches.astype(np.uint8)
+    q90, q75 = jpeg_roundtrip(face, 90), jpeg_roundtrip(face, 75)
+    lab = srgb_to_lab(face)
+    assert (
+        ciede2000(lab, srgb_to_lab(patches)).mean() < 0.5 * ciede2000(lab, srgb_to_lab(q90)).mean()
+    )
+    assert ssimulacra2(face, patches) < ssimulacra2(face, q90)
+    assert 0 < ssimulacra2(face, q75) < ssimulacra2(face, q90) < 100
+
+
 def test_psnr_by_hand() -> None:
     a = np.full((16, 16, 3), 100, np.uint8)
     b = a + 5
@@ -210,7 +263,7 @@ def test_ssim_and_psnr_match_scikit_image(faces_dir) -> None:
 
 def test_summary_leaves_out_inf_and_names_the_worst() -> None:
     def panel(de: float, p: float) -> Visibility:
-        return Visibility(de, de, de, de, p, 0.9, 0.1, 0.1, 0.01, (112, 112))
+        return Visibility(de, de, 100 - de, de, de, p, 0.9, 0.1, 0.1, 0.01, (112, 112))
 
     s = summarise([panel(1.0, 30.0), panel(3.0, math.inf), panel(2.0, 40.0)])
     assert s["de2000_mean"] == {"mean": 2.0, "median": 2.0, "worst": 3.0}
@@ -265,7 +318,9 @@ def test_panel_on_real_photos(meter, photos_dir) -> None:
     q75 = meter.measure_faces(photo, jpeg_roundtrip(photo, 75), boxes)[0]
     noisy = meter.measure_faces(photo, _noisy(photo, 8), boxes)[0]
     assert same.scielab_mean == 0 and 0 < q90.scielab_mean < 0.6 < q90.de2000_mean
+    assert same.ssimulacra2 == 100 and same.as_dict()["ssimulacra2"] == 100
     for worse, better in ((q75, q90), (noisy, q75)):
+        assert worse.ssimulacra2 < better.ssimulacra2
         assert worse.scielab_mean > better.scielab_mean
         assert worse.scielab_p95 > better.scielab_p95
         assert worse.de2000_mean > better.de2000_mean
