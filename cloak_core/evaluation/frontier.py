@@ -54,6 +54,8 @@ DEFAULT_FACTORS = (0.5, 1.0, 2.0)
 FRONTIER_JSON = "frontier.json"
 FRONTIER_MD = "frontier.md"
 FRONTIER_PNG = "frontier.png"
+# The same plot against SSIMULACRA2, for runs that measured it on every point.
+FRONTIER_SSIMULACRA2_PNG = "frontier-ssimulacra2.png"
 CALIBRATION_QUALITIES = (90, 75)
 # The colour of each preset's curve (others cycle through matplotlib's defaults).
 _COLOURS = {
@@ -363,9 +365,7 @@ def visibility_axis(frontier: dict) -> tuple[str, str]:
     """The plot's visibility axis, ``(key, label)``: S-CIELAB mean, the colour difference
     as the eye resolves it; CIEDE2000 mean where some point (a combined run from before
     S-CIELAB was measured) lacks it."""
-    rows = [p["visibility"] for p in frontier["points"]]
-    rows += [c["visibility"] for c in frontier["calibration"].values()]
-    if rows and all(np.isfinite(r.get("scielab_mean", np.nan)) for r in rows):
+    if measured_everywhere(frontier, "scielab_mean"):
         return "scielab_mean", "face S-CIELAB mean"
     return "de2000_mean", "face CIEDE2000 mean"
 
@@ -529,14 +529,25 @@ def curve_style(
     return ("s--" if earlier else "o-"), colour, (0.55 if earlier else 1.0)
 
 
-def plot(frontier: dict, path: Path) -> None:
-    """Rank-1 against visibility (:func:`visibility_axis`: S-CIELAB mean): a panel per
-    evaluator (and the worst of them), a row per condition, a curve per preset, the JPEG
-    calibration points as grey crosses."""
+def measured_everywhere(frontier: dict, key: str) -> bool:
+    """Whether every point and calibration row of ``frontier`` has a finite ``key``."""
+    rows = [p["visibility"] for p in frontier["points"]]
+    rows += [c["visibility"] for c in frontier["calibration"].values()]
+    return bool(rows) and all(r.get(key) is not None and np.isfinite(r[key]) for r in rows)
+
+
+def plot(frontier: dict, path: Path, axis: tuple[str, str] | None = None) -> None:
+    """Rank-1 against visibility (``axis`` = ``(key, label)``, by default
+    :func:`visibility_axis`: S-CIELAB mean): a panel per evaluator (and the worst of
+    them), a row per condition, a curve per preset, the JPEG calibration points as grey
+    crosses. A score where higher looks more like the original (SSIMULACRA2) runs from
+    right to left, so that more visible is to the right on every plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+
+    from cloak_core.visibility import HIGHER_IS_WORSE
 
     evaluators = [*frontier["evaluators"], "worst"]
     conditions = frontier["settings"]["conditions"]
@@ -549,7 +560,7 @@ def plot(frontier: dict, path: Path) -> None:
         squeeze=False,
     )
     presets = list(dict.fromkeys(p["preset"] for p in frontier["points"]))
-    axis, axis_label = visibility_axis(frontier)
+    axis, axis_label = axis or visibility_axis(frontier)
     combined = frontier["settings"].get("combined") or []
     for r, cond in enumerate(conditions):
         for c, ev in enumerate(evaluators):
@@ -598,6 +609,8 @@ def plot(frontier: dict, path: Path) -> None:
             if r == len(conditions) - 1:
                 ax.set_xlabel(axis_label, fontsize=8)
             ax.tick_params(labelsize=7)
+    if not HIGHER_IS_WORSE.get(axis, True):
+        axes[0][0].invert_xaxis()  # the axes are shared: one call turns them all
     axes[0][-1].legend(fontsize=7, loc="upper right")
     fig.suptitle(
         f"protection vs visibility, sweep of {frontier['settings']['sweep']} "
@@ -658,7 +671,8 @@ def combine(runs: Sequence[tuple[str, dict]]) -> dict:
 
 
 def write_outputs(frontier: dict, out: Path) -> list[Path]:
-    """frontier.json, frontier.md and frontier.png in ``out``; returns their paths."""
+    """frontier.json, frontier.md and frontier.png in ``out``, and frontier-ssimulacra2.png
+    where every point measured SSIMULACRA2; returns their paths."""
     from cloak_core.evaluation.report import json_ready
 
     out = Path(out)
@@ -667,4 +681,10 @@ def write_outputs(frontier: dict, out: Path) -> list[Path]:
     paths[0].write_text(json.dumps(json_ready(frontier), indent=2, allow_nan=False) + "\n")
     paths[1].write_text(markdown(frontier))
     plot(frontier, paths[2])
+    scored = out / FRONTIER_SSIMULACRA2_PNG
+    if measured_everywhere(frontier, "ssimulacra2"):
+        paths.append(scored)
+        plot(frontier, scored, ("ssimulacra2", "face SSIMULACRA2 (100 = identical)"))
+    else:  # not a stale one from an earlier run in the same folder
+        scored.unlink(missing_ok=True)
     return paths

@@ -111,8 +111,9 @@ def test_frontier_on_a_tiny_set(faces_dir, store, tmp_path, monkeypatch, capsys)
     printed = capsys.readouterr().out
     frontier = json.loads((out / "frontier.json").read_text())
     assert (out / "frontier.md").read_text() == printed
-    with Image.open(out / "frontier.png") as im:
-        assert im.format == "PNG" and im.width > 300
+    for name in ("frontier.png", "frontier-ssimulacra2.png"):
+        with Image.open(out / name) as im:
+            assert im.format == "PNG" and im.width > 300
 
     points = frontier["points"]
     assert [(p["preset"], p["value"]) for p in points] == [
@@ -146,6 +147,8 @@ def test_frontier_on_a_tiny_set(faces_dir, store, tmp_path, monkeypatch, capsys)
     # Three steps change the faces more than one step.
     assert points[1]["visibility"]["de2000_mean"] > points[0]["visibility"]["de2000_mean"]
     assert points[1]["visibility"]["psnr"] < points[0]["visibility"]["psnr"]
+    assert points[1]["visibility"]["ssimulacra2"] < points[0]["visibility"]["ssimulacra2"] < 100
+    assert "| S-CIELAB | SSIMULACRA2 | CIEDE2000 |" in printed
     assert "| paper | 1 |" in printed
     # The calibration: measured on the same faces, JPEG q75 shows more than q90, and the
     # re-encoded galleries are still identified (clean rank-1).
@@ -159,6 +162,11 @@ def test_frontier_on_a_tiny_set(faces_dir, store, tmp_path, monkeypatch, capsys)
     for name in ("jpeg90", "jpeg75"):
         v = cal[name]["visibility"]
         assert 0 < v["scielab_mean"] < 0.6 * v["de2000_mean"]
+    assert (
+        100
+        > cal["jpeg90"]["visibility"]["ssimulacra2"]
+        > cal["jpeg75"]["visibility"]["ssimulacra2"]
+    )
     assert module.visibility_axis(frontier) == ("scielab_mean", "face S-CIELAB mean")
     assert "| fast | 3 |" in printed and "| jpeg75 |" in printed
 
@@ -180,8 +188,9 @@ def test_frontier_on_a_tiny_set(faces_dir, store, tmp_path, monkeypatch, capsys)
     ]
     assert combined["settings"]["combined"] == ["before", "after"]
     assert "| before: fast | 3 |" in table and "| after: paper | 1 |" in table
-    with Image.open(both / "frontier.png") as im:
-        assert im.format == "PNG" and im.width > 300
+    for name in ("frontier.png", "frontier-ssimulacra2.png"):
+        with Image.open(both / name) as im:
+            assert im.format == "PNG" and im.width > 300
     # A run from before S-CIELAB was measured still combines: its cells say "-" and the
     # plot falls back to CIEDE2000 for every run.
     old = json.loads((out / "frontier.json").read_text())
@@ -189,7 +198,7 @@ def test_frontier_on_a_tiny_set(faces_dir, store, tmp_path, monkeypatch, capsys)
     rows += [c["visibility"] for c in old["calibration"].values()]
     rows += [e["visibility"] for p in old["points"] for e in p["evaluators"].values()]
     for v in rows:
-        del v["scielab_mean"], v["scielab_p95"]
+        del v["scielab_mean"], v["scielab_p95"], v["ssimulacra2"]
     for p in old["points"]:  # nor did it keep the faces' matches to their own originals
         for e in p["evaluators"].values():
             del e["own_original"]
@@ -202,6 +211,8 @@ def test_frontier_on_a_tiny_set(faces_dir, store, tmp_path, monkeypatch, capsys)
     assert module.visibility_axis(mixed) == ("de2000_mean", "face CIEDE2000 mean")
     with Image.open(both / "frontier.png") as im:
         assert im.format == "PNG"
+    # Nor is it plotted against SSIMULACRA2, and the earlier combination's plot is gone.
+    assert not (both / "frontier-ssimulacra2.png").exists()
     other = dict(frontier, evaluators=["dlib"])
     (tmp_path / "other.json").write_text(json.dumps(other))
     run = f"a={out / 'frontier.json'},b={tmp_path / 'other.json'}"
