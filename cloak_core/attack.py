@@ -41,6 +41,7 @@ from cloak_core.perceptual import (
     budget,
     channel_weights,
     colour_kept,
+    local_luminance,
     rgb_to_ycc,
     ycc_gradient,
     ycc_to_rgb,
@@ -452,6 +453,9 @@ class SignSteps:
         self.previous = self.delta.detach().clone() if budget else None
         colour = config.colour_steps
         self.rates = None if colour is None else channel_weights(colour, self.delta)
+        self.contrast = (
+            None if config.contrast is None else contrast_weights(batch, config.contrast)
+        )
 
     def protected(self) -> torch.Tensor:
         """The protected regions, in the autograd graph of the perturbation."""
@@ -480,6 +484,8 @@ class SignSteps:
             step = ycc_to_rgb(rates * unit)
             if self.rates is None:
                 step = torch.where(self.grey, step, _unit_step(direction, self.config))
+        if self.contrast is not None:
+            step = step * self.contrast
         delta += self.config.step_size * self.active * step
         # Keep x + delta inside [0, 1] so the clamp never hides a step.
         delta.copy_((x + delta).clamp(0.0, 1.0) - x)
@@ -495,6 +501,33 @@ class SignSteps:
                 penalty(adv), self.config.lpips_budget, self.delta, self.previous, self.active
             )
         return (x + mask * self.delta).clamp(0.0, 1.0) - x
+
+
+# ``contrast``: the local luminance deviation (0..1) below which a pixel takes no step and
+# from which it takes a full one, and the region side its window is given for.
+_CONTRAST_FLAT, _CONTRAST_FULL = 0.01, 0.04
+_CONTRAST_REGION = 112
+
+
+def contrast_weights(batch: FaceBatch, sigma: float) -> torch.Tensor:
+    """``(B, 1, H, W)`` share of a step each pixel of ``batch`` takes under ``contrast``:
+    0 where the original's luminance deviation over a Gaussian window is at most
+    :data:`_CONTRAST_FLAT`, 1 from :data:`_CONTRAST_FULL`, linear between, smoothed by the
+    same Gaussian. The window is ``sigma`` pixels for a region of 112 pixels and grows with
+    the region (each face's own, padding aside), so a close-up's skin is judged at the
+    scale a small face's is: at a fixed window, the pores of an enlarged face fall below
+    the threshold and most of it would take no step."""
+    x = batch.pixels
+    height, width = x.shape[-2:]
+    weights = []
+    for k in range(x.shape[0]):
+        side = math.sqrt(float(batch.area[k]) * height * width)
+        s = max(0.5, sigma * side / _CONTRAST_REGION)
+        kernel = min(2 * math.ceil(3 * s) + 1, 2 * (min(height, width) // 2) - 1)
+        _, deviation = local_luminance(x[k : k + 1], kernel, s)
+        ramp = ((deviation - _CONTRAST_FLAT) / (_CONTRAST_FULL - _CONTRAST_FLAT)).clamp(0, 1)
+        weights.append(gaussian_blur(ramp, kernel, s))
+    return torch.cat(weights)
 
 
 # Alternating projections onto the perceptual budget and the valid pixel range per step.

@@ -73,13 +73,23 @@ def jnd_map(images: torch.Tensor, texture: float, sigma: float = 1.5) -> torch.T
     deviation); ``sigma`` is the Gaussian window, in pixels, of the local mean and
     deviation.
     """
-    kernel = 2 * round(2 * sigma) + 1
-    y = rgb_to_ycc(images)[:, :1] * 255.0
+    mean, deviation = local_luminance(images, 2 * round(2 * sigma) + 1, sigma)
+    mean, deviation = mean * 255.0, deviation * 255.0
+    t_lum = luminance_threshold(mean)
+    t_tex = texture * deviation
+    return (t_lum + t_tex - _OVERLAP * torch.minimum(t_lum, t_tex)) / 255.0
+
+
+def local_luminance(
+    images: torch.Tensor, kernel: int, sigma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local mean and standard deviation ``(B, 1, H, W)`` each, in 0..1 units, of the
+    luminance of ``images`` ``(B, 3, H, W)`` (RGB, 0..1), over a Gaussian window of
+    ``sigma`` pixels (``kernel`` wide)."""
+    y = rgb_to_ycc(images)[:, :1]
     mean = gaussian_blur(y, kernel, sigma)
     var = (gaussian_blur(y * y, kernel, sigma) - mean * mean).clamp_min(0.0)
-    t_lum = luminance_threshold(mean)
-    t_tex = texture * var.sqrt()
-    return (t_lum + t_tex - _OVERLAP * torch.minimum(t_lum, t_tex)) / 255.0
+    return mean, var.sqrt()
 
 
 def budget(images: torch.Tensor, scale: float, texture: float, chroma: float) -> torch.Tensor:

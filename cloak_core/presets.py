@@ -87,6 +87,12 @@ class AttackConfig:
       at (the whole photo at most 4 MP) gets its gradient smoothed by a Gaussian of sigma
       this factor times that ratio, so single working pixels do not become coarse
       texture once enlarged.
+    - ``contrast``: without ``perceptual``, each pixel's step is scaled by the original
+      face's local luminance contrast there (its standard deviation over a Gaussian of
+      this many pixels of a 112-pixel face region, the window growing with the region):
+      none where the face is flat (smooth cheeks and forehead, where any change reads as
+      a patch), all of it from a deviation of 0.04 on (features, hair, textured skin),
+      a ramp between from 0.01 (``None``: every pixel alike).
     - ``sign_steps``: every pixel steps by the sign of its gradient (LowKey); ``False``:
       in proportion to it (per face, its 90th percentile moves a full step), so pixels
       that matter little to the models change little. With ``perceptual`` a full step is
@@ -136,6 +142,7 @@ class AttackConfig:
     early_stop: bool = False
     sample_views: bool = False
     grad_sigma: float | None = None
+    contrast: float | None = None
     face_mask: float | None = None
     momentum: float | None = None
     lpips_budget: float | None = None
@@ -227,13 +234,14 @@ PRESETS: dict[str, AttackConfig] = {
         AttackConfig(
             name="balanced",
             steps=36,
-            step_size=0.003,
+            step_size=0.0035,
             lpips_weight=2.0,
             work_scale=1.5,
             lpips_size=None,
             early_stop=True,
             sample_views=True,
             grad_sigma=1.0,
+            contrast=2.0,
             face_mask=1.7,
             colour_steps=0.0,
             sign_steps=False,

@@ -156,6 +156,48 @@ def test_only_regions_shown_larger_than_optimised_get_smoothed():
     assert torch.equal(grad, torch.randn(2, 3, 24, 24, generator=torch.Generator().manual_seed(0)))
 
 
+def _face_batch(image: np.ndarray, side: int | None = None):
+    """A batch of one real face region (no padding unless ``side`` names the region's
+    own side inside a larger padded batch)."""
+    from cloak_core.attack import FaceBatch
+
+    pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    h, w = image.shape[:2]
+    area = 1.0 if side is None else side * side / (h * w)
+    return FaceBatch(pixels, torch.ones(1, 1, h, w), {}, torch.tensor([area]))
+
+
+def test_contrast_steps_leave_flat_skin_alone(faces_dir):
+    """``contrast``: a flat patch on a real face takes no step, its features the full one,
+    and the window grows with the region, so an enlarged face is judged as at 112 pixels."""
+    from cloak_core.attack import SignSteps, contrast_weights
+
+    face = np.array(Image.open(faces_dir / "Tina_Fey" / "003.png").convert("RGB"))
+    flat = face.copy()
+    flat[60:100, 8:48] = face[80, 28]  # a flat 40-pixel patch over the cheek
+    weights = contrast_weights(_face_batch(flat), 2.0)[0, 0]
+    assert weights.shape == (112, 112) and 0 <= float(weights.min()) <= float(weights.max()) <= 1
+    assert float(weights[80, 28]) == 0.0
+    assert float(weights[40:55, 30:80].mean()) > 0.8  # the eyes
+    # Three times larger: the window grows with the region; held at 2 pixels, most of the
+    # enlarged face would count as flat.
+    large = np.array(Image.fromarray(face).resize((336, 336), Image.Resampling.BICUBIC))
+    small = float(contrast_weights(_face_batch(face), 2.0).mean())
+    grown = float(contrast_weights(_face_batch(large), 2.0).mean())
+    fixed = float(contrast_weights(_face_batch(large, side=112), 2.0).mean())
+    assert abs(grown - small) < 0.1 and fixed < small - 0.2
+    # One step: nothing moves on the flat patch, the features move.
+    config = replace(get_preset("balanced"), contrast=2.0)
+    steps = SignSteps(_face_batch(flat), config, torch.Generator().manual_seed(0))
+    before = steps.delta.detach().clone()
+    steps.delta.grad = torch.randn(before.shape, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # as the attack's loop takes its steps
+        assert steps.step(None)
+    moved = (steps.delta.detach() - before).abs().sum(1)[0]
+    assert float(moved[75:85, 23:33].max()) < 1e-6  # float rounding of the pixel clamp
+    assert float(moved[40:55, 30:80].mean()) > 0.5 * config.step_size
+
+
 def _aligned_embeddings(p, images, face, config, names) -> dict:
     """Per model, the clean embeddings of aligned 112-pixel ``images`` (one ``face`` each)
     as the attack sees them, computed here from the pipeline's own planning and ``embed``."""
