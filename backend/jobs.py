@@ -497,10 +497,10 @@ class Worker:
             _collections_note(jobs),
             time.monotonic() - started,
         )
+        # Remembered a while (the worker's loop forgets it, :meth:`_forget`).
         ran = time.monotonic()
         for label in {job.collection for job in jobs if job.collection in self._carried}:
             self._carried_until[label] = ran + self.config.collection_wait
-        self._forget()
         self._batch = None
         self._batch_done.set()
 
