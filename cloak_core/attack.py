@@ -34,7 +34,7 @@ from torch import nn
 
 from cloak_core.align import warp_affine
 from cloak_core.errors import CancelledError, UsageError
-from cloak_core.filters import gaussian_blur
+from cloak_core.filters import dct_matrix, gaussian_blur
 from cloak_core.lpips import LPIPS
 from cloak_core.models.base import FaceModel
 from cloak_core.perceptual import (
@@ -388,7 +388,8 @@ def ascend_identity(
 
     One backward per model (gradients accumulate): the graph of one model is freed before
     the next one runs, and each stage can be timed. With ``diversity``, each model sees
-    the faces under a fresh random alignment jitter and resampling (input diversity).
+    the faces under a fresh random alignment jitter and resampling (input diversity);
+    with ``spectrum``, under fresh noise and random gains of its frequencies.
     Returns whether every face met every model's cap in every view.
     """
     blurred = [b for b, _ in step_views]
@@ -410,6 +411,8 @@ def ascend_identity(
             crops = warp_affine(stacked, matrices, size)
             if config.diversity:
                 crops = _resample(crops, config.diversity, generator)
+            if config.spectrum:
+                crops = _spectrum(crops, config.spectrum, generator)
             if flip_all:
                 crops = torch.cat([crops, crops.flip(-1)], 0)
             elif step_views[0][1]:
@@ -668,6 +671,30 @@ def _resample(
         align_corners=False,
     )
     return F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+
+
+# The standard deviation of the Gaussian noise a spectrum view adds (``spectrum``): four
+# grey levels, about the perturbation's own size.
+_SPECTRUM_NOISE = 4 / 255
+
+
+def _spectrum(
+    crops: torch.Tensor, amount: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """``crops`` plus Gaussian noise of :data:`_SPECTRUM_NOISE`, each coefficient of their
+    2-D DCT then scaled by its own random gain within ``1 +- amount`` (spectrum
+    simulation, Long et al. 2022): the surrogate seen as a model that weighs frequencies
+    differently would see the face. Linear in ``crops``, so gradients pass through."""
+    h, w = crops.shape[-2:]
+    rows, cols = dct_matrix(h, crops), dct_matrix(w, crops)
+    # Two crop-sized draws per model and step: made where the crops are (a GPU would wait
+    # on the CPU's), from a generator seeded by the attack's own.
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    draws = torch.Generator(device=crops.device).manual_seed(seed)
+    noise = torch.randn(crops.shape, generator=draws, dtype=crops.dtype, device=crops.device)
+    unit = torch.rand(crops.shape, generator=draws, dtype=crops.dtype, device=crops.device)
+    gain = 1 + amount * (2 * unit - 1)
+    return rows.T @ ((rows @ (crops + noise * _SPECTRUM_NOISE) @ cols.T) * gain) @ cols
 
 
 def _per_face_lpips(

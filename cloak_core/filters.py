@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -16,3 +19,18 @@ def gaussian_blur(images: torch.Tensor, kernel: int, sigma: float) -> torch.Tens
     out = F.pad(images, (half, half, half, half), mode="reflect")
     out = F.conv2d(out, k.view(1, 1, 1, kernel).expand(c, 1, 1, kernel), groups=c)
     return F.conv2d(out, k.view(1, 1, kernel, 1).expand(c, 1, kernel, 1), groups=c)
+
+
+@functools.cache
+def _dct_matrix(n: int) -> torch.Tensor:
+    k = torch.arange(n, dtype=torch.float64)[:, None]
+    i = torch.arange(n, dtype=torch.float64)[None, :]
+    matrix = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2 / n)
+    matrix[0] /= math.sqrt(2)
+    return matrix
+
+
+def dct_matrix(n: int, like: torch.Tensor) -> torch.Tensor:
+    """The orthonormal DCT-II of length ``n`` as an ``(n, n)`` matrix, in ``like``'s dtype
+    and device: ``D @ x`` transforms the columns of ``x``, ``D.T @ X`` inverts it."""
+    return _dct_matrix(n).to(dtype=like.dtype, device=like.device)

@@ -40,6 +40,13 @@ class AttackConfig:
       jitter (scale, rotation and shift within that fraction) and, every other step on
       average, resampled down by up to half and back (input diversity: perturbations
       that survive other detectors' alignment and a site's resizing).
+    - ``spectrum``: each step, every model's crops also get Gaussian noise of four grey
+      levels and each coefficient of their 2-D DCT a random gain within ``1 +-
+      spectrum`` (spectrum simulation, Long et al. 2022): the surrogates stand in for
+      models that weigh the face's frequencies differently, so the perturbation relies
+      less on what one network happens to be sensitive to (``None``: plain crops).
+      Measured and left off in every preset: on the product's eval it moved along the
+      step curve (docs/DECISIONS.md).
     - ``hold_out``: with at least three ensemble models, each face's attack leaves one
       out in turn, and that model's measurement of the face is an honest black-box check
       (a model the perturbation was not made with), at one model fewer per face.
@@ -153,6 +160,7 @@ class AttackConfig:
     detail: float | None = None
     colour_steps: float | None = None
     diversity: float | None = None
+    spectrum: float | None = None
     sign_steps: bool = True
     hold_out: bool = False
     centroid: bool = False
@@ -197,6 +205,8 @@ class AttackConfig:
             raise UsageError("steps must be at least 1")
         if not 0.0 <= changes.get("centroid_mix", 1.0) <= 1.0:
             raise UsageError("centroid_mix is a fraction from 0 to 1")
+        if not 0.0 <= (changes.get("spectrum") or 0.0) <= 1.0:
+            raise UsageError("spectrum is a gain spread from 0 to 1 (or none)")
         return replace(self, **changes)
 
 

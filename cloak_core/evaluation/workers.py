@@ -100,10 +100,34 @@ class AttackWorker:
 _worker: AttackWorker | None = None
 
 
+# How often a worker looks whether the run that started it is still there (seconds).
+_PARENT_CHECK_SECONDS = 1.0
+
+
+def exit_with_parent() -> None:
+    """In a worker process: end it, at once, when the process that started it is gone.
+
+    A run stopped by a signal only to itself (``kill``, a ``timeout`` wrapper, a CI step
+    cancelled) would otherwise leave its workers attacking the batches already queued to
+    them, minutes of each core, for results nobody reads. A daemon thread watches the
+    parent process id; once the worker has been handed to another parent it exits."""
+    import threading
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(_PARENT_CHECK_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _start(store: ModelStore, device: str, threads: int) -> None:
     import torch
 
     global _worker
+    exit_with_parent()
     torch.set_num_threads(threads)
     _worker = AttackWorker(store, device)
 

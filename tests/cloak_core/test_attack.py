@@ -91,6 +91,7 @@ def test_settings_take_each_fields_type():
         (("steps", 0.2), "at least 1"),
         (("centroid_mix", 1.5), "fraction from 0 to 1"),
         (("centroid_mix", -0.1), "fraction from 0 to 1"),
+        (("spectrum", 1.5), "gain spread from 0 to 1"),
     ):
         with pytest.raises(UsageError, match=message):
             base.with_settings([setting])

@@ -209,6 +209,34 @@ def test_resampling_matches_pillow_and_happens_every_other_call(faces_dir):
     assert 10 <= kept <= 30, kept
 
 
+def test_spectrum_view_matches_scipy_dct(faces_dir):
+    """The spectrum view (``spectrum``) against scipy's orthonormal DCT on a real face:
+    the same noise and gains applied by scipy's DCT-II and its inverse give the same crop.
+    With no gain spread the view is the face plus its noise (the transform inverts), and
+    gradients pass through it as through a fixed linear map."""
+    from scipy.fft import dctn, idctn
+
+    from cloak_core.attack import _SPECTRUM_NOISE, _spectrum
+
+    x = _tensor(_face(faces_dir, 3)).double()
+    out = _spectrum(x, 0.5, torch.Generator().manual_seed(4))
+    seed = int(torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(4)))
+    draws = torch.Generator().manual_seed(seed)
+    noise = torch.randn(x.shape, generator=draws, dtype=x.dtype) * _SPECTRUM_NOISE
+    gain = 1 + 0.5 * (2 * torch.rand(x.shape, generator=draws, dtype=x.dtype) - 1)
+    coefficients = dctn((x + noise).numpy(), axes=(-2, -1), norm="ortho") * gain.numpy()
+    expected = idctn(coefficients, axes=(-2, -1), norm="ortho")
+    assert np.abs(out.numpy() - expected).max() < 1e-9
+    assert float((out - x).abs().mean()) > 0.02  # it does change the view
+    plain = _spectrum(x, 0.0, torch.Generator().manual_seed(4))
+    assert torch.allclose(plain - x, noise, atol=1e-9)
+    # Gradients: the view is linear, so its vector-Jacobian product is the same map's
+    # transpose; at no gain spread, the identity.
+    leaf = x.clone().requires_grad_(True)
+    (_spectrum(leaf, 0.0, torch.Generator().manual_seed(4)) * x).sum().backward()
+    assert torch.allclose(leaf.grad, x, atol=1e-9)
+
+
 def test_ycc_gradient_is_the_chain_rule(faces_dir):
     """The YCbCr gradient equals autograd's through the YCbCr-to-RGB map, on a real face."""
     from cloak_core.perceptual import ycc_gradient
