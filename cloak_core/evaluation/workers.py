@@ -10,6 +10,7 @@ its first batch of that ensemble. The workers write their results to the attack 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -111,8 +112,6 @@ def exit_with_parent() -> None:
     cancelled) would otherwise leave its workers attacking the batches already queued to
     them, minutes of each core, for results nobody reads. A daemon thread watches the
     parent process id; once the worker has been handed to another parent it exits."""
-    import threading
-
     parent = os.getppid()
 
     def watch() -> None:
