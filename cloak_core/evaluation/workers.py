@@ -105,14 +105,18 @@ _worker: AttackWorker | None = None
 _PARENT_CHECK_SECONDS = 1.0
 
 
-def exit_with_parent() -> None:
+def exit_with_parent(parent: int) -> None:
     """In a worker process: end it, at once, when the process that started it is gone.
 
     A run stopped by a signal only to itself (``kill``, a ``timeout`` wrapper, a CI step
     cancelled) would otherwise leave its workers attacking the batches already queued to
     them, minutes of each core, for results nobody reads. A daemon thread watches the
-    parent process id; once the worker has been handed to another parent it exits."""
-    parent = os.getppid()
+    parent process id; once the worker has been handed to another parent it exits.
+
+    ``parent``: the starting process's id, as that process read it (``os.getpid()`` there,
+    passed in): a run killed while its workers are still importing has them reparented
+    before this runs, so a worker that read its parent here would watch its new one and
+    never exit."""
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -122,11 +126,11 @@ def exit_with_parent() -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _start(store: ModelStore, device: str, threads: int) -> None:
+def _start(store: ModelStore, device: str, threads: int, parent: int) -> None:
     import torch
 
     global _worker
-    exit_with_parent()
+    exit_with_parent(parent)
     torch.set_num_threads(threads)
     _worker = AttackWorker(store, device)
 
@@ -171,7 +175,7 @@ def attack_in_workers(
             jobs,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_start,
-            initargs=(store, device, threads),
+            initargs=(store, device, threads, os.getpid()),
         ) as pool,
         tqdm(
             total=sum(len(t.pixels) for t in tasks),
