@@ -102,7 +102,9 @@ class ProtectResult:
     face region at display scale (the independent verdict on how visible the change is).
     ``held_out`` names, per face, the ensemble model its attack left out (``hold_out``),
     whose report in ``models`` is then a black-box check: how a model the perturbation
-    was not made with sees the face.
+    was not made with sees the face. ``unseen`` holds the same reports from the
+    recognisers the protector was asked to verify with (``verify``): models outside the
+    attack ensemble, so every face's report there is a black-box check.
     """
 
     data: bytes
@@ -119,6 +121,7 @@ class ProtectResult:
     visibility: tuple[Visibility, ...] = ()
     held_out: tuple[str | None, ...] = ()
     previews: tuple[FacePreview, ...] = ()
+    unseen: dict[str, list[ModelReport]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,13 @@ def face_mask(
 
 
 class Protector:
-    """Loads an ensemble once and protects images with it; not thread-safe (one worker)."""
+    """Loads an ensemble once and protects images with it; not thread-safe (one worker).
+
+    ``verify``: recognisers outside the ensemble that measured results (``measure=True``)
+    also report, in :attr:`ProtectResult.unseen`: how models the perturbation was not
+    made with see each protected face. Loaded with the ensemble, so a missing weight
+    file fails here rather than on the first photo.
+    """
 
     def __init__(
         self,
@@ -198,6 +207,7 @@ class Protector:
         device: str = "auto",
         models: Sequence[str] | None = None,
         detector_config: DetectorConfig | None = None,
+        verify: Sequence[str] = (),
     ) -> None:
         self.config = config
         self.detector_config = detector_config or DetectorConfig()
@@ -207,12 +217,20 @@ class Protector:
         if not names:
             raise UsageError("the attack ensemble is empty: name at least one model")
         self.model_names = names
+        for name in verify:
+            get_spec(name)  # an unknown name fails here, listing the known ones
+            if name in names:
+                raise UsageError(
+                    f"{name} is in the attack ensemble: how it sees the face says nothing "
+                    "about recognisers the perturbation was not made with"
+                )
+        self.verify_names = list(dict.fromkeys(verify))
         self._models: dict[str, FaceModel] = {}
         self._lpips: dict[str, LPIPS] = {}
         self._detector: FaceDetector | None = None
         self._meter: VisibilityMeter | None = None
         self._hold_out_turn = 0  # faces planned with ``hold_out`` so far
-        for name in names:
+        for name in [*names, *self.verify_names]:
             self._model(name)
         if config.measures_lpips:
             self._lpips_net(config.lpips_net)
@@ -840,6 +858,7 @@ class Protector:
         after = _to_tensor(output.pixels, None, self.device)[0]
         lp = self._lpips_net("alex")
         reports: dict[str, list[ModelReport]] = {}
+        unseen: dict[str, list[ModelReport]] = {}
         lpips_faces: list[float] = []
         with torch.no_grad():
             whole = float(lp(*_measure_copies(original, after)).item())
@@ -847,26 +866,11 @@ class Protector:
                 landmarks = torch.as_tensor(
                     np.stack([f.landmarks for f in faces]), dtype=torch.float64
                 )
+                images = (original, reencoded, after)
                 for name in self.model_names:
-                    model = self._model(name)
-                    spec, rule = model.spec, model.spec.verification
-                    e0, e1, e2 = (
-                        model(align_faces(img, landmarks, spec.template, spec.input_size)).float()
-                        for img in (original, reencoded, after)
-                    )
-                    before_cos = F.cosine_similarity(e0, e1, dim=-1)
-                    after_cos = F.cosine_similarity(e0, e2, dim=-1)
-                    score = rule.score(e0, e2)
-                    same = rule.same_person(e0, e2)
-                    reports[name] = [
-                        ModelReport(
-                            similarity_before=float(before_cos[i]),
-                            similarity_after=float(after_cos[i]),
-                            score_after=float(score[i]),
-                            same_person_after=bool(same[i]),
-                        )
-                        for i in range(len(faces))
-                    ]
+                    reports[name] = self._reports(name, images, landmarks)
+                for name in self.verify_names:
+                    unseen[name] = self._reports(name, images, landmarks)
                 ref = get_spec(self.model_names[0])
                 a = align_faces(original, landmarks, ref.template, (224, 224))
                 b = align_faces(after, landmarks, ref.template, (224, 224))
@@ -878,7 +882,36 @@ class Protector:
             lpips_faces=float(np.mean(lpips_faces)) if lpips_faces else None,
             models=reports,
             visibility=tuple(visibility),
+            unseen=unseen,
         )
+
+    def _reports(
+        self,
+        name: str,
+        images: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        landmarks: torch.Tensor,
+    ) -> list[ModelReport]:
+        """How model ``name`` sees each face (``landmarks``) of the original, its plain
+        re-encoding and the protected output (``images``, in that order)."""
+        model = self._model(name)
+        spec, rule = model.spec, model.spec.verification
+        e0, e1, e2 = (
+            model(align_faces(img, landmarks, spec.template, spec.input_size)).float()
+            for img in images
+        )
+        before_cos = F.cosine_similarity(e0, e1, dim=-1)
+        after_cos = F.cosine_similarity(e0, e2, dim=-1)
+        score = rule.score(e0, e2)
+        same = rule.same_person(e0, e2)
+        return [
+            ModelReport(
+                similarity_before=float(before_cos[i]),
+                similarity_after=float(after_cos[i]),
+                score_after=float(score[i]),
+                same_person_after=bool(same[i]),
+            )
+            for i in range(len(landmarks))
+        ]
 
 
 def _collection_ids(

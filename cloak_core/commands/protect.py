@@ -25,6 +25,8 @@ from cloak_core.errors import FaceCloakError, UsageError
 
 if TYPE_CHECKING:  # the pipeline pulls in torch: imported only when the command runs
     from cloak_core.pipeline import Protector, ProtectResult
+    from cloak_core.presets import AttackConfig
+    from cloak_core.store import ModelStore
     from cloak_core.visibility import GridRow, VisibilityMeter
 
     Outcome = ProtectResult | FaceCloakError | OSError
@@ -66,6 +68,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="with three or more models: leave one out of each face's attack in turn and "
         "report, with --json, how that unseen model sees the face (an honest check that "
         "a model the perturbation was not made with no longer matches it)",
+    )
+    p.add_argument(
+        "--verify",
+        metavar="MODELS",
+        help="with --json: also report how these recognisers, kept out of the attack, see "
+        "each protected face (comma-separated registry names, or 'unseen' for every model "
+        "here outside the ensemble): a check with models the perturbation was not made "
+        "with, as a scraper's would be",
     )
     p.add_argument(
         "--together",
@@ -138,6 +148,11 @@ def json_line(
         "models": {name: [asdict(r) for r in reports] for name, reports in result.models.items()},
         "visibility": [v.as_dict() for v in result.visibility],
     }
+    if result.unseen:
+        # Recognisers outside the attack ensemble (--verify): black-box checks of each face.
+        record["unseen"] = {
+            name: [asdict(r) for r in reports] for name, reports in result.unseen.items()
+        }
     if any(result.held_out):
         # Per face: the model left out of its attack, and how that model sees the face.
         record["held_out"] = [
@@ -179,11 +194,35 @@ def grid_rows(source: Path, data: bytes, result: ProtectResult) -> list[GridRow]
     return rows
 
 
+def verify_models(spec: str | None, config: AttackConfig, store: ModelStore) -> list[str]:
+    """The recognisers ``--verify`` names: a comma-separated list, or ``unseen`` for every
+    registry model whose weights are here and that the attack ensemble leaves out."""
+    if not spec:
+        return []
+    if spec.strip() != "unseen":
+        names = [n.strip() for n in spec.split(",") if n.strip()]
+        if not names:
+            raise UsageError("--verify needs model names, or 'unseen'")
+        return names
+    from cloak_core.models import available, default_ensemble
+
+    ensemble = set(config.models or default_ensemble(store))
+    names = [n for n in available(store) if n not in ensemble]
+    if not names:
+        raise UsageError(
+            "--verify unseen: no recogniser outside the attack ensemble is here "
+            "(`facecloak models fetch` gets FaceNet and MobileFaceNet-128)"
+        )
+    return names
+
+
 def run(args: argparse.Namespace) -> int:
     if args.output and len(args.inputs) > 1:
         raise UsageError("-o/--output takes one input; use --out-dir for several")
     if args.calibrate and not args.json:
         raise UsageError("--calibrate adds to the --json records: give --json too")
+    if args.verify and not args.json:
+        raise UsageError("--verify adds to the --json records: give --json too")
     if args.batch_size is not None and not args.together:
         raise UsageError("--batch-size sets how many photos --together attacks at a time")
     if args.quality is not None and not 1 <= args.quality <= 100:
@@ -194,11 +233,13 @@ def run(args: argparse.Namespace) -> int:
     config = attack_config(args)
     if args.hold_out:
         config = replace(config, hold_out=True)
+    store = ModelStore.from_env()
     protector = Protector(
         config,
-        store=ModelStore.from_env(),
+        store=store,
         device=args.device,
         detector_config=detector_config(args),
+        verify=verify_models(args.verify, config, store),
     )
     failed = 0
     rows: list[GridRow] = []

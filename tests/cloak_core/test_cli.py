@@ -165,6 +165,49 @@ def test_protect_json_names_each_faces_held_out_model():
     assert "held_out" not in json.loads(json_line(Path("in.jpg"), Path("out.jpg"), plain))
 
 
+def test_protect_verify_reports_how_an_unseen_recogniser_sees_each_face(
+    tmp_path, photos_dir, capsys
+):
+    """`--verify` adds, per recogniser kept out of the attack, how it sees the protected
+    face: the same cosine the evaluation's own alignment of that model gives on the very
+    files (original, output), not a view of the original or of the attack's regions."""
+    import numpy as np
+
+    from cloak_core.detect import FaceDetector
+    from cloak_core.evaluation.evaluators import RegistryEvaluator
+    from cloak_core.models import load_model
+    from cloak_core.store import ModelStore
+
+    source = tmp_path / "obama.jpg"
+    shutil.copy(photos_dir / "obama_small.jpg", source)
+    out_dir = tmp_path / "out"
+    args = ["protect", str(source), "--out-dir", str(out_dir), "--preset", "fast"]
+    code = main([*args, "--steps", "3", "--json", "--verify", "mobilefacenet128"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    record = json.loads(captured.out)
+    assert set(record["models"]) == {"dlib", "sface"}  # the ensemble, as before
+    (seen,) = record["unseen"]["mobilefacenet128"]
+    assert seen["similarity_before"] > 0.99  # the original re-encoded: the same face
+    assert seen["similarity_after"] < seen["similarity_before"] - 0.01
+
+    store = ModelStore.from_env()
+    model = RegistryEvaluator(load_model("mobilefacenet128", store))
+    pixels = [np.asarray(Image.open(p).convert("RGB")) for p in (source, record["output"])]
+    with FaceDetector(store) as detector:
+        face = detector.detect(pixels[0])[0]
+    a, b = model.embed(pixels, [face, face])
+    cosine = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+    assert seen["similarity_after"] == pytest.approx(cosine, abs=0.005)
+
+    assert main([*args, "--json", "--verify", "dlib"]) == 2  # in the ensemble: no check
+    assert "dlib is in the attack ensemble" in capsys.readouterr().err
+    assert main([*args, "--json", "--verify", "nope"]) == 2
+    assert "unknown model 'nope'" in capsys.readouterr().err
+    assert main([*args, "--verify", "mobilefacenet128"]) == 2  # without --json
+    assert "give --json too" in capsys.readouterr().err
+
+
 def test_protect_together_in_batches_pushes_every_batch_from_the_whole_set(
     tmp_path, photos_dir, capsys, monkeypatch
 ):
