@@ -507,8 +507,10 @@ class Worker:
 
 def preview_payload(job_id: str, preset: str, result: Any) -> dict[str, Any]:
     """``{"id", "preset", "faces": [...]}``: per face, ``before`` and ``after`` as JPEG data
-    URLs, ``models`` (how many models measured it), ``matched`` (how many still say it is
-    the same person after protection), and the models' ``same_person`` and ``similarity``.
+    URLs, ``models`` (how many ensemble models measured it), ``matched`` (how many still
+    say it is the same person after protection), and the models' ``same_person`` and
+    ``similarity``; then the same for the recognisers outside the ensemble, the honest
+    check (``unseen``, ``unseen_matched``, ``unseen_same_person``, ``unseen_similarity``).
     """
     faces = []
     for preview in getattr(result, "previews", ()):
@@ -520,6 +522,10 @@ def preview_payload(job_id: str, preset: str, result: Any) -> dict[str, Any]:
                 "matched": sum(preview.same_person.values()),
                 "same_person": dict(preview.same_person),
                 "similarity": dict(preview.similarity),
+                "unseen": len(preview.unseen_same_person),
+                "unseen_matched": sum(preview.unseen_same_person.values()),
+                "unseen_same_person": dict(preview.unseen_same_person),
+                "unseen_similarity": dict(preview.unseen_similarity),
             }
         )
     return {"id": job_id, "preset": preset, "faces": faces}

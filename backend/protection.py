@@ -85,17 +85,23 @@ def load_protector(config: DaemonConfig) -> ProtectorLike:
     """The production protector: cloak_core's Protector with weights from the model store.
 
     Blocking (loads every model of the ensemble); the worker calls it in its own thread.
+    Every recogniser here that the ensemble leaves out is loaded too, so each job's
+    preview says how models the perturbation was not made with see its faces, not only
+    the ensemble, which the attack fools by construction.
     """
     from cloak_core.detect import DetectorConfig
+    from cloak_core.models import default_ensemble, unseen
     from cloak_core.pipeline import Protector
     from cloak_core.presets import get_preset
     from cloak_core.store import ModelStore
 
+    preset, store = get_preset(config.preset), ModelStore.from_env()
     return Protector(
-        get_preset(config.preset),
-        store=ModelStore.from_env(),
+        preset,
+        store=store,
         device=config.device,
         detector_config=DetectorConfig(face_threshold=config.face_threshold),
+        verify=unseen(store, preset.models or default_ensemble(store)),
     )
 
 

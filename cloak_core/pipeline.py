@@ -82,13 +82,17 @@ class FacePreview:
     ``before`` and ``after`` are JPEG crops (at most PREVIEW_SIZE pixels a side) of the
     same square around the face, from the original and from the encoded output.
     ``same_person[model]`` is whether that model still matches the protected face to the
-    original one (its own verification rule), ``similarity[model]`` their cosine.
+    original one (its own verification rule), ``similarity[model]`` their cosine, for
+    each ensemble model; ``unseen_same_person`` and ``unseen_similarity`` the same for
+    the recognisers outside the ensemble the protector verifies with (``verify``).
     """
 
     before: bytes
     after: bytes
     same_person: dict[str, bool]
     similarity: dict[str, float]
+    unseen_same_person: dict[str, bool] = field(default_factory=dict)
+    unseen_similarity: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -193,10 +197,11 @@ def face_mask(
 class Protector:
     """Loads an ensemble once and protects images with it; not thread-safe (one worker).
 
-    ``verify``: recognisers outside the ensemble that measured results (``measure=True``)
-    also report, in :attr:`ProtectResult.unseen`: how models the perturbation was not
-    made with see each protected face. Loaded with the ensemble, so a missing weight
-    file fails here rather than on the first photo.
+    ``verify``: recognisers outside the ensemble that measured results also report, in
+    :attr:`ProtectResult.unseen` (``measure=True``) and in each preview
+    (``measure="models"``): how models the perturbation was not made with see each
+    protected face. Loaded with the ensemble, so a missing weight file fails here rather
+    than on the first photo.
     """
 
     def __init__(
@@ -801,9 +806,9 @@ class Protector:
         self, result: ProtectResult, source: DecodedImage, faces: Sequence[Face]
     ) -> ProtectResult:
         """Fill in :attr:`ProtectResult.previews`: per face, crops before and after, and
-        whether each model of the ensemble still matches the protected face (measured on
-        the encoded output, as :meth:`_measure` does, but without LPIPS, the re-encoded
-        baseline or the visibility panel)."""
+        whether each model of the ensemble, and each recogniser of ``verify``, still
+        matches the protected face (measured on the encoded output, as :meth:`_measure`
+        does, but without LPIPS, the re-encoded baseline or the visibility panel)."""
         if not faces:
             return result
         limit = max(50_000_000, result.width * result.height)
@@ -811,10 +816,12 @@ class Protector:
         original = _to_tensor(source.pixels, None, self.device)[0]
         after = _to_tensor(output.pixels, None, self.device)[0]
         landmarks = torch.as_tensor(np.stack([f.landmarks for f in faces]), dtype=torch.float64)
-        same: list[dict[str, bool]] = [{} for _ in faces]
-        cosines: list[dict[str, float]] = [{} for _ in faces]
+        # Per face: the ensemble's verdicts and cosines, then the unseen recognisers'.
+        same: list[tuple[dict[str, bool], dict[str, bool]]] = [({}, {}) for _ in faces]
+        cosines: list[tuple[dict[str, float], dict[str, float]]] = [({}, {}) for _ in faces]
+        named = [(n, 0) for n in self.model_names] + [(n, 1) for n in self.verify_names]
         with torch.no_grad():
-            for name in self.model_names:
+            for name, kind in named:
                 model = self._model(name)
                 spec, rule = model.spec, model.spec.verification
                 e0, e2 = (
@@ -824,8 +831,8 @@ class Protector:
                 cos = F.cosine_similarity(e0, e2, dim=-1)
                 verdict = rule.same_person(e0, e2)
                 for i in range(len(faces)):
-                    same[i][name] = bool(verdict[i])
-                    cosines[i][name] = round(float(cos[i]), 4)
+                    same[i][kind][name] = bool(verdict[i])
+                    cosines[i][kind][name] = round(float(cos[i]), 4)
         before_pixels, after_pixels = _as_uint8(source.pixels), _as_uint8(output.pixels)
         previews = []
         for i, face in enumerate(faces):
@@ -834,8 +841,10 @@ class Protector:
                 FacePreview(
                     before=_jpeg_crop(before_pixels, box),
                     after=_jpeg_crop(after_pixels, box),
-                    same_person=same[i],
-                    similarity=cosines[i],
+                    same_person=same[i][0],
+                    similarity=cosines[i][0],
+                    unseen_same_person=same[i][1],
+                    unseen_similarity=cosines[i][1],
                 )
             )
         return replace(result, previews=tuple(previews))

@@ -204,10 +204,9 @@ def verify_models(spec: str | None, config: AttackConfig, store: ModelStore) -> 
         if not names:
             raise UsageError("--verify needs model names, or 'unseen'")
         return names
-    from cloak_core.models import available, default_ensemble
+    from cloak_core.models import default_ensemble, unseen
 
-    ensemble = set(config.models or default_ensemble(store))
-    names = [n for n in available(store) if n not in ensemble]
+    names = unseen(store, config.models or default_ensemble(store))
     if not names:
         raise UsageError(
             "--verify unseen: no recogniser outside the attack ensemble is here "

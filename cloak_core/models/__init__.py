@@ -8,6 +8,7 @@ from there (:func:`cloak_core.weights.catalogue`). Weights are resolved by the m
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,6 +34,7 @@ __all__ = [
     "VerificationRule",
     "available",
     "default_ensemble",
+    "unseen",
     "get_spec",
     "load_model",
 ]
@@ -60,6 +62,12 @@ def load_model(name: str, store: ModelStore, device: str | torch.device = "cpu")
 def available(store: ModelStore) -> list[str]:
     """Names of registered models whose weight files are already on this machine."""
     return [n for n, s in REGISTRY.items() if all(store.find_local(w) for w in s.weights)]
+
+
+def unseen(store: ModelStore, ensemble: Sequence[str]) -> list[str]:
+    """Names of the models here (:func:`available`) that ``ensemble`` leaves out: the
+    recognisers that can check a protected face as a scraper's model would."""
+    return [n for n in available(store) if n not in set(ensemble)]
 
 
 def default_ensemble(store: ModelStore) -> list[str]:

@@ -20,6 +20,8 @@ export async function savePreview({ faces, preset, site, name }) {
       after: f.after,
       models: Number(f.models) || 0,
       matched: Number(f.matched) || 0,
+      unseen: Number(f.unseen) || 0,
+      unseenMatched: Number(f.unseen_matched) || 0,
     }));
   if (!clean.length) {
     await chrome.storage.session.remove(KEY);
@@ -36,13 +38,23 @@ export async function readPreview() {
   return preview;
 }
 
-/** "Not matched by 2 of 3 models" (and who still matches), for one face. */
-export function matchWords({ models, matched }) {
+/**
+ * "Not matched by 2 of 3 models" (and who still matches), for one face; then what the
+ * recognisers the protection was not made with say, the honest part of the check: the
+ * attack's own models are fooled by construction, a scraper's are not.
+ */
+export function matchWords({ models, matched, unseen = 0, unseenMatched = 0 }) {
   if (!models) return "Not measured";
   const unmatched = models - matched;
   const noun = models === 1 ? "model" : "models";
-  if (unmatched === models) return `Not matched by ${unmatched} of ${models} ${noun}`;
-  return `Not matched by ${unmatched} of ${models} ${noun} (${matched} still match${matched === 1 ? "es" : ""})`;
+  let words = `Not matched by ${unmatched} of ${models} ${noun}`;
+  if (unmatched !== models) words += ` (${matched} still match${matched === 1 ? "es" : ""})`;
+  if (!unseen) return words;
+  const others = unseen === 1 ? "recogniser" : "recognisers";
+  const verdict = unseenMatched
+    ? `${unseenMatched} of ${unseen} still match${unseenMatched === 1 ? "es" : ""}`
+    : `none of ${unseen} matches`;
+  return `${words}; ${others} it was not made with: ${verdict}`;
 }
 
 export const PREVIEW_KEY = KEY;

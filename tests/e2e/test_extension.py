@@ -141,6 +141,15 @@ def test_strength_per_site_and_the_popups_preview(extension, site, page, photos_
         assert re.match(r"^Not matched by [0-9] of [0-9] models", words), words
         unmatched, models = map(int, re.findall(r"[0-9]+", words)[:2])
         assert 1 <= models and unmatched <= models
+        # Then what the recognisers outside the ensemble say, as many as the store has.
+        from cloak_core.models import default_ensemble, unseen
+        from cloak_core.store import ModelStore
+
+        store = ModelStore.from_env()
+        others = len(unseen(store, default_ensemble(store)))
+        if others:
+            said = rf"(none of {others} matches|[0-9] of {others} still match(es)?)\b"
+            assert re.search(r"; recognisers? it was not made with: " + said, words), words
         assert PHOTO in popup.locator("#preview-caption").inner_text()
         sizes = faces.first.locator("img").evaluate_all(
             "imgs => imgs.map(i => [i.className, i.naturalWidth, i.src.slice(0, 23)])"
