@@ -90,18 +90,16 @@ def load_protector(config: DaemonConfig) -> ProtectorLike:
     the ensemble, which the attack fools by construction.
     """
     from cloak_core.detect import DetectorConfig
-    from cloak_core.models import default_ensemble, unseen
-    from cloak_core.pipeline import Protector
+    from cloak_core.pipeline import UNSEEN, Protector
     from cloak_core.presets import get_preset
     from cloak_core.store import ModelStore
 
-    preset, store = get_preset(config.preset), ModelStore.from_env()
     return Protector(
-        preset,
-        store=store,
+        get_preset(config.preset),
+        store=ModelStore.from_env(),
         device=config.device,
         detector_config=DetectorConfig(face_threshold=config.face_threshold),
-        verify=unseen(store, preset.models or default_ensemble(store)),
+        verify=UNSEEN,
     )
 
 

@@ -33,7 +33,7 @@ from cloak_core.detect import DetectorConfig, Face, FaceDetector
 from cloak_core.errors import CancelledError, FaceCloakError, UsageError
 from cloak_core.imageio import DecodedImage, decode_image, encode_image
 from cloak_core.lpips import LPIPS, load_lpips
-from cloak_core.models import default_ensemble, get_spec, load_model
+from cloak_core.models import default_ensemble, get_spec, load_model, unseen
 from cloak_core.models.base import FaceModel, ModelSpec
 from cloak_core.presets import AttackConfig
 from cloak_core.store import ModelStore
@@ -194,14 +194,19 @@ def face_mask(
     return (0.5 - 0.5 * torch.cos(torch.pi * t)).unsqueeze(0)
 
 
+# ``Protector``'s ``verify`` for every recogniser here outside its ensemble.
+UNSEEN = "unseen"
+
+
 class Protector:
     """Loads an ensemble once and protects images with it; not thread-safe (one worker).
 
     ``verify``: recognisers outside the ensemble that measured results also report, in
     :attr:`ProtectResult.unseen` (``measure=True``) and in each preview
     (``measure="models"``): how models the perturbation was not made with see each
-    protected face. Loaded with the ensemble, so a missing weight file fails here rather
-    than on the first photo.
+    protected face; :data:`UNSEEN` names every model here that the ensemble leaves out.
+    Loaded with the ensemble, so a missing weight file fails here rather than on the
+    first photo.
     """
 
     def __init__(
@@ -212,7 +217,7 @@ class Protector:
         device: str = "auto",
         models: Sequence[str] | None = None,
         detector_config: DetectorConfig | None = None,
-        verify: Sequence[str] = (),
+        verify: Sequence[str] | str = (),
     ) -> None:
         self.config = config
         self.detector_config = detector_config or DetectorConfig()
@@ -222,6 +227,10 @@ class Protector:
         if not names:
             raise UsageError("the attack ensemble is empty: name at least one model")
         self.model_names = names
+        if isinstance(verify, str):
+            if verify != UNSEEN:
+                raise UsageError(f"verify takes model names or {UNSEEN!r}, got {verify!r}")
+            verify = unseen(store, names)
         for name in verify:
             get_spec(name)  # an unknown name fails here, listing the known ones
             if name in names:
@@ -816,23 +825,11 @@ class Protector:
         original = _to_tensor(source.pixels, None, self.device)[0]
         after = _to_tensor(output.pixels, None, self.device)[0]
         landmarks = torch.as_tensor(np.stack([f.landmarks for f in faces]), dtype=torch.float64)
-        # Per face: the ensemble's verdicts and cosines, then the unseen recognisers'.
-        same: list[tuple[dict[str, bool], dict[str, bool]]] = [({}, {}) for _ in faces]
-        cosines: list[tuple[dict[str, float], dict[str, float]]] = [({}, {}) for _ in faces]
-        named = [(n, 0) for n in self.model_names] + [(n, 1) for n in self.verify_names]
         with torch.no_grad():
-            for name, kind in named:
-                model = self._model(name)
-                spec, rule = model.spec, model.spec.verification
-                e0, e2 = (
-                    model(align_faces(img, landmarks, spec.template, spec.input_size)).float()
-                    for img in (original, after)
-                )
-                cos = F.cosine_similarity(e0, e2, dim=-1)
-                verdict = rule.same_person(e0, e2)
-                for i in range(len(faces)):
-                    same[i][kind][name] = bool(verdict[i])
-                    cosines[i][kind][name] = round(float(cos[i]), 4)
+            same, cosines = self._verdicts(self.model_names, original, after, landmarks)
+            unseen_same, unseen_cosines = self._verdicts(
+                self.verify_names, original, after, landmarks
+            )
         before_pixels, after_pixels = _as_uint8(source.pixels), _as_uint8(output.pixels)
         previews = []
         for i, face in enumerate(faces):
@@ -841,13 +838,38 @@ class Protector:
                 FacePreview(
                     before=_jpeg_crop(before_pixels, box),
                     after=_jpeg_crop(after_pixels, box),
-                    same_person=same[i][0],
-                    similarity=cosines[i][0],
-                    unseen_same_person=same[i][1],
-                    unseen_similarity=cosines[i][1],
+                    same_person=same[i],
+                    similarity=cosines[i],
+                    unseen_same_person=unseen_same[i],
+                    unseen_similarity=unseen_cosines[i],
                 )
             )
         return replace(result, previews=tuple(previews))
+
+    def _verdicts(
+        self,
+        names: Sequence[str],
+        original: torch.Tensor,
+        after: torch.Tensor,
+        landmarks: torch.Tensor,
+    ) -> tuple[list[dict[str, bool]], list[dict[str, float]]]:
+        """Per face (``landmarks``): whether each model of ``names`` still matches it in
+        ``after`` to ``original`` (its own rule), and their cosine."""
+        same: list[dict[str, bool]] = [{} for _ in landmarks]
+        cosines: list[dict[str, float]] = [{} for _ in landmarks]
+        for name in names:
+            model = self._model(name)
+            spec, rule = model.spec, model.spec.verification
+            e0, e2 = (
+                model(align_faces(img, landmarks, spec.template, spec.input_size)).float()
+                for img in (original, after)
+            )
+            cos = F.cosine_similarity(e0, e2, dim=-1)
+            verdict = rule.same_person(e0, e2)
+            for i in range(len(landmarks)):
+                same[i][name] = bool(verdict[i])
+                cosines[i][name] = round(float(cos[i]), 4)
+        return same, cosines
 
     def _measure(
         self, result: ProtectResult, source: DecodedImage, faces: Sequence[Face]

@@ -25,8 +25,6 @@ from cloak_core.errors import FaceCloakError, UsageError
 
 if TYPE_CHECKING:  # the pipeline pulls in torch: imported only when the command runs
     from cloak_core.pipeline import Protector, ProtectResult
-    from cloak_core.presets import AttackConfig
-    from cloak_core.store import ModelStore
     from cloak_core.visibility import GridRow, VisibilityMeter
 
     Outcome = ProtectResult | FaceCloakError | OSError
@@ -194,24 +192,18 @@ def grid_rows(source: Path, data: bytes, result: ProtectResult) -> list[GridRow]
     return rows
 
 
-def verify_models(spec: str | None, config: AttackConfig, store: ModelStore) -> list[str]:
-    """The recognisers ``--verify`` names: a comma-separated list, or ``unseen`` for every
-    registry model whose weights are here and that the attack ensemble leaves out."""
+def verify_models(spec: str | None) -> list[str] | str:
+    """What ``--verify`` names: a comma-separated list of models, or ``unseen`` for every
+    registry model here that the attack ensemble leaves out (the protector resolves it)."""
+    from cloak_core.pipeline import UNSEEN
+
     if not spec:
         return []
-    if spec.strip() != "unseen":
-        names = [n.strip() for n in spec.split(",") if n.strip()]
-        if not names:
-            raise UsageError("--verify needs model names, or 'unseen'")
-        return names
-    from cloak_core.models import default_ensemble, unseen
-
-    names = unseen(store, config.models or default_ensemble(store))
+    if spec.strip() == UNSEEN:
+        return UNSEEN
+    names = [n.strip() for n in spec.split(",") if n.strip()]
     if not names:
-        raise UsageError(
-            "--verify unseen: no recogniser outside the attack ensemble is here "
-            "(`facecloak models fetch` gets FaceNet and MobileFaceNet-128)"
-        )
+        raise UsageError(f"--verify needs model names, or {UNSEEN!r}")
     return names
 
 
@@ -232,14 +224,18 @@ def run(args: argparse.Namespace) -> int:
     config = attack_config(args)
     if args.hold_out:
         config = replace(config, hold_out=True)
-    store = ModelStore.from_env()
     protector = Protector(
         config,
-        store=store,
+        store=ModelStore.from_env(),
         device=args.device,
         detector_config=detector_config(args),
-        verify=verify_models(args.verify, config, store),
+        verify=verify_models(args.verify),
     )
+    if args.verify and not protector.verify_names:
+        raise UsageError(
+            "--verify unseen: no recogniser outside the attack ensemble is here "
+            "(`facecloak models fetch` gets FaceNet and MobileFaceNet-128)"
+        )
     failed = 0
     rows: list[GridRow] = []
     bar = progress_bar(len(args.inputs), "protecting")

@@ -34,9 +34,9 @@ __all__ = [
     "VerificationRule",
     "available",
     "default_ensemble",
-    "unseen",
     "get_spec",
     "load_model",
+    "unseen",
 ]
 
 _FAMILIES = (dlib_resnet, sface, facenet, mobilefacenet128, mobilefacenet, evolve)
@@ -67,7 +67,8 @@ def available(store: ModelStore) -> list[str]:
 def unseen(store: ModelStore, ensemble: Sequence[str]) -> list[str]:
     """Names of the models here (:func:`available`) that ``ensemble`` leaves out: the
     recognisers that can check a protected face as a scraper's model would."""
-    return [n for n in available(store) if n not in set(ensemble)]
+    left_out = set(ensemble)
+    return [n for n in available(store) if n not in left_out]
 
 
 def default_ensemble(store: ModelStore) -> list[str]:

@@ -39,7 +39,7 @@ def token(daemon):
     return daemon.pair()
 
 
-def sface_cosines(store, original: bytes, output: bytes, model: str = "sface") -> list[float]:
+def model_cosines(store, original: bytes, output: bytes, model: str = "sface") -> list[float]:
     """Per face of ``original``: ``model``'s cosine (SFace by default) between its
     embedding in ``original`` and in ``output``, both aligned with the original's
     landmarks (the attacker's best case)."""
@@ -120,8 +120,8 @@ async def test_full_flow_protects_a_real_photo(daemon, token, photos_dir, store)
     # Control: a plain re-encode keeps the identity; the protected output moves it.
     plain = io.BytesIO()
     Image.open(io.BytesIO(original)).save(plain, format="JPEG", quality=90)
-    control = sface_cosines(store, original, plain.getvalue())
-    moved = sface_cosines(store, original, output)
+    control = model_cosines(store, original, plain.getvalue())
+    moved = model_cosines(store, original, output)
     print(
         f"\n{PHOTO}: {elapsed:.1f} s, daemon says {resp.headers['X-FaceCloak-Seconds']} s; "
         f"SFace cosine re-encoded {control[0]:.3f}, protected {moved[0]:.3f}"
@@ -235,7 +235,7 @@ async def test_preview_of_a_real_photo_through_the_job_api(daemon, token, photos
     assert crops["before"].tobytes() != crops["after"].tobytes()
     # The daemon's SFace number agrees with an SFace measurement made here on the output.
     if "sface" in face["similarity"]:
-        [cosine] = sface_cosines(store, original, output)
+        [cosine] = model_cosines(store, original, output)
         assert abs(face["similarity"]["sface"] - cosine) < 0.02, (face["similarity"], cosine)
     # Every recogniser here outside the ensemble reports too (the honest part of the
     # check), apart from the ensemble's, and its number is the one measured here.
@@ -246,7 +246,7 @@ async def test_preview_of_a_real_photo_through_the_job_api(daemon, token, photos
     assert face["unseen_matched"] == sum(face["unseen_same_person"].values())
     assert not set(face["unseen_similarity"]) & set(face["similarity"])
     if "mobilefacenet128" in others:
-        [cosine] = sface_cosines(store, original, output, "mobilefacenet128")
+        [cosine] = model_cosines(store, original, output, "mobilefacenet128")
         seen = face["unseen_similarity"]["mobilefacenet128"]
         assert abs(seen - cosine) < 0.02, (seen, cosine)
     print(f"\npreview: {face['matched']} of {face['models']} models match; {face['similarity']}")
