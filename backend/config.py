@@ -56,7 +56,10 @@ class DaemonConfig:
     request's headers within ``header_timeout`` of opening or of its last answer; a request
     body must arrive within ``body_timeout``. ``face_threshold`` is the lowest score (0..1)
     of the detector's recall pass at which a region is protected (see
-    :class:`cloak_core.detect.DetectorConfig`).
+    :class:`cloak_core.detect.DetectorConfig`). ``verify``: load every recogniser here
+    that the attack ensemble leaves out, so each preview says how models the perturbation
+    was not made with see its faces (off: less memory and a faster preview, and the
+    preview reports the ensemble alone).
     """
 
     config_dir: Path
@@ -81,6 +84,7 @@ class DaemonConfig:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     collection_wait: float = 5.0
+    verify: bool = True
 
     def __post_init__(self) -> None:
         if self.privacy not in PRIVACY_MODES:

@@ -85,9 +85,10 @@ def load_protector(config: DaemonConfig) -> ProtectorLike:
     """The production protector: cloak_core's Protector with weights from the model store.
 
     Blocking (loads every model of the ensemble); the worker calls it in its own thread.
-    Every recogniser here that the ensemble leaves out is loaded too, so each job's
-    preview says how models the perturbation was not made with see its faces, not only
-    the ensemble, which the attack fools by construction.
+    With ``config.verify`` (the default) every recogniser here that the ensemble leaves
+    out is loaded too, so each job's preview says how models the perturbation was not
+    made with see its faces, not only the ensemble, which the attack fools by
+    construction.
     """
     from cloak_core.detect import DetectorConfig
     from cloak_core.pipeline import UNSEEN, Protector
@@ -99,7 +100,7 @@ def load_protector(config: DaemonConfig) -> ProtectorLike:
         store=ModelStore.from_env(),
         device=config.device,
         detector_config=DetectorConfig(face_threshold=config.face_threshold),
-        verify=UNSEEN,
+        verify=UNSEEN if config.verify else (),
     )
 
 

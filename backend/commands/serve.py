@@ -54,6 +54,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "(default %(default)s; lower finds more faces, with more false alarms)",
     )
     p.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.verify,
+        help="load the recognisers the attack ensemble leaves out, so each preview says "
+        "whether models the perturbation was not made with still match its faces "
+        "(default on; --no-verify saves their memory and the preview's time)",
+    )
+    p.add_argument(
         "--config-dir",
         type=Path,
         default=None,
@@ -124,6 +132,7 @@ def build_config(args: argparse.Namespace) -> DaemonConfig:
         shutdown_deadline=args.shutdown_deadline,
         max_connections=args.max_connections,
         header_timeout=args.header_timeout,
+        verify=args.verify,
     )
 
 

@@ -91,3 +91,18 @@ def test_serve_collection_wait_reaches_the_worker(tmp_path):
     assert _serve_config(tmp_path).collection_wait == default
     out = facecloak("serve", "--collection-wait", "0", "--port", "0", config_dir=tmp_path)
     assert out.returncode == 2 and "collection_wait" in out.stderr
+
+
+def test_serve_no_verify_loads_only_the_ensemble(tmp_path, store):
+    from backend.protection import load_protector
+    from cloak_core.models import default_ensemble, unseen
+
+    ensemble = default_ensemble(store)
+    others = unseen(store, ensemble)
+    assert others, "the store holds no recogniser outside the ensemble to leave unloaded"
+    on, off = _serve_config(tmp_path), _serve_config(tmp_path, "--no-verify")
+    assert on.verify and not off.verify
+    assert load_protector(on).verify_names == others
+    protector = load_protector(off)
+    assert protector.verify_names == [] and protector.model_names == ensemble
+    assert not set(protector._models) & set(others)
