@@ -252,7 +252,7 @@ def lowkey(
             met = ascend_identity(
                 adv, models, originals, batch, config, step_views, times, autocast, generator
             )
-            met_streak = met_streak + 1 if met else 0
+            met_streak = met_streak + 1 if bool(met.all()) else 0
             stop = config.early_stop and capped and met_streak >= needed
             if stop and config.dropout:  # the augmented models said so: ask the models
                 with times.stage("caps check"), autocast:
@@ -267,7 +267,7 @@ def lowkey(
                 with times.stage("lpips backward"):
                     (-config.lpips_weight * per_face.sum()).backward()
             with torch.no_grad():
-                if not rule.step(per_face):
+                if not rule.step(per_face, met):
                     break
             if progress is not None:
                 progress((step + 1) / config.steps)
@@ -382,7 +382,7 @@ def ascend_identity(
     times: StageTimes,
     autocast: torch.autocast,
     generator: torch.Generator | None,
-) -> bool:
+) -> torch.Tensor:
     """Back-propagate the identity part of the objective, the mean over ``step_views`` of
     ``sum over models f of D_f(f(A_f(x)), f(A_f(view(adv))))``, into the perturbation.
 
@@ -390,7 +390,7 @@ def ascend_identity(
     the next one runs, and each stage can be timed. With ``diversity``, each model sees
     the faces under a fresh random alignment jitter and resampling (input diversity);
     with ``spectrum``, under fresh noise and random gains of its frequencies.
-    Returns whether every face met every model's cap in every view.
+    Returns, per face ``(B,)``, whether it met every model's cap in every view.
     """
     blurred = [b for b, _ in step_views]
     with times.stage("blur"):
@@ -401,7 +401,7 @@ def ascend_identity(
         stacked = torch.cat(images, 0)
     n_images = len(images)
     flip_all = config.flips and not config.sample_views
-    met = True
+    met = torch.ones(adv.shape[0], dtype=torch.bool, device=adv.device)
     for name, model in models.items():
         with times.stage("align"):
             matrices = batch.matrices[name].repeat(n_images, 1, 1)
@@ -423,7 +423,7 @@ def ascend_identity(
                 half = emb.shape[0] // 2
                 emb = 0.5 * (emb[:half] + emb[half:])
             terms = model_term(model, originals[name].repeat(n_images, 1), emb, config)
-            met = met and bool((terms >= 1.0).all())
+            met &= (terms.detach() >= 1.0).view(n_images, -1).all(0)
         with times.stage(f"{name} backward"):
             (terms.sum() / n_images).backward(retain_graph=True)
     return met
@@ -434,7 +434,8 @@ class SignSteps:
     from uniform noise, the LPIPS penalty in the gradient, and with ``lpips_budget`` a
     face that passes the budget goes back one step and stays there. The steps are signed
     (LowKey) or in proportion to the gradient (``sign_steps`` off), on R, G and B or in
-    YCbCr with colour at a fraction of luminance's rate (``colour_steps``)."""
+    YCbCr with colour at a fraction of luminance's rate (``colour_steps``). With
+    ``shrink``, a face that met every cap takes no step and its perturbation shrinks."""
 
     def __init__(
         self, batch: FaceBatch, config: AttackConfig, generator: torch.Generator | None
@@ -466,8 +467,11 @@ class SignSteps:
         x = self.batch.pixels
         return (x + self.batch.masks * self.delta).clamp(0.0, 1.0)
 
-    def step(self, lpips: torch.Tensor | None) -> bool:
-        """One update from the accumulated gradient; ``False`` once every face is frozen."""
+    def step(self, lpips: torch.Tensor | None, met: torch.Tensor | None = None) -> bool:
+        """One update from the accumulated gradient; ``False`` once every face is frozen.
+
+        ``met`` ``(B,)``: the faces that met every model's cap this step (for ``shrink``).
+        """
         delta, x = self.delta, self.batch.pixels
         if self.previous is not None and lpips is not None:
             # A face past its budget goes back to its last delta and stays there.
@@ -489,6 +493,12 @@ class SignSteps:
                 step = torch.where(self.grey, step, _unit_step(direction, self.config))
         if self.contrast is not None:
             step = step * self.contrast
+        if self.config.shrink and met is not None:
+            # A face past every cap would step along the LPIPS gradient alone, at full
+            # size: it shrinks instead (decoupled direction and norm).
+            done = met.to(delta.dtype).view(-1, 1, 1, 1)
+            delta.mul_(1.0 - self.config.shrink * done)
+            step = step * (1.0 - done)
         delta += self.config.step_size * self.active * step
         # Keep x + delta inside [0, 1] so the clamp never hides a step.
         delta.copy_((x + delta).clamp(0.0, 1.0) - x)
@@ -571,12 +581,18 @@ class BudgetSteps:
         self.param.grad = None
         return (self.batch.pixels + self.batch.masks * self._delta()).clamp(0.0, 1.0)
 
-    def step(self, lpips: torch.Tensor | None) -> bool:
-        """One projected step; always ``True`` (no face stops early)."""
+    def step(self, lpips: torch.Tensor | None, met: torch.Tensor | None = None) -> bool:
+        """One projected step; always ``True`` (no face stops early). With ``shrink``,
+        the faces that ``met`` every cap shrink instead of stepping, as in
+        :meth:`SignSteps.step`."""
         direction = _unit_step(
             _direction(self.param.grad, self.velocity, self.batch, self.config), self.config
         )
         p = self.param
+        if self.config.shrink and met is not None:
+            done = met.to(p.dtype).view(-1, 1, 1, 1)
+            p.mul_(1.0 - self.config.shrink * done)
+            direction = direction * (1.0 - done)
         p += self.config.step_size * self.bound * direction
         # Onto the budget and into the valid pixel range: clipping one RGB channel at 0 or
         # 1 shifts colour, so the two projections alternate a few times (they converge to

@@ -106,6 +106,11 @@ class AttackConfig:
       ``step_size`` of the pixel's bound, without it ``step_size``.
     - ``early_stop``: the attack ends once every model's capped term is met for every
       face in the last step(s) (later steps could only trade quality for protection).
+    - ``shrink``: a face that meets every model's cap in a step's view takes no step
+      there; its perturbation shrinks by this fraction instead (decoupled direction and
+      norm, Rony et al. 2019), so a face hovers at its caps with the least change that
+      holds them, and what earlier steps added in vain decays (``None``: such a face
+      steps along the LPIPS penalty's gradient alone, at a full step's size).
     - ``work_scale``: a face region is optimised at most at this many times the largest
       model input; larger faces on a coarser grid, the perturbation interpolated back.
     - ``centroid``: when several photos are protected together (``together``), faces in
@@ -147,6 +152,7 @@ class AttackConfig:
     work_scale: float = 2.0
     lpips_size: int | None = 192
     early_stop: bool = False
+    shrink: float | None = None
     sample_views: bool = False
     grad_sigma: float | None = None
     contrast: float | None = None
@@ -248,7 +254,7 @@ PRESETS: dict[str, AttackConfig] = {
             lpips_weight=2.0,
             work_scale=1.5,
             lpips_size=None,
-            early_stop=True,
+            shrink=0.05,
             sample_views=True,
             grad_sigma=1.0,
             contrast=2.0,
