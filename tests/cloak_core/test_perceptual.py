@@ -348,3 +348,30 @@ def test_a_grey_face_gets_a_grey_perturbation(store, faces_dir):
         assert float(channel_spread[1].mean()) > 1e-3, name
         assert float(delta[0].abs().mean()) > 2e-3, name
         assert max(_moved(model, batch, delta)) < 0.9, name
+
+
+def test_shrink_holds_faces_at_their_caps_with_less_change(store, faces_dir):
+    """``shrink``: faces that met their cap hover at it instead of stepping on along the
+    LPIPS penalty's gradient: still unmatched by the model, with less change."""
+    from cloak_core.presets import get_preset
+
+    balanced = get_preset("balanced")
+    changes = dict(
+        perceptual=None,
+        steps=30,
+        step_size=0.006,
+        lpips_weight=balanced.lpips_weight,
+        cosine_target=balanced.cosine_target,
+        sign_steps=False,
+        colour_steps=0.0,
+        momentum=None,
+        diversity=None,
+    )
+    batch, free, model = _budgeted_attack(store, faces_dir, shrink=None, **changes)
+    _, held, _ = _budgeted_attack(store, faces_dir, shrink=0.1, **changes)
+    threshold = model.spec.verification.threshold
+    assert max(_moved(model, batch, free)) < 0.0  # both pushed past the cap (cosine 0)
+    assert max(_moved(model, batch, held)) < threshold  # ... and still unmatched
+    # The faces met the cap early: with LPIPS-only steps they keep more change.
+    norm_free, norm_held = free.flatten(1).norm(dim=1), held.flatten(1).norm(dim=1)
+    assert bool((norm_held < 0.9 * norm_free).all()), (norm_held, norm_free)
