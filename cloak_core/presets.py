@@ -110,7 +110,8 @@ class AttackConfig:
       there; its perturbation shrinks by this fraction instead (decoupled direction and
       norm, Rony et al. 2019), so a face hovers at its caps with the least change that
       holds them, and what earlier steps added in vain decays (``None``: such a face
-      steps along the LPIPS penalty's gradient alone, at a full step's size).
+      steps along the LPIPS penalty's gradient alone, at a full step's size). Measured
+      and left off in every preset: it moves along the step curve (docs/DECISIONS.md).
     - ``work_scale``: a face region is optimised at most at this many times the largest
       model input; larger faces on a coarser grid, the perturbation interpolated back.
     - ``centroid``: when several photos are protected together (``together``), faces in
@@ -254,7 +255,7 @@ PRESETS: dict[str, AttackConfig] = {
             lpips_weight=2.0,
             work_scale=1.5,
             lpips_size=None,
-            shrink=0.05,
+            early_stop=True,
             sample_views=True,
             grad_sigma=1.0,
             contrast=2.0,
