@@ -493,12 +493,7 @@ class SignSteps:
                 step = torch.where(self.grey, step, _unit_step(direction, self.config))
         if self.contrast is not None:
             step = step * self.contrast
-        if self.config.shrink and met is not None:
-            # A face past every cap would step along the LPIPS gradient alone, at full
-            # size: it shrinks instead (decoupled direction and norm).
-            done = met.to(delta.dtype).view(-1, 1, 1, 1)
-            delta.mul_(1.0 - self.config.shrink * done)
-            step = step * (1.0 - done)
+        step = _shrink_met(delta, step, met, self.config)
         delta += self.config.step_size * self.active * step
         # Keep x + delta inside [0, 1] so the clamp never hides a step.
         delta.copy_((x + delta).clamp(0.0, 1.0) - x)
@@ -589,10 +584,7 @@ class BudgetSteps:
             _direction(self.param.grad, self.velocity, self.batch, self.config), self.config
         )
         p = self.param
-        if self.config.shrink and met is not None:
-            done = met.to(p.dtype).view(-1, 1, 1, 1)
-            p.mul_(1.0 - self.config.shrink * done)
-            direction = direction * (1.0 - done)
+        direction = _shrink_met(p, direction, met, self.config)
         p += self.config.step_size * self.bound * direction
         # Onto the budget and into the valid pixel range: clipping one RGB channel at 0 or
         # 1 shifts colour, so the two projections alternate a few times (they converge to
@@ -611,6 +603,22 @@ class BudgetSteps:
         """The final masked perturbation."""
         x = self.batch.pixels
         return (x + self.batch.masks * self._delta()).clamp(0.0, 1.0) - x
+
+
+def _shrink_met(
+    perturbation: torch.Tensor,
+    step: torch.Tensor,
+    met: torch.Tensor | None,
+    config: AttackConfig,
+) -> torch.Tensor:
+    """``shrink``: the faces that ``met`` every cap shrink in place by that fraction and
+    take no step (without it, their step would follow the LPIPS gradient alone, at full
+    size); returns the step with theirs zeroed. Unchanged without ``shrink``."""
+    if not config.shrink or met is None:
+        return step
+    done = met.to(perturbation.dtype).view(-1, 1, 1, 1)
+    perturbation.mul_(1.0 - config.shrink * done)
+    return step * (1.0 - done)
 
 
 def _direction(

@@ -858,12 +858,8 @@ class Protector:
         same: list[dict[str, bool]] = [{} for _ in landmarks]
         cosines: list[dict[str, float]] = [{} for _ in landmarks]
         for name in names:
-            model = self._model(name)
-            spec, rule = model.spec, model.spec.verification
-            e0, e2 = (
-                model(align_faces(img, landmarks, spec.template, spec.input_size)).float()
-                for img in (original, after)
-            )
+            rule = self._model(name).spec.verification
+            e0, e2 = self._embeddings(name, (original, after), landmarks)
             cos = F.cosine_similarity(e0, e2, dim=-1)
             verdict = rule.same_person(e0, e2)
             for i in range(len(landmarks)):
@@ -916,6 +912,18 @@ class Protector:
             unseen=unseen,
         )
 
+    def _embeddings(
+        self, name: str, images: Sequence[torch.Tensor], landmarks: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Model ``name``'s embedding of each face (``landmarks``) in each of ``images``,
+        aligned as that model expects."""
+        model = self._model(name)
+        spec = model.spec
+        return [
+            model(align_faces(img, landmarks, spec.template, spec.input_size)).float()
+            for img in images
+        ]
+
     def _reports(
         self,
         name: str,
@@ -924,12 +932,8 @@ class Protector:
     ) -> list[ModelReport]:
         """How model ``name`` sees each face (``landmarks``) of the original, its plain
         re-encoding and the protected output (``images``, in that order)."""
-        model = self._model(name)
-        spec, rule = model.spec, model.spec.verification
-        e0, e1, e2 = (
-            model(align_faces(img, landmarks, spec.template, spec.input_size)).float()
-            for img in images
-        )
+        rule = self._model(name).spec.verification
+        e0, e1, e2 = self._embeddings(name, images, landmarks)
         before_cos = F.cosine_similarity(e0, e1, dim=-1)
         after_cos = F.cosine_similarity(e0, e2, dim=-1)
         score = rule.score(e0, e2)

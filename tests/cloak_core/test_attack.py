@@ -225,6 +225,19 @@ def test_a_face_past_its_caps_shrinks_instead_of_stepping(faces_dir):
             assert torch.allclose(moved[shrink][0], shrunk, atol=1e-7)
     assert torch.equal(moved[None][1], moved[0.25][1])  # the face still short of its caps
     assert float((moved[None][0] - before[0]).abs().max()) > 0.5 * config.step_size
+    # Projected steps inside a perceptual budget follow the same rule.
+    from cloak_core.attack import BudgetSteps
+    from cloak_core.perceptual import ycc_to_rgb
+
+    config = replace(get_preset("natural"), shrink=0.25, detail=None)
+    steps = BudgetSteps(batch, config, torch.Generator().manual_seed(0))
+    before = steps.param.detach().clone()
+    steps.param.grad = grad.clone()
+    with torch.no_grad():
+        steps.step(None, torch.tensor([True, False]))
+    shrunk = (pixels[0] + ycc_to_rgb(0.75 * before)[0]).clamp(0.0, 1.0) - pixels[0]
+    assert torch.allclose(ycc_to_rgb(steps.param.detach())[0], shrunk, atol=1e-5)
+    assert float((steps.param.detach()[1] - before[1]).abs().max()) > 1e-3
 
 
 def _aligned_embeddings(p, images, face, config, names) -> dict:
