@@ -22,6 +22,7 @@ from cloak_core import __version__
 from cloak_core.commands.common import (
     add_attack_flags,
     add_detector_flags,
+    add_set_flag,
     attack_config,
     detector_config,
 )
@@ -36,6 +37,7 @@ DEFAULT_PHOTOS = {1: "obama.jpg", 2: "two_people.jpg"}
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="measure speed and memory of protection")
     add_attack_flags(p)
+    add_set_flag(p, "the preset so changed is timed")
     add_detector_flags(p)
     p.add_argument(
         "--sizes",
@@ -162,6 +164,8 @@ def run(args: argparse.Namespace) -> int:
             "steps": config.steps,
             "models": protector.model_names,
         }
+        if args.settings:  # what --set changed, so a row says what it timed
+            header["settings"] = {name: getattr(config, name) for name, _ in args.settings}
         if not args.json:
             print(" ".join(f"{k}={v}" for k, v in header.items()))
         for faces in args.faces:

@@ -146,8 +146,10 @@ def model_list(text: str) -> tuple[str, ...]:
 
 
 def attack_config(args: argparse.Namespace) -> AttackConfig:
-    """The preset named by the flags, with ``--steps`` and ``--models`` applied."""
-    return get_preset(args.preset).with_overrides(steps=args.steps, models=args.models)
+    """The preset named by the flags, with ``--steps``, ``--models`` and each ``--set``
+    applied (a bad setting is a :class:`UsageError` before any model loads)."""
+    config = get_preset(args.preset).with_overrides(steps=args.steps, models=args.models)
+    return config.with_settings(getattr(args, "settings", ()))
 
 
 def progress_bar(total: float, desc: str) -> tqdm:

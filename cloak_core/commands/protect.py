@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from cloak_core.commands.common import (
     add_attack_flags,
     add_detector_flags,
+    add_set_flag,
     attack_config,
     detector_config,
     positive_int,
@@ -49,6 +50,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     out.add_argument("-o", "--output", metavar="OUT", help="output file (one input only)")
     out.add_argument("--out-dir", metavar="DIR", help="folder for the outputs")
     add_attack_flags(p)
+    add_set_flag(p, "the photos are protected with the preset so changed")
     add_detector_flags(p)
     p.add_argument(
         "--format", default="same", choices=["same", "png", "jpeg", "webp"], help="output format"

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -103,6 +104,22 @@ def test_format_and_output_path(tmp_path, photos_dir):
         assert im.format == "PNG"
 
 
+def test_protect_set_changes_the_presets_attack(tmp_path, photos_dir, capsys):
+    """``--set`` reaches the attack: with no step and no start noise the protected photo
+    is the original, pixel for pixel (the preset alone changes the face); a name that is
+    no setting is refused before anything loads."""
+    source = photos_dir / "obama_small.jpg"
+    target = tmp_path / "same.png"
+    sets = ["--set", "step_size=0", "--set", "noise=0"]
+    args = ["protect", str(source), "-o", str(target), "--format", "png", "--preset", "fast"]
+    assert main([*args, "--steps", "2", *sets]) == 0
+    with Image.open(target) as out, Image.open(source) as src:
+        assert np.array_equal(np.asarray(out.convert("RGB")), np.asarray(src.convert("RGB")))
+    capsys.readouterr()
+    assert main([*args, "--set", "step=0.1"]) == 2
+    assert "'step' is not an attack setting" in capsys.readouterr().err
+
+
 def test_console_script_runs_bench_json(tmp_path, photos_dir):
     """The installed entry point, as a user calls it: one JSON row per case."""
     proc = subprocess.run(
@@ -119,6 +136,8 @@ def test_console_script_runs_bench_json(tmp_path, photos_dir):
             "0.2",
             "--faces",
             "1",
+            "--set",
+            "seed=3",
             "--json",
         ],
         capture_output=True,
@@ -129,6 +148,7 @@ def test_console_script_runs_bench_json(tmp_path, photos_dir):
     (row,) = [json.loads(line) for line in proc.stdout.splitlines()]
     assert row["faces_found"] == 1 and row["megapixels"] == pytest.approx(0.2, abs=0.02)
     assert row["peak_memory_mb"] > 0 and row["seconds"] > 0
+    assert row["settings"] == {"seed": 3}  # what --set changed, as the attack took it
     (seen,) = row["visibility"]
     assert seen["de2000_mean"] > 0 and seen["psnr"] > 20 and row["visibility_seconds"] > 0
     assert {"detect", "dlib forward", "dlib backward", "sface forward", "lpips forward"} <= set(
