@@ -227,11 +227,17 @@ def lowkey(
     if measured and lpips is None:
         raise ValueError(f"preset {config.name!r} measures LPIPS: pass its network")
     lpips_x = _lpips_view(x, config.lpips_size) if measured else None
+    # The originals' LPIPS features, fixed for the whole attack: taken on the first call
+    # (under the same autocast as every step's), so each step passes only its own image.
+    reference: list[torch.Tensor] = []
 
     def penalty(adv: torch.Tensor) -> torch.Tensor:
         with times.stage("lpips forward"), autocast:
+            if not reference:
+                with torch.no_grad():
+                    reference.extend(lpips.features(lpips_x))
             # LPIPS averages over the padded area: scale back to each region's own area.
-            return _per_face_lpips(lpips, lpips_x, adv, batch, config)
+            return _per_face_lpips(lpips, reference, adv, batch, config)
 
     views = view_schedule(config)
     capped = config.cosine_target is not None or config.euclidean_target_ratio is not None
@@ -722,11 +728,17 @@ def _spectrum(
 
 
 def _per_face_lpips(
-    lpips: LPIPS, original: torch.Tensor, adv: torch.Tensor, batch: FaceBatch, config: AttackConfig
+    lpips: LPIPS,
+    reference: list[torch.Tensor],
+    adv: torch.Tensor,
+    batch: FaceBatch,
+    config: AttackConfig,
 ) -> torch.Tensor:
-    """``(B,)`` LPIPS of ``adv`` against ``original`` (already in its LPIPS view), each
-    scaled back from the padded area to its region's own."""
-    return lpips(original, _lpips_view(adv, config.lpips_size)).float() / batch.area
+    """``(B,)`` LPIPS of ``adv`` against the originals whose LPIPS features (in their
+    LPIPS view) are ``reference``, each scaled back from the padded area to its region's
+    own."""
+    view = _lpips_view(adv, config.lpips_size)
+    return lpips.to_reference(reference, view).float() / batch.area
 
 
 def _smooth(grad: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -146,20 +146,45 @@ class LPIPS(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """LPIPS between ``x`` and ``y``, both ``(B, 3, H, W)`` RGB in 0..1; returns ``(B,)``."""
-        if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
+        _check_pair(x, y)
+        feats = self.features(torch.cat([x, y]))  # one trunk pass for both batches
+        return self._distance([f.chunk(2) for f in feats])
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The unit-normalised activations of ``x`` ``(B, 3, H, W)`` (RGB in 0..1) at each
+        tap: what :meth:`to_reference` compares against, computed once for a fixed image."""
+        feats = self.trunk((x * 2.0 - 1.0 - self.shift) / self.scale)
+        # vector_norm's gradient is 0, not NaN, where every channel of a pixel is 0.
+        return [f / (torch.linalg.vector_norm(f, dim=1, keepdim=True) + 1e-10) for f in feats]
+
+    def to_reference(self, reference: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
+        """LPIPS between the image whose :meth:`features` are ``reference`` and ``y``:
+        ``forward(x, y)`` without passing ``x`` through the trunk again (an attack compares
+        every step's image with one original)."""
+        if y.dim() != 4 or y.shape[1] != 3 or y.shape[0] != reference[0].shape[0]:
             raise UsageError(
-                f"LPIPS needs two (B, 3, H, W) batches of the same shape, got "
-                f"{tuple(x.shape)} and {tuple(y.shape)}"
+                f"LPIPS needs a (B, 3, H, W) batch like its reference's, got {tuple(y.shape)}"
             )
-        both = torch.cat([x, y]) * 2.0 - 1.0  # one trunk pass for both batches
-        feats = self.trunk((both - self.shift) / self.scale)
-        total = x.new_zeros(x.shape[0])
-        for feat, head in zip(feats, self.heads, strict=True):
-            # vector_norm's gradient is 0, not NaN, where every channel of a pixel is 0.
-            unit = feat / (torch.linalg.vector_norm(feat, dim=1, keepdim=True) + 1e-10)
-            fx, fy = unit.chunk(2)
+        feats = self.features(y)
+        if feats[0].shape != reference[0].shape:
+            raise UsageError("LPIPS: the image and its reference differ in size")
+        return self._distance(list(zip(reference, feats, strict=True)))
+
+    def _distance(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """The heads' weighted squared differences of each tap's pair, summed: ``(B,)``."""
+        total = pairs[0][0].new_zeros(pairs[0][0].shape[0])
+        for (fx, fy), head in zip(pairs, self.heads, strict=True):
             total = total + head((fx - fy) ** 2).mean(dim=(1, 2, 3))
         return total
+
+
+def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
+    """Two ``(B, 3, H, W)`` batches of one shape, or a :class:`UsageError`."""
+    if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
+        raise UsageError(
+            f"LPIPS needs two (B, 3, H, W) batches of the same shape, got "
+            f"{tuple(x.shape)} and {tuple(y.shape)}"
+        )
 
 
 def _canonical(net: str) -> Net:

