@@ -559,3 +559,21 @@ def test_dropout_rates_put_each_model_at_the_same_distance(store, faces_dir):
                 own = embed(model, batch.pixels, batch.matrices[name], False)
                 terms.append(model_term(model, own, ghost, config).mean().item())
             assert 0.2 < np.mean(terms) < 0.4, (name, rates[name], terms)
+
+
+@pytest.mark.parametrize("length", [1, 2, 10, 3 * 97 * 89, 3 * 359 * 359])
+def test_percentile_is_quantiles_number(photos_dir, length):
+    """The proportional step's 90th percentile (two selections, not a sort) is
+    ``torch.quantile``'s number exactly and numpy's linear percentile to float precision,
+    on a real photo's values (ties included) and on noise."""
+    from cloak_core.attack import _percentile
+
+    with Image.open(photos_dir / "rose_leslie1.jpg") as im:
+        pixels = np.asarray(im.convert("RGB"), dtype=np.float32).reshape(-1)[:length] / 255
+    noise = np.random.default_rng(length).standard_normal(length).astype(np.float32)
+    rows = torch.from_numpy(np.stack([pixels, np.abs(noise)]))
+    for q in (0.9, 0.5):
+        got = _percentile(rows, q)
+        assert torch.equal(got, torch.quantile(rows, q, dim=1))
+        want = np.percentile(rows.numpy().astype(np.float64), 100 * q, axis=1)
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=0)
