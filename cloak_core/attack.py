@@ -226,16 +226,15 @@ def lowkey(
     measured = config.measures_lpips
     if measured and lpips is None:
         raise ValueError(f"preset {config.name!r} measures LPIPS: pass its network")
-    lpips_x = _lpips_view(x, config.lpips_size) if measured else None
-    # The originals' LPIPS features, fixed for the whole attack: taken on the first call
-    # (under the same autocast as every step's), so each step passes only its own image.
+    # The originals' LPIPS features, fixed for the whole attack: taken once, under the
+    # same autocast as every step's, so each step passes only its own image.
     reference: list[torch.Tensor] = []
+    if measured:
+        with times.stage("lpips forward"), autocast, torch.no_grad():
+            reference = lpips.features(_lpips_view(x, config.lpips_size))
 
     def penalty(adv: torch.Tensor) -> torch.Tensor:
         with times.stage("lpips forward"), autocast:
-            if not reference:
-                with torch.no_grad():
-                    reference.extend(lpips.features(lpips_x))
             # LPIPS averages over the padded area: scale back to each region's own area.
             return _per_face_lpips(lpips, reference, adv, batch, config)
 

@@ -146,7 +146,11 @@ class LPIPS(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """LPIPS between ``x`` and ``y``, both ``(B, 3, H, W)`` RGB in 0..1; returns ``(B,)``."""
-        _check_pair(x, y)
+        if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
+            raise UsageError(
+                f"LPIPS needs two (B, 3, H, W) batches of the same shape, got "
+                f"{tuple(x.shape)} and {tuple(y.shape)}"
+            )
         feats = self.features(torch.cat([x, y]))  # one trunk pass for both batches
         return self._distance([f.chunk(2) for f in feats])
 
@@ -176,15 +180,6 @@ class LPIPS(nn.Module):
         for (fx, fy), head in zip(pairs, self.heads, strict=True):
             total = total + head((fx - fy) ** 2).mean(dim=(1, 2, 3))
         return total
-
-
-def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
-    """Two ``(B, 3, H, W)`` batches of one shape, or a :class:`UsageError`."""
-    if x.shape != y.shape or x.dim() != 4 or x.shape[1] != 3:
-        raise UsageError(
-            f"LPIPS needs two (B, 3, H, W) batches of the same shape, got "
-            f"{tuple(x.shape)} and {tuple(y.shape)}"
-        )
 
 
 def _canonical(net: str) -> Net:
