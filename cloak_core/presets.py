@@ -234,6 +234,25 @@ def _typed(name: str, kind: str, value: Setting) -> Setting:
     return float(value)
 
 
+_BALANCED = AttackConfig(
+    name="balanced",
+    steps=36,
+    step_size=0.0035,
+    lpips_weight=2.0,
+    work_scale=1.5,
+    lpips_size=None,
+    early_stop=True,
+    sample_views=True,
+    grad_sigma=1.0,
+    contrast=2.0,
+    face_mask=1.7,
+    colour_steps=0.0,
+    sign_steps=False,
+    centroid=True,
+    centroid_mix=0.5,
+    diversity=0.07,
+)
+
 PRESETS: dict[str, AttackConfig] = {
     p.name: p
     for p in (
@@ -241,42 +260,10 @@ PRESETS: dict[str, AttackConfig] = {
         # at `fast`'s old smaller sizes: a quarter of its time, less change and less
         # protection; on aligned faces better than the old `fast` on nearly every measure
         # (docs/DECISIONS.md).
-        AttackConfig(
-            name="fast",
-            steps=10,
-            step_size=0.0084,
-            lpips_weight=2.0,
-            work_scale=1.25,
-            lpips_size=128,
-            early_stop=True,
-            sample_views=True,
-            grad_sigma=1.0,
-            contrast=2.0,
-            face_mask=1.7,
-            colour_steps=0.0,
-            sign_steps=False,
-            centroid=True,
-            centroid_mix=0.5,
-            diversity=0.07,
+        replace(
+            _BALANCED, name="fast", steps=10, step_size=0.0084, work_scale=1.25, lpips_size=128
         ),
-        AttackConfig(
-            name="balanced",
-            steps=36,
-            step_size=0.0035,
-            lpips_weight=2.0,
-            work_scale=1.5,
-            lpips_size=None,
-            early_stop=True,
-            sample_views=True,
-            grad_sigma=1.0,
-            contrast=2.0,
-            face_mask=1.7,
-            colour_steps=0.0,
-            sign_steps=False,
-            centroid=True,
-            centroid_mix=0.5,
-            diversity=0.07,
-        ),
+        _BALANCED,
         AttackConfig(
             name="strong",
             steps=50,
