@@ -257,7 +257,7 @@ PRESETS: dict[str, AttackConfig] = {
     p.name: p
     for p in (
         # `balanced`'s attack in ten steps 2.4 times as long, LPIPS and the working region
-        # at `fast`'s old smaller sizes: a quarter of its time, less change and less
+        # at `fast`'s old smaller sizes: a third of its time or less, less change and less
         # protection; on aligned faces better than the old `fast` on nearly every measure
         # (docs/DECISIONS.md).
         replace(
