@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from tqdm import tqdm
 
@@ -89,7 +90,7 @@ def setting(text: str) -> tuple[str, Setting]:
 def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
     """How ``eval`` and ``frontier`` split, protect and find the faces they score:
     ``--gallery-per-identity``, ``--probes-per-identity``, ``--attack-models``,
-    ``--batch-size``, ``--landmarks`` and the detector's ``--face-threshold``."""
+    ``--batch-size``, ``--landmarks``, ``--photos`` and the detector's ``--face-threshold``."""
     parser.add_argument(
         "--gallery-per-identity", type=positive_int, metavar="K", help="cap the gallery"
     )
@@ -120,6 +121,15 @@ def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
         "pipeline's detector finds, and a gallery image without one stays unprotected, as "
         "it would be uploaded (auto: template when every image is 112x112). Every report "
         "states the detector's recall",
+    )
+    parser.add_argument(
+        "--photos",
+        type=Path,
+        metavar="DIR",
+        help="also protect every photo of DIR whole, one upload each, written as protect "
+        "writes it, and score each face against its own original, a face the detector "
+        "misses (OpenCV's YuNet finds it) included as the leak it is: small faces and "
+        "several to a photo, which aligned crops never show",
     )
     add_detector_flags(parser)
 

@@ -111,6 +111,7 @@ def settings_from_args(args: argparse.Namespace) -> EvalSettings:
         resume=not args.fresh,
         jobs=args.jobs,
         batch_size=args.batch_size,
+        photos=args.photos,
     )
 
 

@@ -202,6 +202,7 @@ def run(args: argparse.Namespace) -> int:
         attack_models=args.attack_models,
         batch_size=args.batch_size,
         overrides=tuple(args.settings),
+        photos=args.photos,
     )
     frontier = Frontier(
         settings,

@@ -29,7 +29,9 @@ class AttackGroup:
     The run fills in the rest: ``protected``, the gallery as this ensemble protects it
     (RGB uint8 ``(H, W, 3)`` each, in gallery order); ``seconds``, the attack time;
     ``visibility``, the visibility panel of each protected image (protected identities'
-    images only, in gallery order).
+    images only, in gallery order); ``photos``, the whole photos of the run's ``photos``
+    folder as this ensemble's attack writes them (decoded RGB uint8), and
+    ``photo_seconds``, their attack time.
     """
 
     ensemble: tuple[str, ...]
@@ -37,6 +39,8 @@ class AttackGroup:
     protected: list[np.ndarray] = field(default_factory=list)
     seconds: float = 0.0
     visibility: list[Visibility] = field(default_factory=list)
+    photos: list[np.ndarray] = field(default_factory=list)
+    photo_seconds: float = 0.0
 
 
 def attack_pool(

@@ -239,6 +239,27 @@ class OpenCVPipelineEvaluator:
         points = np.asarray(ARCFACE_TEMPLATE_112, dtype=np.float32) * [w / 112.0, h / 112.0]
         return np.concatenate([[0, 0, w, h], points.reshape(-1), [1.0]]).astype(np.float32)
 
+    def faces(self, image: np.ndarray) -> list[Face]:
+        """Every face YuNet finds in ``image`` (RGB uint8), as :class:`Face` objects with
+        the four alignment keypoints: the eyes in image order, the nose tip, the middle
+        of YuNet's two mouth corners (``detector`` ``"yunet"``)."""
+        from cloak_core.detect import Face
+
+        cv2 = self._cv2
+        fed = cv2.cvtColor(image, cv2.COLOR_RGB2BGR) if self._bgr else np.ascontiguousarray(image)
+        h, w = image.shape[:2]
+        self._detector.setInputSize((w, h))
+        _, found = self._detector.detect(fed)
+        out = []
+        for row in [] if found is None else found:
+            x, y, bw, bh = (float(v) for v in row[:4])
+            points = np.asarray(row[4:14], dtype=np.float64).reshape(5, 2)
+            eyes = points[:2][np.argsort(points[:2, 0])]
+            mouth = points[3:5].mean(0, keepdims=True)
+            keypoints = np.concatenate([eyes, points[2:3], mouth], 0)
+            out.append(Face((x, y, x + bw, y + bh), keypoints, float(row[14]), "yunet"))
+        return out
+
     def embed(self, images: Sequence[np.ndarray], faces: Sequence[Face]) -> np.ndarray:
         """128-d SFace features ``(N, 128)`` of the faces of ``images`` (RGB uint8)."""
         cv2 = self._cv2

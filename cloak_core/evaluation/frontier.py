@@ -99,7 +99,8 @@ class FrontierSettings:
     product's, say), and evaluators sharing its weights are white-box, left out of every
     point's worst. ``overrides``: settings changed on every point, as ``eval --set`` (a
     technique turned off, say: its curve beside the preset's shows what it contributes);
-    they cannot name the swept setting.
+    they cannot name the swept setting. ``photos``: the evaluation's whole photos, scored on
+    every point beside the dataset.
     """
 
     dataset: Path
@@ -123,6 +124,7 @@ class FrontierSettings:
     attack_models: tuple[str, ...] | None = None
     batch_size: int | None = None
     overrides: tuple[tuple[str, Setting], ...] = ()
+    photos: Path | None = None
 
     def __post_init__(self) -> None:
         if self.sweep not in SWEEPS:
@@ -199,6 +201,7 @@ class Frontier:
             attack_models=s.attack_models,
             batch_size=s.batch_size,
             grid_identities=0,
+            photos=s.photos,
         )
         return replace(base, **changes)
 
@@ -246,6 +249,7 @@ class Frontier:
                 **asdict(s),
                 "dataset": str(s.dataset),
                 "out": str(s.out),
+                "photos": None if s.photos is None else str(s.photos),
                 "conditions": [c.name for c in s.conditions],
             },
             "evaluators": list(clean["evaluators"]),
@@ -280,6 +284,12 @@ def _point(report: dict, preset: str, factor: float, sweep: str, value: float | 
             },
         }
     everything = [p for g in groups for p in g["per_image"]]
+    photos = report.get("photos")
+    if photos:
+        for name, e in evaluators.items():
+            e["photos"] = {
+                cond: rows[name] for cond, rows in photos["results"].items() if name in rows
+            }
     return {
         "preset": preset,
         "factor": factor,
@@ -290,6 +300,15 @@ def _point(report: dict, preset: str, factor: float, sweep: str, value: float | 
         "seconds_per_image": float(np.mean([g["seconds_per_image"] or 0.0 for g in groups])),
         "visibility_calibration": report["visibility_calibration"],
         "detector_recall": report.get("detector_recall"),
+        "photos": (
+            None
+            if not photos
+            else {
+                k: photos[k]
+                for k in ("folder", "photos", "faces", "protected_faces", "missed", "per_face")
+            }
+            | {"seconds_per_face": photos["seconds_per_face"]}
+        ),
         "scored": {
             "identities": len(report["dataset"]["protected_identities"]),
             "protected_gallery_images": report["dataset"]["protected_gallery_images"],
@@ -384,6 +403,29 @@ def _own(point: dict, cond: str) -> str:
     return f"{_pct(worst)} ({np.mean([o['cosine'] for o in own]):.2f})"
 
 
+def _photo_own(point: dict, cond: str) -> str:
+    """As :func:`_own`, over the faces of the whole photos ("-" for a point without)."""
+    own = [e["photos"][cond] for e in black_box(point).values() if cond in e.get("photos", {})]
+    if not own:
+        return "-"
+    worst = max(o["matched"] for o in own)
+    return f"{_pct(worst)} ({np.mean([o['cosine'] for o in own]):.2f})"
+
+
+def _photos(frontier: dict) -> list[str]:
+    """The header line naming the whole photos scored beside the dataset, if any."""
+    seen = next((p["photos"] for p in frontier["points"] if p.get("photos")), None)
+    if seen is None:
+        return []
+    missed = len(seen["missed"])
+    return [
+        f"- whole photos `{seen['folder']}`: {seen['photos']} photos, {seen['faces']} faces "
+        f"({missed} missed by the detector, uploaded unprotected), each photo protected "
+        "alone and written as `protect` writes it; photo faces matched: the worst "
+        "evaluator's share still matched to the original photo's face (mean cosine)"
+    ]
+
+
 def _ensemble(frontier: dict) -> str:
     """How the points were attacked, for the table's header."""
     fixed = frontier["settings"].get("attack_models")
@@ -464,8 +506,10 @@ def markdown(frontier: dict) -> str:
         "- matches own original: the share of protected faces that an evaluator, by its own "
         "same-person rule, still matches to the very photo each was made from (a face the "
         "detector missed counts as matched); the worst evaluator's, with the mean cosine",
+        *_photos(frontier),
         "",
     ]
+    with_photos = bool(_photos(frontier))
     for cond in conditions:
         lines += [
             f"## Protected rank-1, condition `{cond}`",
@@ -474,9 +518,14 @@ def markdown(frontier: dict) -> str:
             + s["sweep"]
             + " | "
             + " | ".join(evaluators)
-            + " | worst | matches own original, worst (mean cosine) | S-CIELAB | SSIMULACRA2 "
+            + " | worst | matches own original, worst (mean cosine) | "
+            + ("photo faces matched, worst (mean cosine) | " if with_photos else "")
+            + "S-CIELAB | SSIMULACRA2 "
             "| CIEDE2000 | PSNR | SSIM | DISTS | LPIPS-VGG | LPIPS-Alex (attack's) | s/image |",
-            "| --- | ---: | " + " | ".join("---:" for _ in evaluators) + " | ---: " * 11 + "|",
+            "| --- | ---: | "
+            + " | ".join("---:" for _ in evaluators)
+            + " | ---: " * (12 if with_photos else 11)
+            + "|",
         ]
         for p in frontier["points"]:
             ranks = [p["evaluators"].get(e, {}).get("rank1", {}).get(cond) for e in evaluators]
@@ -485,7 +534,9 @@ def markdown(frontier: dict) -> str:
             lines.append(
                 f"| {p['preset']} | {_value(p, s['sweep'])} | "
                 + " | ".join(_pct(r) for r in ranks)
-                + f" | {_pct(max(known) if known else None)} | {_own(p, cond)} | {_seen(v)} | "
+                + f" | {_pct(max(known) if known else None)} | {_own(p, cond)} | "
+                + (f"{_photo_own(p, cond)} | " if with_photos else "")
+                + f"{_seen(v)} | "
                 f"{_score(v)} | {v['de2000_mean']:.2f} "
                 f"({v['de2000_p95']:.1f}) | {v['psnr']:.1f} | {v['ssim']:.3f} | "
                 f"{v['dists']:.3f} | {v['lpips_vgg']:.3f} | {v['lpips_alex']:.4f} | "

@@ -185,14 +185,23 @@ def own_original_match(
     happens to rank it, and the worst case for the person (a recogniser holding the
     original itself) is what it scores.
     """
-    a = np.asarray(clean, dtype=np.float64)
-    b = np.asarray(protected, dtype=np.float64)
-    if a.shape != b.shape or a.ndim != 2:
-        raise ValueError(f"embeddings of different shapes: {a.shape} and {b.shape}")
-    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-    same = rule.same_person(torch.from_numpy(a), torch.from_numpy(b)).numpy()
+    cos, same = own_original_faces(clean, protected, rule)
     return {
         "cosine": float(cos.mean()) if len(cos) else float("nan"),
         "matched": float(same.mean()) if len(same) else float("nan"),
         "faces": len(cos),
     }
+
+
+def own_original_faces(
+    clean: np.ndarray, protected: np.ndarray, rule: VerificationRule
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per face, as :func:`own_original_match` counts it: the cosine ``(N,)`` between
+    ``clean`` and ``protected`` and whether ``rule`` calls them the same person ``(N,)``."""
+    a = np.asarray(clean, dtype=np.float64)
+    b = np.asarray(protected, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"embeddings of different shapes: {a.shape} and {b.shape}")
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    same = rule.same_person(torch.from_numpy(a), torch.from_numpy(b)).numpy().astype(bool)
+    return cos, same

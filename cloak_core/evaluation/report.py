@@ -161,6 +161,8 @@ def markdown(report: dict) -> str:
                 f"{_pct(prot.get('rank5'))} | {_pct(own.get('matched'))} | {cosine} |"
             )
         lines.append("")
+    if report.get("photos"):
+        lines += photos_markdown(report)
     if report["attack"]:
         lines += visibility_markdown(report)
     fallbacks = {n: e.get("fallbacks", 0) for n, e in evaluators.items() if e.get("fallbacks")}
@@ -177,6 +179,74 @@ def markdown(report: dict) -> str:
     for note in report.get("notes", []):
         lines.append(f"- note: {note}")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def photos_markdown(report: dict) -> list[str]:
+    """The whole photos' section: per condition, each evaluator's share of faces still
+    matched to the original photo's face, then every face's cosines."""
+    ph = report["photos"]
+    evaluators = report["evaluators"]
+    conditions = list(ph["results"])
+    missed = ", ".join(f"`{Path(m['path']).name}` ({m['size']} px)" for m in ph["missed"])
+    seconds = ", ".join(f"{k}: {v:.2f}" for k, v in ph["seconds_per_face"].items() if v is not None)
+    lines = [
+        f"## Whole photos (`{ph['folder']}`)",
+        "",
+        f"- {ph['photos']} photos, {ph['faces']} faces of {min(ph['face_sizes'])}-"
+        f"{max(ph['face_sizes'])} px; {ph['protected_faces']} found by the pipeline's "
+        "detector and protected"
+        + (f", missed (YuNet finds them; uploaded unprotected): {missed}" if missed else ""),
+        "- each photo protected alone, as one upload, and written as `protect` writes it (a "
+        "JPEG stays a JPEG at its own quality); each face cut out with context from the "
+        "written photo and from the original, both after the condition, and compared",
+        f"- attack seconds per protected face: {seconds}",
+        "",
+        "| evaluator | attacked by | "
+        + " | ".join(f"matched, `{c}` | cosine, `{c}`" for c in conditions)
+        + " |",
+        "| --- | --- | " + " | ".join("---: | ---:" for _ in conditions) + " |",
+    ]
+    for name in ph["results"][conditions[0]]:
+        ev = evaluators[name]
+        kind = "white-box" if ev["white_box"] else "black-box"
+        tag = f"{name}{' (independent)' if ev['independent'] else ''}"
+        cells = []
+        for c in conditions:
+            r = ph["results"][c][name]
+            cells.append(f"{_pct(r['matched'])} | {_num(r['cosine'], 3)}")
+        lines.append(
+            f"| {tag} | {','.join(ev['ensemble']) or '–'} ({kind}) | " + " | ".join(cells) + " |"
+        )
+    names = list(ph["results"][conditions[0]])
+    lines += [
+        "",
+        "Each face's cosine to its original, "
+        + " / ".join(f"`{c}`" for c in conditions)
+        + " (`*`: still the same person by that evaluator's rule):",
+        "",
+        "| photo | face (px) | protected | " + " | ".join(names) + " |",
+        "| --- | ---: | --- | " + " | ".join("---:" for _ in names) + " |",
+    ]
+    for face in ph["per_face"]:
+        cells = [
+            " / ".join(
+                f"{face['cosine'][c][n]:.2f}{'*' if face['matched'][c][n] else ''}"
+                for c in conditions
+            )
+            for n in names
+        ]
+        lines.append(
+            f"| `{Path(face['path']).name}` | {face['size']} | "
+            f"{'yes' if face['protected'] else 'missed'} | " + " | ".join(cells) + " |"
+        )
+    fallbacks = {n: k for n, k in ph["fallbacks"].items() if k}
+    if fallbacks:
+        lines += [
+            "",
+            "Cuts where an independent pipeline's own detector found no face (then taken as "
+            "an aligned crop): " + ", ".join(f"{n}: {k}" for n, k in fallbacks.items()),
+        ]
+    return [*lines, ""]
 
 
 # Panel columns: metric, heading, digits.

@@ -44,6 +44,7 @@ from PIL import Image
 
 from cloak_core import __version__
 from cloak_core.errors import FaceCloakError, ImageError, UsageError
+from cloak_core.evaluation import photos as photos_module
 from cloak_core.evaluation import protocol
 from cloak_core.evaluation.cache import CACHE_DIR, AttackCache, attack_code, read_batch, write_batch
 from cloak_core.evaluation.conditions import DEFAULT_CONDITIONS, Condition, parse_condition
@@ -54,6 +55,7 @@ from cloak_core.evaluation.evaluators import (
     OpenCVPipelineEvaluator,
     RegistryEvaluator,
 )
+from cloak_core.evaluation.photos import Photo
 from cloak_core.evaluation.versions import software_versions
 from cloak_core.evaluation.workers import AttackTask, attack_in_workers, protect_batch
 from cloak_core.presets import Setting
@@ -100,7 +102,10 @@ class EvalSettings:
     (and the grid shows beside the first image of ``grid_identities`` identities).
     ``batch_size``: photos per attack batch (None: 32 on a CPU, 64 on a GPU); a person
     with more is split, and each batch is handed their photos in the other batches, as
-    the daemon hands each part of a split upload the rest of it.
+    the daemon hands each part of a split upload the rest of it. ``photos``: a folder of
+    whole photos, each protected alone as an upload and written as ``protect`` writes it,
+    scored against its own original face by face (:mod:`~cloak_core.evaluation.photos`):
+    small faces and several to a photo, which aligned crops never show.
     """
 
     dataset: Path
@@ -126,11 +131,13 @@ class EvalSettings:
     worst_images: int = 3
     resume: bool = True
     jobs: int = 1
+    photos: Path | None = None
 
     def as_dict(self) -> dict:
         """JSON-ready form."""
         d = asdict(self)
         d["dataset"], d["out"] = str(self.dataset), str(self.out)
+        d["photos"] = None if self.photos is None else str(self.photos)
         d["conditions"] = [c.name for c in self.conditions]
         return d
 
@@ -263,6 +270,7 @@ class Evaluation:
         self.whole_crops = True  # visibility and grid on whole aligned crops, not face boxes
         self.detector_config = detector_config
         self.recall: dict = {}
+        self.photos: list[Photo] = []
 
     # -- data ----------------------------------------------------------------------------
 
@@ -334,6 +342,20 @@ class Evaluation:
             ]
 
         return build(gallery), build(probes), mode
+
+    def _load_photos(self) -> list[Photo]:
+        """The ``photos`` folder's photos and their faces (none without ``photos``)."""
+        from cloak_core.detect import FaceDetector
+
+        if self.settings.photos is None:
+            return []
+        yunet = OpenCVPipelineEvaluator(self.store)
+        with FaceDetector(self.store, config=self.detector_config) as detector:
+            found, notes = photos_module.load_photos(self.settings.photos, detector, yunet)
+        self.notes += notes
+        if not found:
+            raise UsageError(f"photos: no face found in any photo of {self.settings.photos}")
+        return found
 
     # -- evaluators and ensembles --------------------------------------------------------
 
@@ -418,6 +440,7 @@ class Evaluation:
                 bar.n = done + len(chunk)
                 bar.refresh()
             group.seconds = seconds
+            self._protect_photos(group, protector)
         if resumed:
             self.notes.append(
                 f"attack {','.join(group.ensemble)}: {resumed} of {len(targets)} images "
@@ -428,6 +451,31 @@ class Evaluation:
         # so do the images on which the detector found no face (they are uploaded as they are).
         group.protected = [by_path.get(im.path, im.pixels) for im in gallery]
         group.visibility = self._visibility(targets, protected)
+
+    def _photo_tasks(self, group: AttackGroup) -> list[tuple[int, Photo, Path]]:
+        """``group``'s photos of ``photos`` to attack: the seed, the photo, its cache entry.
+        Each is one upload, attacked alone from the run's seed."""
+        config = replace(self.config, models=group.ensemble)
+        seed = self.settings.seed
+        return [
+            (seed, photo, self.cache.path(config, seed, [photo.pixels], [photo.faces], [], []))
+            for photo in self.photos
+        ]
+
+    def _protect_photos(self, group: AttackGroup, protector) -> None:
+        """Protect each photo of ``photos`` (or read it from the cache) and keep it as
+        ``protect`` writes it, in ``group.photos``."""
+        group.photos, group.photo_seconds = [], 0.0
+        for seed, photo, cached in self._photo_tasks(group):
+            reuse = self.settings.resume or cached in self._prefilled
+            hit = read_batch(cached) if reuse else None
+            if hit is None:
+                t = time.perf_counter()
+                pixels = protect_batch(protector, [photo.pixels], [photo.faces], seed)
+                hit = (pixels, time.perf_counter() - t)
+                write_batch(cached, *hit)
+            group.photos.append(photos_module.written(photo, hit[0][0]))
+            group.photo_seconds += hit[1]
 
     def _batches(
         self, group: AttackGroup, targets: Sequence[_Image]
@@ -478,6 +526,18 @@ class Evaluation:
             for seed, chunk, others, path in self._batches(group, targets)
             if not (self.settings.resume and read_batch(path) is not None)
         ]
+        tasks += [
+            AttackTask(
+                replace(self.config, models=group.ensemble),
+                [photo.pixels],
+                [photo.faces],
+                seed,
+                path,
+            )
+            for group in groups
+            for seed, photo, path in self._photo_tasks(group)
+            if not (self.settings.resume and read_batch(path) is not None)
+        ]
         self.timings["attack_worker_batches"] = len(tasks)
         self._prefilled |= attack_in_workers(
             tasks, self.settings.jobs, self.store, str(self.device), progress=self.progress
@@ -510,6 +570,7 @@ class Evaluation:
         t0 = time.perf_counter()
         splits, protected_ids = self._splits()
         gallery, probes, mode = self._load(splits)
+        self.photos = self._load_photos() if s.attack else []
         self.mode = mode
         scored = set(protected_ids)
         probes_scored = [p for p in probes if p.identity in scored]
@@ -545,11 +606,17 @@ class Evaluation:
         t = time.perf_counter()
         results = self._identify(evaluators, gallery, probes_scored, group_of, scored)
         self.timings["identify_seconds"] = time.perf_counter() - t
+        photo_report = None
+        if self.photos:
+            t = time.perf_counter()
+            photo_report = self._score_photos(evaluators, groups, group_of)
+            self.timings["photos_seconds"] = time.perf_counter() - t
         self.timings["total_seconds"] = time.perf_counter() - t0
         for ev in evaluators:
             info[ev.name]["fallbacks"] = ev.fallbacks
             ev.close()
         report = self._report(splits, protected_ids, gallery, probes, mode, groups, info, results)
+        report["photos"] = photo_report
         height = 2 * ALIGNED_SIZE[0] if self.whole_crops else None
         return EvalResult(report, self._grid(gallery, groups, protected_ids), height)
 
@@ -648,6 +715,32 @@ class Evaluation:
                     results[cond.name][ev.name] = entry
                     bar.update(1)
         return results
+
+    def _score_photos(
+        self,
+        evaluators: Sequence[Evaluator],
+        groups: Sequence[AttackGroup],
+        group_of: dict[str, AttackGroup],
+    ) -> dict:
+        """The ``photos`` folder's report: what was scored, each ensemble's attack time,
+        and every evaluator's verdicts (:func:`~cloak_core.evaluation.photos.score`)."""
+        shared = self.embeddings if self.embeddings is not None else {}
+        scored = [ev for ev in evaluators if ev.name in group_of]
+        verdicts = photos_module.score(
+            self.photos,
+            {ev.name: group_of[ev.name].photos for ev in scored},
+            scored,
+            self.settings.conditions,
+            shared,
+        )
+        faces = sum(len(p.faces) for p in self.photos)
+        seconds = {",".join(g.ensemble): g.photo_seconds for g in groups}
+        return {
+            **photos_module.summary(self.photos, self.settings.photos),
+            "attack_seconds": seconds,
+            "seconds_per_face": {k: v / faces if faces else None for k, v in seconds.items()},
+            **verdicts,
+        }
 
     def _embed(
         self, ev: Evaluator, key: str, images: Sequence[_Image], pixels: Sequence[np.ndarray]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from PIL import Image
@@ -227,7 +228,7 @@ def test_frontier_on_a_tiny_set(faces_dir, store, tmp_path, monkeypatch, capsys)
 
 
 def test_frontier_scores_detected_faces_against_one_fixed_ensemble(
-    faces_dir, store, tmp_path, monkeypatch, capsys
+    faces_dir, photos_dir, store, tmp_path, monkeypatch, capsys
 ) -> None:
     from cloak_core.evaluation import frontier as module
     from cloak_core.evaluation import runner
@@ -248,6 +249,10 @@ def test_frontier_scores_detected_faces_against_one_fixed_ensemble(
     args += ["--conditions", "png", "--out", str(out), "--landmarks", "detector"]
     args += ["--attack-models", "dlib", "--gallery-per-identity", "1", "--probes-per-identity", "1"]
     args += ["--batch-size", "2", "--face-threshold", "0.6", "--set", "flips=false"]
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(photos_dir / "obama-240p.jpg", folder)
+    args += ["--photos", str(folder)]
     assert main(args) == 0
     printed = capsys.readouterr().out
     # The point and the calibration both ran as the flags say; the point with the preset
@@ -257,6 +262,7 @@ def test_frontier_scores_detected_faces_against_one_fixed_ensemble(
         assert settings.landmarks == "detector" and settings.attack_models == ("dlib",)
         assert (settings.gallery_per_identity, settings.probes_per_identity) == (1, 1)
         assert settings.batch_size == 2 and detector.face_threshold == 0.6
+        assert settings.photos == folder
     assert seen[0][0].overrides == (("flips", False), ("steps", 1.0))
     assert "- set on every point: `flips=False`" in printed
     frontier = json.loads((out / "frontier.json").read_text())
@@ -272,6 +278,14 @@ def test_frontier_scores_detected_faces_against_one_fixed_ensemble(
     assert recall["gallery_images"] == 24 and recall["found"] == recall["images"] == 48
     assert "one attack ensemble, dlib (white-box, left out of worst: dlib)" in printed
     assert "detector recall 48/48 images, gallery 24/24" in printed
+    # The whole photo's face is scored on the point, by every evaluator; the worst photo
+    # column counts the black-box one alone.
+    assert point["photos"]["faces"] == 1 and point["photos"]["missed"] == []
+    own = {n: e["photos"]["png"] for n, e in point["evaluators"].items()}
+    assert {o["faces"] for o in own.values()} == {1}
+    worst = own["mobilefacenet"]
+    assert f"| {worst['matched']:.1%} ({worst['cosine']:.2f}) |" in printed
+    assert f"whole photos `{folder}`: 1 photos, 1 faces (0 missed" in printed
 
     # The worst column and panel count only the evaluators the attack did not use.
     rigged = json.loads((out / "frontier.json").read_text())
