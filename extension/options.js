@@ -66,7 +66,7 @@ function pairingError(err) {
 
 // What each preset is for; a preset of the daemon's that is not named here shows its name.
 const PRESET_HELP = {
-  fast: "fast: quickest, for a computer without a GPU",
+  fast: "fast: a third of the time, a little more visible change",
   strong: "strong: strongest protection, visibly alters faces",
   paper: "paper: the LowKey paper's settings",
 };

@@ -454,11 +454,12 @@ class Evaluation:
 
     def _photo_tasks(self, group: AttackGroup) -> list[tuple[int, Photo, Path]]:
         """``group``'s photos of ``photos`` to attack: the seed, the photo, its cache entry.
-        Each is one upload, attacked alone from the run's seed."""
+        Each is one upload, attacked alone from the run's seed (a batch of one photo: its
+        faces are each their own person's, as ``protect`` takes a photo)."""
         config = replace(self.config, models=group.ensemble)
         seed = self.settings.seed
         return [
-            (seed, photo, self.cache.path(config, seed, [photo.pixels], [photo.faces], [], []))
+            (seed, photo, self.cache.path(config, seed, [photo.pixels], [photo.faces]))
             for photo in self.photos
         ]
 

@@ -69,13 +69,14 @@ def test_pixels_outside_face_regions_are_unchanged(fast, photos_dir):
         assert changed[y0:y1, x0:x1].mean() > 0.2
 
 
-def test_balanced_changes_luminance_alone(fast, photos_dir):
-    """The default steps in luminance alone (``colour_steps`` 0): the three channels of
-    every changed pixel move together, so faces get no colour mottling (``fast``, stepping
-    R, G and B apart, tints faces pink and green)."""
+@pytest.mark.parametrize("name", ["fast", "balanced"])
+def test_fast_and_balanced_change_luminance_alone(fast, photos_dir, name):
+    """Both step in luminance alone (``colour_steps`` 0): the three channels of every
+    changed pixel move together, so faces get no colour mottling (the old ``fast`` stepped
+    R, G and B apart and tinted faces pink and green)."""
     image = decode_image((photos_dir / "obama-240p.jpg").read_bytes()).pixels
     faces = fast.detector.detect(image)
-    config = get_preset("balanced").with_overrides(steps=3)
+    config = get_preset(name).with_overrides(steps=3)
     out = fast.protect_pixels([image], [faces], seed=2, config=config)[0]
     delta = out.astype(int) - image.astype(int)
     moved = np.abs(delta).max(-1) > 0

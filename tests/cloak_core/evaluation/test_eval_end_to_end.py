@@ -163,18 +163,18 @@ def test_small_attacked_eval_writes_a_consistent_report(
     assert main([*args, "--fresh"]) == 0
     assert not json.loads((out / "report.json").read_text())["notes"]
     capsys.readouterr()
-    halfway = ["--set", "centroid=1", "--set", "centroid_mix=0.5", "--set", "lpips_budget=none"]
-    assert main([*args, *halfway]) == 0
+    # `fast` pushes a person's photos from halfway to their shared identity; each alone
+    # gets its own push, and the report says which.
+    alone = ["--set", "centroid=0", "--set", "lpips_budget=none"]
+    assert main([*args, *alone]) == 0
     assert together == [True] * 2 * len(POOL)
     shown = capsys.readouterr().out
-    assert "was protected as one collection" in shown
-    assert "pushed from 0.5 of the way from their own embedding to their shared" in shown
+    assert "was protected as one collection" not in shown
     # What --set changed, as the configuration took it and as it is typed.
-    assert (
-        "LPIPS weight 0.05; with --set centroid=true, centroid_mix=0.5, lpips_budget=none)" in shown
-    )
+    assert "LPIPS weight 2.0; with --set centroid=false, lpips_budget=none)" in shown
     assert "with --set" not in printed
-    assert "was protected as one collection" not in printed  # `fast` has no centroid
+    assert "was protected as one collection" in printed
+    assert "pushed from 0.5 of the way from their own embedding to their shared" in printed
     assert main([*args[:-4], "--seed", "8", "--out", str(out)]) == 0
     assert len(list((out / "attack-cache").glob("*.npz"))) == 3 * len(POOL)
     capsys.readouterr()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 
 import cv2
 import numpy as np
@@ -13,10 +14,13 @@ import pytest
 from cloak_core.cli import main
 from cloak_core.detect import FaceDetector
 from cloak_core.evaluation import photos
+from cloak_core.evaluation.cache import CACHE_DIR, AttackCache, attack_code, read_batch
 from cloak_core.evaluation.conditions import parse_condition
 from cloak_core.evaluation.evaluators import OpenCVPipelineEvaluator, RegistryEvaluator
 from cloak_core.imageio import decode_image
 from cloak_core.models import load_model
+from cloak_core.pipeline import Protector
+from cloak_core.presets import get_preset
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +103,9 @@ def test_a_missed_face_scores_as_the_match_it_is(store, photos_dir, yunet) -> No
 
 
 @pytest.mark.slow
-def test_eval_protects_whole_photos_as_uploads(faces_dir, photos_dir, tmp_path, capsys) -> None:
+def test_eval_protects_whole_photos_as_uploads(
+    faces_dir, photos_dir, store, tmp_path, capsys
+) -> None:
     folder = tmp_path / "photos"
     folder.mkdir()
     for name in ("obama-240p.jpg", "kit_with_rose.jpg"):
@@ -131,6 +137,16 @@ def test_eval_protects_whole_photos_as_uploads(faces_dir, photos_dir, tmp_path, 
     # black-box MobileFaceNet does.
     png = ph["results"]["png"]
     assert png["opencv-sface"]["cosine"] < png["mobilefacenet"]["cosine"]
+    # Each photo was attacked as `protect` takes one, alone, from the seed.
+    config = replace(get_preset("fast").with_overrides(steps=3), models=("sface",))
+    cache = AttackCache(out / CACHE_DIR, attack_code(), "cpu")
+    source = decode_image((folder / "kit_with_rose.jpg").read_bytes())
+    with FaceDetector(store) as detector:
+        faces = detector.detect(source.pixels)
+    kept = read_batch(cache.path(config, 0, [source.pixels], [faces]))
+    with Protector(config, store=store, device="cpu", models=("sface",)) as protector:
+        alone = protector.protect_pixels([source.pixels], [faces], seed=0)[0]
+    assert kept is not None and np.array_equal(kept[0][0], alone)
     assert f"## Whole photos (`{folder}`)" in printed
     assert "| opencv-sface (independent) | sface (white-box) |" in printed
     assert "| `obama-240p.jpg` | 60 | yes |" in printed

@@ -104,7 +104,7 @@ def test_frontier_on_a_tiny_set(faces_dir, store, tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(module, "QUICK_GALLERY", 1)
     monkeypatch.setattr(module, "QUICK_PROBES", 1)
     out = tmp_path / "frontier"
-    args = ["frontier", "--dataset", str(faces_dir), "--presets", "fast@0.1/0.3,paper@0.02"]
+    args = ["frontier", "--dataset", str(faces_dir), "--presets", "fast@0.1/0.25,paper@0.02"]
     args += ["--sweep", "steps", "--factors", "0.5,1"]
     args += ["--eval-models", "dlib,mobilefacenet", "--device", "cpu"]
     args += ["--conditions", "png", "--out", str(out)]
