@@ -9,8 +9,8 @@ photos beside the dataset:
 1. The pipeline's detector finds each photo's faces, as ``facecloak protect`` would, and
    OpenCV's YuNet (the independent pipeline's detector) looks too: a face YuNet finds
    (scored at least :data:`MISSED_SCORE`) whose centre lies in none of the detector's
-   boxes is a face the product missed. It
-   goes up unprotected, and it is scored like every other face.
+   boxes is a face the product missed. It goes up unprotected, and it is scored like
+   every other face.
 2. Each photo is protected alone (one upload) by every attack ensemble, and encoded as
    ``protect`` writes it (:func:`~cloak_core.imageio.encode_image`, format ``same``).
 3. For every condition, each face of the written photo and of the original (both after
@@ -63,8 +63,7 @@ class Photo:
     @property
     def pixels(self) -> np.ndarray:
         """RGB uint8 ``(H, W, 3)`` (a 16-bit photo is scored at 8 bits)."""
-        px = self.source.pixels
-        return px if px.dtype == np.uint8 else (px >> 8).astype(np.uint8)
+        return _eight_bit(self.source.pixels)
 
     @property
     def scored(self) -> list[Face]:
@@ -118,8 +117,12 @@ def load_photos(
 def written(photo: Photo, protected: np.ndarray) -> np.ndarray:
     """``protected`` (RGB uint8) as the file ``protect`` writes, decoded again."""
     data, _ = encode_image(protected, photo.source)
-    px = decode_image(data).pixels
-    return px if px.dtype == np.uint8 else (px >> 8).astype(np.uint8)
+    return _eight_bit(decode_image(data).pixels)
+
+
+def _eight_bit(pixels: np.ndarray) -> np.ndarray:
+    """``pixels`` as uint8 (a 16-bit image's high bytes)."""
+    return pixels if pixels.dtype == np.uint8 else (pixels >> 8).astype(np.uint8)
 
 
 def cut(pixels: np.ndarray, face: Face) -> tuple[np.ndarray, Face]:
