@@ -188,8 +188,8 @@ def score(
                 ],
                 0,
             )
-            results[cond.name][ev.name] = protocol.own_original_match(a, b, ev.rule)
             cos, same = protocol.own_original_faces(a, b, ev.rule)
+            results[cond.name][ev.name] = protocol.own_original_summary(cos, same)
             cosines[cond.name][ev.name] = [float(c) for c in cos]
             matched[cond.name][ev.name] = [bool(m) for m in same]
         if ev.independent:

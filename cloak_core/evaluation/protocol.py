@@ -185,7 +185,11 @@ def own_original_match(
     happens to rank it, and the worst case for the person (a recogniser holding the
     original itself) is what it scores.
     """
-    cos, same = own_original_faces(clean, protected, rule)
+    return own_original_summary(*own_original_faces(clean, protected, rule))
+
+
+def own_original_summary(cos: np.ndarray, same: np.ndarray) -> dict[str, float | int]:
+    """:func:`own_original_match`'s figures from :func:`own_original_faces`' per-face ones."""
     return {
         "cosine": float(cos.mean()) if len(cos) else float("nan"),
         "matched": float(same.mean()) if len(same) else float("nan"),
