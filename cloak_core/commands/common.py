@@ -129,7 +129,9 @@ def add_scoring_flags(parser: argparse.ArgumentParser) -> None:
         help="also protect every photo of DIR whole, one upload each, written as protect "
         "writes it, and score each face against its own original, a face the detector "
         "misses (OpenCV's YuNet finds it) included as the leak it is: small faces and "
-        "several to a photo, which aligned crops never show",
+        "several to a photo, which aligned crops never show; each protected face's "
+        "visibility is measured at display scale too (eval: the most visible in "
+        "photos-grid.png)",
     )
     add_detector_flags(parser)
 

@@ -30,8 +30,9 @@ class AttackGroup:
     (RGB uint8 ``(H, W, 3)`` each, in gallery order); ``seconds``, the attack time;
     ``visibility``, the visibility panel of each protected image (protected identities'
     images only, in gallery order); ``photos``, the whole photos of the run's ``photos``
-    folder as this ensemble's attack writes them (decoded RGB uint8), and
-    ``photo_seconds``, their attack time.
+    folder as this ensemble's attack writes them (decoded RGB uint8), ``photo_seconds``,
+    their attack time, and ``photo_visibility``, the panel of each of their protected faces
+    (in photo order).
     """
 
     ensemble: tuple[str, ...]
@@ -41,6 +42,7 @@ class AttackGroup:
     visibility: list[Visibility] = field(default_factory=list)
     photos: list[np.ndarray] = field(default_factory=list)
     photo_seconds: float = 0.0
+    photo_visibility: list[Visibility] = field(default_factory=list)
 
 
 def attack_pool(

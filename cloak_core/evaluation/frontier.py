@@ -66,7 +66,7 @@ _COLOURS = {
     "fast": "#9467bd",
 }
 _OTHER_COLOURS = ("#8c564b", "#e377c2", "#17becf", "#bcbd22")
-# One colour per run where combined runs all drew one preset (matplotlib's tab10).
+# One colour per run where combined runs drew one preset each (matplotlib's tab10).
 _RUN_COLOURS = (
     "#1f77b4",
     "#ff7f0e",
@@ -286,10 +286,14 @@ def _point(report: dict, preset: str, factor: float, sweep: str, value: float | 
     everything = [p for g in groups for p in g["per_image"]]
     photos = report.get("photos")
     if photos:
+        seen = photos.get("visibility") or {}
         for name, e in evaluators.items():
             e["photos"] = {
                 cond: rows[name] for cond, rows in photos["results"].items() if name in rows
             }
+            mine = seen.get(",".join(e["ensemble"]))
+            if mine:
+                e["photos_visibility"] = {k: v["mean"] for k, v in mine.items()}
     return {
         "preset": preset,
         "factor": factor,
@@ -307,7 +311,10 @@ def _point(report: dict, preset: str, factor: float, sweep: str, value: float | 
                 k: photos[k]
                 for k in ("folder", "photos", "faces", "protected_faces", "missed", "per_face")
             }
-            | {"seconds_per_face": photos["seconds_per_face"]}
+            | {
+                "seconds_per_face": photos["seconds_per_face"],
+                "visibility": _mean_of_means(photos.get("visibility") or {}),
+            }
         ),
         "scored": {
             "identities": len(report["dataset"]["protected_identities"]),
@@ -327,6 +334,21 @@ def _mean_panel(per_image: Sequence[dict]) -> dict[str, float]:
             [p["visibility"][key] for p in per_image if p["visibility"].get(key) is not None],
             float,
         )
+        v = v[np.isfinite(v)]
+        out[key] = float(v.mean()) if v.size else float("nan")
+    return out
+
+
+def _mean_of_means(summaries: dict[str, dict]) -> dict[str, float]:
+    """Each panel metric's mean over several :func:`~cloak_core.visibility.summarise`
+    summaries (one per ensemble), non-finite ones left out ({} for none)."""
+    from cloak_core.visibility import PANEL_METRICS
+
+    if not summaries:
+        return {}
+    out = {}
+    for key in PANEL_METRICS:
+        v = np.asarray([m[key]["mean"] for m in summaries.values()], float)
         v = v[np.isfinite(v)]
         out[key] = float(v.mean()) if v.size else float("nan")
     return out
@@ -412,6 +434,11 @@ def _photo_own(point: dict, cond: str) -> str:
     return f"{_pct(worst)} ({np.mean([o['cosine'] for o in own]):.2f})"
 
 
+def _photo_seen(point: dict) -> dict:
+    """A point's mean visibility panel on the whole photos' faces ({} for a point without)."""
+    return (point.get("photos") or {}).get("visibility") or {}
+
+
 def _photos(frontier: dict) -> list[str]:
     """The header line naming the whole photos scored beside the dataset, if any."""
     seen = next((p["photos"] for p in frontier["points"] if p.get("photos")), None)
@@ -422,7 +449,9 @@ def _photos(frontier: dict) -> list[str]:
         f"- whole photos `{seen['folder']}`: {seen['photos']} photos, {seen['faces']} faces "
         f"({missed} missed by the detector, uploaded unprotected), each photo protected "
         "alone and written as `protect` writes it; photo faces matched: the worst "
-        "evaluator's share still matched to the original photo's face (mean cosine)"
+        "evaluator's share still matched to the original photo's face (mean cosine); "
+        "photo faces seen: S-CIELAB mean (p95) of the protected faces of the written photos, "
+        "the face region at display scale"
     ]
 
 
@@ -519,12 +548,16 @@ def markdown(frontier: dict) -> str:
             + " | "
             + " | ".join(evaluators)
             + " | worst | matches own original, worst (mean cosine) | "
-            + ("photo faces matched, worst (mean cosine) | " if with_photos else "")
+            + (
+                "photo faces matched, worst (mean cosine) | photo faces seen | "
+                if with_photos
+                else ""
+            )
             + "S-CIELAB | SSIMULACRA2 "
             "| CIEDE2000 | PSNR | SSIM | DISTS | LPIPS-VGG | LPIPS-Alex (attack's) | s/image |",
             "| --- | ---: | "
             + " | ".join("---:" for _ in evaluators)
-            + " | ---: " * (12 if with_photos else 11)
+            + " | ---: " * (13 if with_photos else 11)
             + "|",
         ]
         for p in frontier["points"]:
@@ -535,7 +568,7 @@ def markdown(frontier: dict) -> str:
                 f"| {p['preset']} | {_value(p, s['sweep'])} | "
                 + " | ".join(_pct(r) for r in ranks)
                 + f" | {_pct(max(known) if known else None)} | {_own(p, cond)} | "
-                + (f"{_photo_own(p, cond)} | " if with_photos else "")
+                + (f"{_photo_own(p, cond)} | {_seen(_photo_seen(p))} | " if with_photos else "")
                 + f"{_seen(v)} | "
                 f"{_score(v)} | {v['de2000_mean']:.2f} "
                 f"({v['de2000_p95']:.1f}) | {v['psnr']:.1f} | {v['ssim']:.3f} | "
@@ -570,10 +603,11 @@ def curve_style(
     ``presets``. Alone, a curve's colour is its preset's. In a combined frontier
     (``combined`` names its runs; presets read ``run: preset``) the colour stays the
     preset's and the line says the run, the last one solid, earlier ones dashed and
-    paler; but where every run drew the same one preset (one technique turned off per
-    run, say), each run gets a colour of its own, all solid."""
+    paler; but where every run drew one preset (one technique turned off per run, say, or
+    one candidate setting of a preset per run), each run gets a colour of its own, all
+    solid."""
     run, _, base = preset.rpartition(": ") if combined else ("", "", preset)
-    if combined and len({p.rpartition(": ")[2] for p in presets}) == 1:
+    if combined and len(presets) == len(combined):
         return "o-", _RUN_COLOURS[combined.index(run) % len(_RUN_COLOURS)], 1.0
     earlier = bool(combined) and run != combined[-1]
     colour = _COLOURS.get(base) or _OTHER_COLOURS[k % len(_OTHER_COLOURS)]
@@ -602,10 +636,15 @@ def plot(frontier: dict, path: Path, axis: tuple[str, str] | None = None) -> Non
 
     evaluators = [*frontier["evaluators"], "worst"]
     conditions = frontier["settings"]["conditions"]
+    # A row per condition of rank-1 on the dataset, then, where points scored whole
+    # photos, a row per condition of their faces still matched to the originals.
+    rows = [("rank1", c) for c in conditions]
+    if any(_photo_seen(p) for p in frontier["points"]):
+        rows += [("photos", c) for c in conditions]
     fig, axes = plt.subplots(
-        len(conditions),
+        len(rows),
         len(evaluators),
-        figsize=(2.9 * len(evaluators), 2.9 * len(conditions) + 0.6),
+        figsize=(2.9 * len(evaluators), 2.9 * len(rows) + 0.6),
         sharex=True,
         sharey=True,
         squeeze=False,
@@ -613,7 +652,7 @@ def plot(frontier: dict, path: Path, axis: tuple[str, str] | None = None) -> Non
     presets = list(dict.fromkeys(p["preset"] for p in frontier["points"]))
     axis, axis_label = axis or visibility_axis(frontier)
     combined = frontier["settings"].get("combined") or []
-    for r, cond in enumerate(conditions):
+    for r, (kind, cond) in enumerate(rows):
         for c, ev in enumerate(evaluators):
             ax = axes[r][c]
             for k, preset in enumerate(presets):
@@ -621,16 +660,8 @@ def plot(frontier: dict, path: Path, axis: tuple[str, str] | None = None) -> Non
                 for p in frontier["points"]:
                     if p["preset"] != preset:
                         continue
-                    if ev == "worst":
-                        ranks = [e["rank1"].get(cond) for e in black_box(p).values()]
-                        ranks = [x for x in ranks if x is not None]
-                        y, x = (max(ranks) if ranks else None), p["visibility"][axis]
-                    else:
-                        e = p["evaluators"].get(ev)
-                        if e is None:
-                            continue
-                        y, x = e["rank1"].get(cond), e["visibility"][axis]["mean"]
-                    if y is not None:
+                    y, x = _plotted(p, ev, kind, cond, axis)
+                    if y is not None and x is not None:
                         xs.append(x)
                         ys.append(100 * y)
                 order = np.argsort(xs)
@@ -646,7 +677,7 @@ def plot(frontier: dict, path: Path, axis: tuple[str, str] | None = None) -> Non
                 )
             for name, cal in frontier["calibration"].items():
                 ranks = list(cal["rank1"].values()) if ev == "worst" else [cal["rank1"].get(ev)]
-                ranks = [x for x in ranks if x is not None]
+                ranks = [x for x in ranks if x is not None and kind == "rank1"]
                 if ranks:
                     x = cal["visibility"][axis]
                     ax.plot([x], [100 * max(ranks)], "x", color="grey", ms=7)
@@ -656,9 +687,11 @@ def plot(frontier: dict, path: Path, axis: tuple[str, str] | None = None) -> Non
             if r == 0:
                 ax.set_title(ev, fontsize=9)
             if c == 0:
-                ax.set_ylabel(f"{cond}\nprotected rank-1 (%)", fontsize=8)
-            if r == len(conditions) - 1:
-                ax.set_xlabel(axis_label, fontsize=8)
+                what = "protected rank-1" if kind == "rank1" else "photo faces matched"
+                ax.set_ylabel(f"{cond}\n{what} (%)", fontsize=8)
+            if r == len(conditions) - 1 or r == len(rows) - 1:
+                where = axis_label if kind == "rank1" else f"whole photos: {axis_label}"
+                ax.set_xlabel(where, fontsize=8)
             ax.tick_params(labelsize=7)
     if not HIGHER_IS_WORSE.get(axis, True):
         axes[0][0].invert_xaxis()  # the axes are shared: one call turns them all
@@ -671,6 +704,36 @@ def plot(frontier: dict, path: Path, axis: tuple[str, str] | None = None) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plotted(
+    point: dict, ev: str, kind: str, cond: str, axis: str
+) -> tuple[float | None, float | None]:
+    """Where ``point`` sits in the plot's panel of evaluator ``ev`` (or ``"worst"``, the
+    worst black-box one) on the row ``(kind, cond)``: ``(y, x)``, y in 0..1, each ``None``
+    where not measured. ``kind`` ``"rank1"``: protected rank-1 on the dataset against the
+    faces' visibility; ``"photos"``: the share of photo faces still matched against the
+    photo faces' visibility."""
+    if ev == "worst":
+        if kind == "rank1":
+            ys = [e["rank1"].get(cond) for e in black_box(point).values()]
+            x = point["visibility"][axis]
+        else:
+            ys = [
+                (e.get("photos", {}).get(cond) or {}).get("matched")
+                for e in black_box(point).values()
+            ]
+            x = _photo_seen(point).get(axis)
+        ys = [y for y in ys if y is not None]
+        return (max(ys) if ys else None), x
+    e = point["evaluators"].get(ev)
+    if e is None:
+        return None, None
+    if kind == "rank1":
+        return e["rank1"].get(cond), e["visibility"][axis]["mean"]
+    return (e.get("photos", {}).get(cond) or {}).get("matched"), e.get("photos_visibility", {}).get(
+        axis
+    )
 
 
 # What a frontier.json from before a setting was recorded used.

@@ -17,6 +17,10 @@ photos beside the dataset:
    that condition, as the dataset's own-original figure compares them) is cut out with
    some context, and each evaluator compares the two by its own same-person rule
    (:func:`~cloak_core.evaluation.protocol.own_original_match`).
+4. Each protected face of the written photo is measured against the original at display
+   scale by the visibility panel (:func:`seen`), beside the same photos only re-encoded
+   as JPEG (:func:`calibration`), and the most visible are shown in a grid
+   (:func:`grid_rows`): how the faces a person uploads look, not only the aligned crops.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
     from cloak_core.detect import Face, FaceDetector
     from cloak_core.evaluation.conditions import Condition
     from cloak_core.evaluation.evaluators import Evaluator, OpenCVPipelineEvaluator
+    from cloak_core.visibility import GridRow, Visibility, VisibilityMeter
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 # The scored cut: the face's box grown by this much of its longer side on every side, so
@@ -225,3 +230,67 @@ def summary(photos: Sequence[Photo], folder: Path) -> dict:
             for f in p.missed
         ],
     }
+
+
+def _regions(photo: Photo) -> list[tuple[int, int, int, int]]:
+    """Where each protected face of ``photo`` is seen: its box grown as the panel grows it."""
+    from cloak_core.visibility import face_region
+
+    return [face_region(photo.pixels.shape[:2], f.box) for f in photo.faces]
+
+
+def seen(
+    meter: VisibilityMeter, photos: Sequence[Photo], written_photos: Sequence[np.ndarray]
+) -> list[Visibility]:
+    """The visibility panel of every protected face (the detector's, in photo order) of
+    ``written_photos`` (one per photo, decoded RGB uint8) against the original photo, on
+    the face region at display scale. A missed face is unchanged and not measured."""
+    from cloak_core.visibility import display_pair
+
+    pairs = [
+        display_pair(photo.pixels, px, region)
+        for photo, px in zip(photos, written_photos, strict=True)
+        for region in _regions(photo)
+    ]
+    return meter.measure_pairs(pairs) if pairs else []
+
+
+def calibration(meter: VisibilityMeter, photos: Sequence[Photo]) -> dict[str, list[Visibility]]:
+    """The panel of the same protected faces with each photo only re-encoded as JPEG
+    (``"jpeg90"``, ``"jpeg75"``): what "unchanged" and "barely changed" score on them."""
+    from cloak_core.visibility import calibration as jpeg_calibration
+
+    images = [photo.pixels for photo in photos for _ in photo.faces]
+    regions = [region for photo in photos for region in _regions(photo)]
+    return jpeg_calibration(meter, images, regions) if images else {}
+
+
+def grid_rows(
+    photos: Sequence[Photo],
+    written_by: dict[str, Sequence[np.ndarray]],
+    panels: Sequence[Visibility],
+    count: int,
+) -> list[GridRow]:
+    """The ``count`` most visible protected faces (by S-CIELAB mean in ``panels``, the
+    first ensemble's :func:`seen`), most visible first: each at display scale beside its
+    version under every ensemble of ``written_by`` (label: written photos)."""
+    from cloak_core.visibility import GridRow, display_pair
+
+    faces = [
+        (photo, k, face, region)
+        for k, photo in enumerate(photos)
+        for face, region in zip(photo.faces, _regions(photo), strict=True)
+    ]
+    order = sorted(range(len(faces)), key=lambda j: panels[j].scielab_mean, reverse=True)
+    rows = []
+    for j in order[:count]:
+        photo, k, face, region = faces[j]
+        original = display_pair(photo.pixels, photo.pixels, region)[0]
+        versions = {
+            label: display_pair(photo.pixels, written[k], region)[1]
+            for label, written in written_by.items()
+        }
+        seen_as = panels[j].scielab_mean
+        label = f"{photo.path.name}, a {round(face.size)}-pixel face: S-CIELAB {seen_as:.2f}"
+        rows.append(GridRow(label, original, versions))
+    return rows

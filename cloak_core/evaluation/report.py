@@ -9,13 +9,16 @@
 - ``accuracy.png``: rank-1 accuracy per evaluator, clean and protected, one panel per
   condition;
 - ``grid.png``: face regions at display scale, original | protected | |difference| x 10
-  per ensemble.
+  per ensemble;
+- ``photos-grid.png`` (with ``--photos``): the whole photos' most visible protected faces,
+  the same way.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 PLOT_PNG = "accuracy.png"
 GRID_PNG = "grid.png"
+PHOTOS_GRID_PNG = "photos-grid.png"
 
 
 def _pct(value: float | None) -> str:
@@ -218,14 +222,36 @@ def photos_markdown(report: dict) -> list[str]:
             f"| {tag} | {','.join(ev['ensemble']) or '–'} ({kind}) | " + " | ".join(cells) + " |"
         )
     names = list(ph["results"][conditions[0]])
+    ensembles = list(ph.get("visibility") or {})
+    if ensembles:
+        lines += [
+            "",
+            "Visibility of the protected faces of the written photos, on the face region at "
+            "display scale, as the dataset's faces are measured (each cell mean / median / "
+            f"worst; the grid `{PHOTOS_GRID_PNG}` shows the most visible):",
+            "",
+        ]
+        rows = [
+            (f"protected by {e}", ph["protected_faces"], ph["seconds_per_face"].get(e), g)
+            for e, g in ((e, {"visibility": ph["visibility"][e]}) for e in ensembles)
+        ]
+        lines += _panel_table(rows, ph.get("visibility_calibration") or {}, "s/face")
     lines += [
         "",
         "Each face's cosine to its original, "
         + " / ".join(f"`{c}`" for c in conditions)
-        + " (`*`: still the same person by that evaluator's rule):",
+        + " (`*`: still the same person by that evaluator's rule)"
+        + ("; its S-CIELAB mean under each ensemble, in the order above" if ensembles else "")
+        + ":",
         "",
-        "| photo | face (px) | protected | " + " | ".join(names) + " |",
-        "| --- | ---: | --- | " + " | ".join("---:" for _ in names) + " |",
+        "| photo | face (px) | protected | "
+        + " | ".join(names)
+        + (" | S-CIELAB" if ensembles else "")
+        + " |",
+        "| --- | ---: | --- | "
+        + " | ".join("---:" for _ in names)
+        + (" | ---:" if ensembles else "")
+        + " |",
     ]
     for face in ph["per_face"]:
         cells = [
@@ -235,6 +261,11 @@ def photos_markdown(report: dict) -> list[str]:
             )
             for n in names
         ]
+        if ensembles:
+            seen = face.get("visibility")
+            cells.append(
+                "-" if not seen else " / ".join(_num(seen[e]["scielab_mean"], 2) for e in ensembles)
+            )
         lines.append(
             f"| `{Path(face['path']).name}` | {face['size']} | "
             f"{'yes' if face['protected'] else 'missed'} | " + " | ".join(cells) + " |"
@@ -264,29 +295,23 @@ _PANEL = (
 )
 
 
-def visibility_markdown(report: dict) -> list[str]:
-    """The visibility section: per ensemble and per JPEG calibration row, each panel
-    metric's mean / median / worst on the faces, then the most visible images."""
+def _panel_table(
+    rows: Sequence[tuple[str, int, float | None, dict]], calibration: dict, per: str
+) -> list[str]:
+    """A visibility table: a row per ``(label, n, seconds, summary)`` (``summary``'s
+    ``"visibility"``: :func:`~cloak_core.visibility.summarise`), then one per JPEG
+    calibration summary, each panel metric's cell mean / median / worst; ``per`` heads
+    the seconds column."""
     lines = [
-        "## Visibility of the protected faces",
-        "",
-        "Face region at display scale; each cell mean / median / worst. The JPEG rows are the "
-        "same original images only re-encoded, for scale: q90 looks unchanged, q75 barely "
-        "changed. S-CIELAB is CIEDE2000 on both faces as the eye resolves them (a screen of "
-        "120 pixels per inch at 50 cm): JPEG's fine grain counts little, patches and creases "
-        "in full. LPIPS-Alex is what the attack optimises against, not a verdict.",
-        "",
-        "| images | n | s/image | " + " | ".join(h for _, h, _ in _PANEL) + " |",
+        f"| faces of | n | {per} | " + " | ".join(h for _, h, _ in _PANEL) + " |",
         "| --- | ---: | ---: | " + " | ".join("---:" for _ in _PANEL) + " |",
     ]
     rows = [
-        (f"protected by {','.join(g['ensemble'])}", g["images"], g["seconds_per_image"], g)
-        for g in report["attack"]
-    ]
-    calib = report.get("visibility_calibration") or {}
-    rows += [
-        (f"{name} re-encode (calibration)", None, None, {"visibility": v})
-        for name, v in calib.items()
+        *rows,
+        *(
+            (f"{name} re-encode (calibration)", None, None, {"visibility": v})
+            for name, v in calibration.items()
+        ),
     ]
     for label, n, sec, g in rows:
         v = g["visibility"]
@@ -301,6 +326,27 @@ def visibility_markdown(report: dict) -> list[str]:
             + " | ".join(cells)
             + " |"
         )
+    return lines
+
+
+def visibility_markdown(report: dict) -> list[str]:
+    """The visibility section: per ensemble and per JPEG calibration row, each panel
+    metric's mean / median / worst on the faces, then the most visible images."""
+    lines = [
+        "## Visibility of the protected faces",
+        "",
+        "Face region at display scale; each cell mean / median / worst. The JPEG rows are the "
+        "same original images only re-encoded, for scale: q90 looks unchanged, q75 barely "
+        "changed. S-CIELAB is CIEDE2000 on both faces as the eye resolves them (a screen of "
+        "120 pixels per inch at 50 cm): JPEG's fine grain counts little, patches and creases "
+        "in full. LPIPS-Alex is what the attack optimises against, not a verdict.",
+        "",
+    ]
+    rows = [
+        (f"protected by {','.join(g['ensemble'])}", g["images"], g["seconds_per_image"], g)
+        for g in report["attack"]
+    ]
+    lines += _panel_table(rows, report.get("visibility_calibration") or {}, "s/image")
     lines += ["", "Most visible protected images (by S-CIELAB mean):", ""]
     for g in report["attack"]:
         for w in g.get("worst", []):
@@ -376,5 +422,9 @@ def write_outputs(result: EvalResult, out: Path) -> list[Path]:
     if result.grid:
         path = out / GRID_PNG
         write_grid(result.grid, path, height=result.grid_height)
+        written.append(path)
+    if result.photo_grid:
+        path = out / PHOTOS_GRID_PNG
+        write_grid(result.photo_grid, path)
         written.append(path)
     return written

@@ -100,6 +100,8 @@ class EvalSettings:
     settings replacing the preset's, as ``(field, value)`` pairs (the frontier's sweep).
     ``worst_images``: how many of each ensemble's most visible images the report names
     (and the grid shows beside the first image of ``grid_identities`` identities).
+    ``grid_photos``: how many of the whole photos' most visible faces the photos' grid
+    shows.
     ``batch_size``: photos per attack batch (None: 32 on a CPU, 64 on a GPU); a person
     with more is split, and each batch is handed their photos in the other batches, as
     the daemon hands each part of a split upload the rest of it. ``photos``: a folder of
@@ -129,6 +131,7 @@ class EvalSettings:
     batch_size: int | None = None
     grid_identities: int = 6
     worst_images: int = 3
+    grid_photos: int = 8
     resume: bool = True
     jobs: int = 1
     photos: Path | None = None
@@ -208,11 +211,13 @@ def detector_recall(found: dict[Path, list[Face]], gallery: set[Path]) -> dict:
 class EvalResult:
     """The report (JSON-ready dict) and the face grid: face regions at display scale, each
     original beside its protected versions (one column pair per ensemble); ``grid_height``
-    is the height rows are shown at (``None``: their own size)."""
+    is the height rows are shown at (``None``: their own size). ``photo_grid``: the whole
+    photos' most visible faces, at display scale, the same way (empty without photos)."""
 
     report: dict
     grid: list[GridRow]
     grid_height: int | None = None
+    photo_grid: list[GridRow] = field(default_factory=list)
 
 
 def _load_rgb(path: Path) -> np.ndarray:
@@ -619,7 +624,15 @@ class Evaluation:
         report = self._report(splits, protected_ids, gallery, probes, mode, groups, info, results)
         report["photos"] = photo_report
         height = 2 * ALIGNED_SIZE[0] if self.whole_crops else None
-        return EvalResult(report, self._grid(gallery, groups, protected_ids), height)
+        photo_grid = []
+        if self.photos and groups:
+            photo_grid = photos_module.grid_rows(
+                self.photos,
+                {",".join(g.ensemble): g.photos for g in groups},
+                groups[0].photo_visibility,
+                s.grid_photos,
+            )
+        return EvalResult(report, self._grid(gallery, groups, protected_ids), height, photo_grid)
 
     def _grid(
         self, gallery: Sequence[_Image], groups: Sequence[AttackGroup], protected_ids: Sequence[str]
@@ -736,10 +749,27 @@ class Evaluation:
         )
         faces = sum(len(p.faces) for p in self.photos)
         seconds = {",".join(g.ensemble): g.photo_seconds for g in groups}
+        for g in groups:
+            g.photo_visibility = photos_module.seen(self.meter, self.photos, g.photos)
+        # Each protected face's panel per ensemble, beside its verdicts (a missed face is
+        # the original, unmeasured).
+        k = 0
+        for face in verdicts["per_face"]:
+            face["visibility"] = None
+            if face["protected"]:
+                face["visibility"] = {
+                    ",".join(g.ensemble): g.photo_visibility[k].as_dict() for g in groups
+                }
+                k += 1
         return {
             **photos_module.summary(self.photos, self.settings.photos),
             "attack_seconds": seconds,
             "seconds_per_face": {k: v / faces if faces else None for k, v in seconds.items()},
+            "visibility": {",".join(g.ensemble): summarise(g.photo_visibility) for g in groups},
+            "visibility_calibration": {
+                name: summarise(p)
+                for name, p in photos_module.calibration(self.meter, self.photos).items()
+            },
             **verdicts,
         }
 

@@ -10,6 +10,7 @@ from dataclasses import replace
 import cv2
 import numpy as np
 import pytest
+from PIL import Image
 
 from cloak_core.cli import main
 from cloak_core.detect import FaceDetector
@@ -21,6 +22,7 @@ from cloak_core.imageio import decode_image
 from cloak_core.models import load_model
 from cloak_core.pipeline import Protector
 from cloak_core.presets import get_preset
+from cloak_core.visibility import VisibilityMeter, face_region
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +104,53 @@ def test_a_missed_face_scores_as_the_match_it_is(store, photos_dir, yunet) -> No
         assert blurred["results"]["png"][name]["matched"] == 0.5
 
 
+def test_photo_faces_are_seen_one_by_one_on_their_regions(store, photos_dir) -> None:
+    """The panel on a whole photo's faces: each protected face on its own region, checked
+    against scikit-image on crops cut by hand; the JPEG rows; the grid's order."""
+    metrics = pytest.importorskip("skimage.metrics")
+    color = pytest.importorskip("skimage.color")
+    path = photos_dir / "two_people.jpg"
+    source = decode_image(path.read_bytes())
+    with FaceDetector(store) as detector:
+        faces = list(detector.detect(source.pixels))
+    photo = photos.Photo(path, source, faces, [])
+    assert len(faces) == 2
+    # Only the first face's box is changed: six grey levels brighter.
+    changed = photo.pixels.copy()
+    x0, y0, x1, y1 = (int(v) for v in faces[0].box)
+    changed[y0:y1, x0:x1] = np.clip(changed[y0:y1, x0:x1].astype(int) + 6, 0, 255)
+    meter = VisibilityMeter(store)
+    panels = photos.seen(meter, [photo], [changed])
+    assert len(panels) == 2
+    for face, panel in zip(faces, panels, strict=True):
+        a0, b0, a1, b1 = face_region(photo.pixels.shape[:2], face.box)
+        assert max(a1 - a0, b1 - b0) < 512  # shown at its own size
+        ref, new = photo.pixels[b0:b1, a0:a1], changed[b0:b1, a0:a1]
+        assert panel.size == ref.shape[:2]
+        if np.array_equal(ref, new):
+            assert panel.psnr == np.inf and panel.de2000_mean == 0
+            continue
+        assert panel.psnr == pytest.approx(metrics.peak_signal_noise_ratio(ref, new), abs=1e-6)
+        de = color.deltaE_ciede2000(color.rgb2lab(ref), color.rgb2lab(new))
+        assert panel.de2000_mean == pytest.approx(de.mean(), abs=0.02)
+    assert panels[0].scielab_mean > 0.5 > panels[1].scielab_mean
+    # A face the detector missed is the original: it is not measured.
+    missed = photos.Photo(path, source, faces[:1], faces[1:])
+    assert len(photos.seen(meter, [missed], [changed])) == 1
+    # The same faces only re-encoded: q75 shows more than q90, both something.
+    jpeg = photos.calibration(meter, [photo])
+    assert [len(v) for v in jpeg.values()] == [2, 2]
+    for k in range(2):
+        assert 0 < jpeg["jpeg90"][k].de2000_mean < jpeg["jpeg75"][k].de2000_mean
+    # The grid: the most visible face first, its changed version cut from the written photo.
+    rows = photos.grid_rows([photo], {"sface": [changed]}, panels, 1)
+    assert len(rows) == 1 and rows[0].label.startswith(f"two_people.jpg, a {round(faces[0].size)}")
+    a0, b0, a1, b1 = face_region(photo.pixels.shape[:2], faces[0].box)
+    assert np.array_equal(rows[0].changed["sface"], changed[b0:b1, a0:a1])
+    assert np.array_equal(rows[0].original, photo.pixels[b0:b1, a0:a1])
+    assert len(photos.grid_rows([photo], {"sface": [changed]}, panels, 8)) == 2
+
+
 @pytest.mark.slow
 def test_eval_protects_whole_photos_as_uploads(
     faces_dir, photos_dir, store, tmp_path, capsys
@@ -147,6 +196,20 @@ def test_eval_protects_whole_photos_as_uploads(
     with Protector(config, store=store, device="cpu", models=("sface",)) as protector:
         alone = protector.protect_pixels([source.pixels], [faces], seed=0)[0]
     assert kept is not None and np.array_equal(kept[0][0], alone)
+    # Every protected face is seen at display scale, beside the JPEG rows, and the most
+    # visible are in the photos' grid (all three here).
+    seen = ph["visibility"]["sface"]
+    assert 0 < seen["scielab_mean"]["mean"] <= seen["scielab_mean"]["worst"]
+    assert seen["psnr"]["worst"] <= seen["psnr"]["mean"] < 60
+    assert set(ph["visibility_calibration"]) == {"jpeg90", "jpeg75"}
+    per_face = [f["visibility"]["sface"]["scielab_mean"] for f in ph["per_face"]]
+    assert np.mean(per_face) == pytest.approx(seen["scielab_mean"]["mean"])
+    with Image.open(out / "photos-grid.png") as grid:
+        # Three rows of faces shown at their regions' own sizes, 1.3 times each face.
+        assert grid.height > 1.3 * (106 + 86 + 60) and grid.width > 3 * 1.3 * 106
+    assert "Visibility of the protected faces of the written photos" in printed
+    assert "| protected by sface | 3 |" in printed
     assert f"## Whole photos (`{folder}`)" in printed
     assert "| opencv-sface (independent) | sface (white-box) |" in printed
     assert "| `obama-240p.jpg` | 60 | yes |" in printed
+    assert f"| {per_face[2]:.2f} |" in printed.split("| `obama-240p.jpg` | 60 | yes |")[1]

@@ -49,6 +49,12 @@ def test_combined_curves_tell_runs_apart() -> None:
     presets = [f"{r}: balanced" for r in runs]
     styles = [curve_style(p, k, presets, runs) for k, p in enumerate(presets)]
     assert {s[0] for s in styles} == {"o-"} and len({s[1] for s in styles}) == 3
+    # One preset per run, not all the same (candidate settings of `balanced` beside the
+    # old `fast`): still a colour per run.
+    runs = ["balanced", "old-fast", "12x0.0105", "16x0.0105"]
+    presets = ["balanced: balanced", "old-fast: fast", "12x0.0105: balanced", "16x0.0105: balanced"]
+    styles = [curve_style(p, k, presets, runs) for k, p in enumerate(presets)]
+    assert {s[0] for s in styles} == {"o-"} and len({s[1] for s in styles}) == 4
 
 
 def test_eval_set_evaluates_one_frontier_point(store, tmp_path) -> None:
@@ -284,8 +290,22 @@ def test_frontier_scores_detected_faces_against_one_fixed_ensemble(
     own = {n: e["photos"]["png"] for n, e in point["evaluators"].items()}
     assert {o["faces"] for o in own.values()} == {1}
     worst = own["mobilefacenet"]
-    assert f"| {worst['matched']:.1%} ({worst['cosine']:.2f}) |" in printed
+    seen_as = point["photos"]["visibility"]
+    column = f"{seen_as['scielab_mean']:.2f} ({seen_as['scielab_p95']:.1f})"
+    assert f"| {worst['matched']:.1%} ({worst['cosine']:.2f}) | {column} |" in printed
     assert f"whole photos `{folder}`: 1 photos, 1 faces (0 missed" in printed
+    # The face is seen changed, and the plot gets a row of photo faces matched against it.
+    assert 0 < seen_as["scielab_mean"] and seen_as["psnr"] < 60
+    assert module._plotted(point, "worst", "photos", "png", "scielab_mean") == (
+        worst["matched"],
+        seen_as["scielab_mean"],
+    )
+    assert module._plotted(point, "mobilefacenet", "rank1", "png", "scielab_mean") == (
+        point["evaluators"]["mobilefacenet"]["rank1"]["png"],
+        point["evaluators"]["mobilefacenet"]["visibility"]["scielab_mean"]["mean"],
+    )
+    with Image.open(out / "frontier.png") as plotted:
+        assert plotted.height > 2 * 2.9 * 110  # two rows: the dataset's and the photos'
 
     # The worst column and panel count only the evaluators the attack did not use.
     rigged = json.loads((out / "frontier.json").read_text())
