@@ -204,13 +204,14 @@ def run(args: argparse.Namespace) -> int:
         overrides=tuple(args.settings),
         photos=args.photos,
     )
-    frontier = Frontier(
+    runner = Frontier(
         settings,
         ModelStore.from_env(),
         progress=sys.stderr.isatty(),
         detector_config=detector_config(args),
-    ).run()
-    written = write_outputs(frontier, settings.out)
+    )
+    frontier = runner.run()
+    written = write_outputs(frontier, settings.out, runner.photo_grid)
     print((settings.out / FRONTIER_MD).read_text(), end="")
     print("wrote " + ", ".join(str(p) for p in written), file=sys.stderr)
     return 0

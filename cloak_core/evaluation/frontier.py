@@ -36,6 +36,7 @@ from cloak_core.presets import Setting, get_preset
 if TYPE_CHECKING:
     from cloak_core.detect import DetectorConfig
     from cloak_core.store import ModelStore
+    from cloak_core.visibility import GridRow
 
 QUICK_IDENTITIES = 8
 QUICK_GALLERY = 4
@@ -56,6 +57,8 @@ FRONTIER_MD = "frontier.md"
 FRONTIER_PNG = "frontier.png"
 # The same plot against SSIMULACRA2, for runs that measured it on every point.
 FRONTIER_SSIMULACRA2_PNG = "frontier-ssimulacra2.png"
+# With --photos: the most visible photo faces under every point, side by side.
+FRONTIER_PHOTOS_GRID_PNG = "frontier-photos-grid.png"
 CALIBRATION_QUALITIES = (90, 75)
 # The colour of each preset's curve (others cycle through matplotlib's defaults).
 _COLOURS = {
@@ -100,7 +103,8 @@ class FrontierSettings:
     point's worst. ``overrides``: settings changed on every point, as ``eval --set`` (a
     technique turned off, say: its curve beside the preset's shows what it contributes);
     they cannot name the swept setting. ``photos``: the evaluation's whole photos, scored on
-    every point beside the dataset.
+    every point beside the dataset; ``grid_photos``: how many of their faces the photos'
+    grid shows under every point (the most visible, :func:`photo_grid`).
     """
 
     dataset: Path
@@ -125,6 +129,7 @@ class FrontierSettings:
     batch_size: int | None = None
     overrides: tuple[tuple[str, Setting], ...] = ()
     photos: Path | None = None
+    grid_photos: int = 8
 
     def __post_init__(self) -> None:
         if self.sweep not in SWEEPS:
@@ -164,7 +169,9 @@ def point_value(preset: str, sweep: str, factor: float) -> float | None:
 
 
 class Frontier:
-    """Runs the sweep; :meth:`run` returns the JSON-ready frontier (also written to ``out``)."""
+    """Runs the sweep; :meth:`run` returns the JSON-ready frontier (also written to ``out``)
+    and leaves the photos' grid rows in ``photo_grid`` (:func:`photo_grid`; none without
+    photos)."""
 
     def __init__(
         self,
@@ -180,6 +187,7 @@ class Frontier:
         self.detector_config = detector_config
         self.progress = progress
         self.log = log or (lambda message: print(message, file=sys.stderr))
+        self.photo_grid: list[GridRow] = []
 
     def _eval_settings(self, **changes):
         from cloak_core.evaluation.runner import EvalSettings
@@ -202,6 +210,7 @@ class Frontier:
             batch_size=s.batch_size,
             grid_identities=0,
             photos=s.photos,
+            grid_photos=None,
         )
         return replace(base, **changes)
 
@@ -211,6 +220,7 @@ class Frontier:
 
         s = self.settings
         points = []
+        views: list[tuple[str, list[tuple[np.ndarray, np.ndarray]]]] = []
         embeddings: dict = {}  # unprotected images' embeddings, shared by every point
         for preset in s.presets:
             for factor in s.preset_factors(preset):
@@ -227,8 +237,12 @@ class Frontier:
                     embeddings=embeddings,
                     detector_config=self.detector_config,
                 )
-                report = result.run().report
-                points.append(_point(report, preset, factor, s.sweep, value))
+                evaluated = result.run()
+                points.append(_point(evaluated.report, preset, factor, s.sweep, value))
+                # Each photo face under the point's first ensemble, in photo order.
+                first = [(r.original, next(iter(r.changed.values()))) for r in evaluated.photo_grid]
+                views.append((f"{preset} {s.sweep} {shown}", first))
+        self.photo_grid = photo_grid(points, views, s.grid_photos)
         # The calibration: galleries only re-encoded, scored clean under those JPEGs.
         jpegs = tuple(parse_condition(f"jpeg{q}") for q in CALIBRATION_QUALITIES)
         clean = (
@@ -736,6 +750,37 @@ def _plotted(
     )
 
 
+def photo_grid(
+    points: Sequence[dict],
+    views: Sequence[tuple[str, Sequence[tuple[np.ndarray, np.ndarray]]]],
+    count: int,
+) -> list[GridRow]:
+    """The whole photos' faces under every point, side by side: per point ``views`` gives
+    a column label and each protected face's ``(original, protected)`` crop at display
+    scale under its first ensemble, in photo order (as its report's ``per_face`` lists
+    them). Rows are the ``count`` faces most visible under any point (S-CIELAB mean),
+    most visible first, each labelled with its S-CIELAB under every point."""
+    from cloak_core.visibility import GridRow
+
+    if count <= 0 or not views or not views[0][1]:
+        return []
+    faces = [f for f in points[0]["photos"]["per_face"] if f["protected"]]
+    seen = []  # per point, each face's S-CIELAB under the point's first ensemble
+    for p in points:
+        mine = [f["visibility"] for f in p["photos"]["per_face"] if f["protected"]]
+        seen.append([next(iter(v.values()))["scielab_mean"] for v in mine])
+    order = sorted(range(len(faces)), key=lambda j: max(s[j] for s in seen), reverse=True)
+    rows = []
+    for j in order[:count]:
+        label = (
+            f"{Path(faces[j]['path']).name}, a {faces[j]['size']}-pixel face: S-CIELAB "
+            + " / ".join(f"{s[j]:.2f}" for s in seen)
+        )
+        changed = {name: crops[j][1] for name, crops in views}
+        rows.append(GridRow(label, views[0][1][j][0], changed))
+    return rows
+
+
 # What a frontier.json from before a setting was recorded used.
 _OLD_SETTINGS = {"landmarks": "auto", "attack_models": None}
 
@@ -784,10 +829,12 @@ def combine(runs: Sequence[tuple[str, dict]]) -> dict:
     return {**first, "settings": settings, "points": points}
 
 
-def write_outputs(frontier: dict, out: Path) -> list[Path]:
-    """frontier.json, frontier.md and frontier.png in ``out``, and frontier-ssimulacra2.png
-    where every point measured SSIMULACRA2; returns their paths."""
+def write_outputs(frontier: dict, out: Path, photo_rows: Sequence[GridRow] = ()) -> list[Path]:
+    """frontier.json, frontier.md and frontier.png in ``out``, frontier-ssimulacra2.png
+    where every point measured SSIMULACRA2, and frontier-photos-grid.png of
+    ``photo_rows`` (:func:`photo_grid`) where there are any; returns their paths."""
     from cloak_core.evaluation.report import json_ready
+    from cloak_core.visibility import write_grid
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -801,4 +848,10 @@ def write_outputs(frontier: dict, out: Path) -> list[Path]:
         plot(frontier, scored, ("ssimulacra2", "face SSIMULACRA2 (100 = identical)"))
     else:  # not a stale one from an earlier run in the same folder
         scored.unlink(missing_ok=True)
+    grid = out / FRONTIER_PHOTOS_GRID_PNG
+    if photo_rows:
+        write_grid(photo_rows, grid)
+        paths.append(grid)
+    else:
+        grid.unlink(missing_ok=True)
     return paths

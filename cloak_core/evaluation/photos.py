@@ -269,11 +269,12 @@ def grid_rows(
     photos: Sequence[Photo],
     written_by: dict[str, Sequence[np.ndarray]],
     panels: Sequence[Visibility],
-    count: int,
+    count: int | None,
 ) -> list[GridRow]:
     """The ``count`` most visible protected faces (by S-CIELAB mean in ``panels``, the
-    first ensemble's :func:`seen`), most visible first: each at display scale beside its
-    version under every ensemble of ``written_by`` (label: written photos)."""
+    first ensemble's :func:`seen`), most visible first, or every one in photo order
+    (``count`` ``None``): each at display scale beside its version under every ensemble
+    of ``written_by`` (label: written photos)."""
     from cloak_core.visibility import GridRow, display_pair
 
     faces = [
@@ -281,9 +282,11 @@ def grid_rows(
         for k, photo in enumerate(photos)
         for face, region in zip(photo.faces, _regions(photo), strict=True)
     ]
-    order = sorted(range(len(faces)), key=lambda j: panels[j].scielab_mean, reverse=True)
+    order = list(range(len(faces)))
+    if count is not None:
+        order = sorted(order, key=lambda j: panels[j].scielab_mean, reverse=True)[:count]
     rows = []
-    for j in order[:count]:
+    for j in order:
         photo, k, face, region = faces[j]
         original = display_pair(photo.pixels, photo.pixels, region)[0]
         versions = {

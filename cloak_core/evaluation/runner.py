@@ -101,7 +101,7 @@ class EvalSettings:
     ``worst_images``: how many of each ensemble's most visible images the report names
     (and the grid shows beside the first image of ``grid_identities`` identities).
     ``grid_photos``: how many of the whole photos' most visible faces the photos' grid
-    shows.
+    shows (``None``: every protected face, in photo order).
     ``batch_size``: photos per attack batch (None: 32 on a CPU, 64 on a GPU); a person
     with more is split, and each batch is handed their photos in the other batches, as
     the daemon hands each part of a split upload the rest of it. ``photos``: a folder of
@@ -131,7 +131,7 @@ class EvalSettings:
     batch_size: int | None = None
     grid_identities: int = 6
     worst_images: int = 3
-    grid_photos: int = 8
+    grid_photos: int | None = 8
     resume: bool = True
     jobs: int = 1
     photos: Path | None = None

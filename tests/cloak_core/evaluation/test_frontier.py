@@ -57,6 +57,35 @@ def test_combined_curves_tell_runs_apart() -> None:
     assert {s[0] for s in styles} == {"o-"} and len({s[1] for s in styles}) == 4
 
 
+def test_photo_grid_shows_the_faces_most_visible_under_any_point() -> None:
+    import numpy as np
+
+    from cloak_core.evaluation.frontier import photo_grid
+
+    def point(seen: list[float]) -> dict:
+        faces = [
+            {"path": f"/p/{k}.jpg", "size": 100 + k, "protected": True, "visibility": None}
+            for k in range(len(seen))
+        ]
+        for face, v in zip(faces, seen, strict=True):
+            face["visibility"] = {"dlib,sface": {"scielab_mean": v}}
+        # A missed face is in the report's list but has no crop.
+        faces.insert(1, {"path": "/p/x.jpg", "size": 50, "protected": False, "visibility": None})
+        return {"photos": {"per_face": faces}}
+
+    crops = [np.full((4, 4, 3), k, np.uint8) for k in range(3)]
+    views = [(name, [(c, c + 10 * (n + 1)) for c in crops]) for n, name in enumerate("ab")]
+    rows = photo_grid([point([0.5, 1.0, 0.2]), point([2.0, 0.1, 0.3])], views, 2)
+    # Face 0 is the most visible under the second point, face 1 under the first.
+    assert [r.label for r in rows] == [
+        "0.jpg, a 100-pixel face: S-CIELAB 0.50 / 2.00",
+        "1.jpg, a 101-pixel face: S-CIELAB 1.00 / 0.10",
+    ]
+    assert list(rows[1].changed) == ["a", "b"] and rows[1].changed["b"][0, 0, 0] == 21
+    assert rows[1].original[0, 0, 0] == 1
+    assert photo_grid([point([1.0])], [("a", [])], 8) == []
+
+
 def test_eval_set_evaluates_one_frontier_point(store, tmp_path) -> None:
     from cloak_core.cli import build_parser
     from cloak_core.commands.eval import settings_from_args
@@ -306,6 +335,10 @@ def test_frontier_scores_detected_faces_against_one_fixed_ensemble(
     )
     with Image.open(out / "frontier.png") as plotted:
         assert plotted.height > 2 * 2.9 * 110  # two rows: the dataset's and the photos'
+    # The photo face under the point, beside its original, at display scale (1.3 times the
+    # 60-pixel face: a row some 80 pixels high, three crops across).
+    with Image.open(out / "frontier-photos-grid.png") as grid:
+        assert 75 < grid.height - 18 - 14 - 8 < 85 and grid.width > 3 * 75
 
     # The worst column and panel count only the evaluators the attack did not use.
     rigged = json.loads((out / "frontier.json").read_text())
