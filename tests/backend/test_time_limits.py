@@ -124,12 +124,14 @@ def tiled_photo(photo: Path, across: int, down: int) -> bytes:
 @pytest.mark.slow
 def test_the_real_protector_stops_at_the_deadline_and_serves_the_next_photo(tmp_path, photos_dir):
     # The real pipeline: decoding, detection, the attack and encoding, each looking at the
-    # deadline. Twelve faces of obama-720p.jpg on one 11-megapixel sheet take about 12 s
-    # of work on two cores here (a 48-megapixel photo without faces took about 2 s, too
-    # close to its limit to be stopped reliably), so a machine several times faster still
-    # runs past the 2 s limit.
+    # deadline. Twelve faces of obama-720p.jpg on one 11-megapixel sheet took about 12 s
+    # of work on two cores here with the old `fast`, 1.4 times quicker (a 48-megapixel photo
+    # without faces took about 2 s, too close to a limit to be stopped reliably), so a
+    # machine several times faster still runs past the 4 s limit; the one small face next
+    # takes about 1.3 s alone, so it is served within the limit even on a machine busy
+    # with something else (at 2 s it was not, beside another evaluation).
     daemon = start_daemon(
-        tmp_path, "--preset", "fast", "--device", "cpu", "--job-timeout", "2", "--batch-size", "1"
+        tmp_path, "--preset", "fast", "--device", "cpu", "--job-timeout", "4", "--batch-size", "1"
     )
     try:
         token = daemon.pair()
@@ -137,9 +139,9 @@ def test_the_real_protector_stops_at_the_deadline_and_serves_the_next_photo(tmp_
         assert status == 413 and seconds < 1.0, error
         sheet = tiled_photo(photos_dir / "obama-720p.jpg", 4, 3)
         status, error, seconds = post(daemon, token, sheet)
-        print(f"\ntwelve faces with a 2 s limit: {status} after {seconds:.2f} s", end="")
+        print(f"\ntwelve faces with a 4 s limit: {status} after {seconds:.2f} s", end="")
         assert status == 504 and error["error"] == "timeout"
-        assert seconds < 2.0 + STOP_GRACE + 1.0
+        assert seconds < 4.0 + STOP_GRACE + 1.0
         photo = (photos_dir / "obama-240p.jpg").read_bytes()
         request = urllib.request.Request(daemon.url("/v1/protect"), data=photo, headers=auth(token))
         started = time.monotonic()
