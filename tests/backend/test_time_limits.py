@@ -128,7 +128,7 @@ def test_the_real_protector_stops_at_the_deadline_and_serves_the_next_photo(tmp_
     # of work on two cores here with the old `fast`, 1.4 times quicker (a 48-megapixel photo
     # without faces took about 2 s, too close to a limit to be stopped reliably), so a
     # machine several times faster still runs past the 4 s limit; the one small face next
-    # takes about 1.3 s alone, so it is served within the limit even on a machine busy
+    # takes about 0.7 s alone, so it is served within the limit even on a machine busy
     # with something else (at 2 s it was not, beside another evaluation).
     daemon = start_daemon(
         tmp_path, "--preset", "fast", "--device", "cpu", "--job-timeout", "4", "--batch-size", "1"
