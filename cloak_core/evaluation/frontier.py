@@ -689,9 +689,10 @@ def plot(frontier: dict, path: Path, axis: tuple[str, str] | None = None) -> Non
                     label=preset,
                     ms=4,
                 )
-            for name, cal in frontier["calibration"].items():
+            # JPEG alone, on the dataset's rows (the photos were not scored re-encoded).
+            for name, cal in frontier["calibration"].items() if kind == "rank1" else ():
                 ranks = list(cal["rank1"].values()) if ev == "worst" else [cal["rank1"].get(ev)]
-                ranks = [x for x in ranks if x is not None and kind == "rank1"]
+                ranks = [x for x in ranks if x is not None]
                 if ranks:
                     x = cal["visibility"][axis]
                     ax.plot([x], [100 * max(ranks)], "x", color="grey", ms=7)
@@ -745,9 +746,8 @@ def _plotted(
         return None, None
     if kind == "rank1":
         return e["rank1"].get(cond), e["visibility"][axis]["mean"]
-    return (e.get("photos", {}).get(cond) or {}).get("matched"), e.get("photos_visibility", {}).get(
-        axis
-    )
+    verdict = e.get("photos", {}).get(cond) or {}
+    return verdict.get("matched"), e.get("photos_visibility", {}).get(axis)
 
 
 def photo_grid(

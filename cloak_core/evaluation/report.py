@@ -231,9 +231,10 @@ def photos_markdown(report: dict) -> list[str]:
             f"worst; the grid `{PHOTOS_GRID_PNG}` shows the most visible):",
             "",
         ]
+        per_face = ph["seconds_per_face"]
         rows = [
-            (f"protected by {e}", ph["protected_faces"], ph["seconds_per_face"].get(e), g)
-            for e, g in ((e, {"visibility": ph["visibility"][e]}) for e in ensembles)
+            (f"protected by {e}", ph["protected_faces"], per_face.get(e), {"visibility": seen})
+            for e, seen in ph["visibility"].items()
         ]
         lines += _panel_table(rows, ph.get("visibility_calibration") or {}, "s/face")
     lines += [
