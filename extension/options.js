@@ -101,13 +101,16 @@ function setSite(site, on) {
 }
 
 async function renderSites() {
-  const container = $("sites");
-  container.replaceChildren();
   const configured = status.settings.sites;
   const suggested = SUGGESTED_SITES.map((s) => s.host);
   const added = Object.keys(configured).filter((s) => !suggested.includes(s)).sort();
-  for (const site of [...suggested, ...added]) {
-    const granted = (await grantedPatterns(site)).length > 0;
+  const sites = [...suggested, ...added];
+  // Every site's access is asked first and the list goes in whole: a half-drawn list
+  // never shows, and two renders that overlap (a click's reload) cannot mix their rows.
+  const access = await Promise.all(sites.map(async (site) => (await grantedPatterns(site)).length > 0));
+  const rows = [];
+  for (const [i, site] of sites.entries()) {
+    const granted = access[i];
     const row = document.createElement("div");
     row.className = "row";
     row.dataset.site = site;
@@ -153,8 +156,9 @@ async function renderSites() {
     controls.prepend(strength);
     controls.append(toggle);
     row.append(label, controls);
-    container.append(row);
+    rows.push(row);
   }
+  $("sites").replaceChildren(...rows);
 }
 
 async function load() {

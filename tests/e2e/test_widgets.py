@@ -155,8 +155,12 @@ def test_options_page_says_the_service_runs_and_hides_pairing_help(extension, da
     expect(options.locator("#pair-state")).to_have_text(re.compile("^Paired and connected"))
     for help_part in ("#pair-help", "#pair-code", "#pair"):
         expect(options.locator(help_part)).to_be_hidden()
+    # The list is drawn after the pairing state: wait for it, then it is there whole.
+    expect(options.locator("#sites label", has_text="X (twitter.com)")).to_have_count(1)
     labels = options.locator("#sites label").all_inner_texts()
-    assert "X (twitter.com)" in labels and not [x for x in labels if x.count("(") > 1]
+    assert labels[:2] == ["Facebook (facebook.com)", "Instagram (instagram.com)"]
+    assert len(labels) >= 9  # every suggested site
+    assert len(set(labels)) == len(labels) and not [x for x in labels if x.count("(") > 1]
     if os.environ.get("FACECLOAK_UPDATE_SCREENSHOTS"):
         options.screenshot(path=str(SCREENSHOTS / "options.png"), full_page=True)
     options.close()
