@@ -288,11 +288,12 @@ def grid_rows(
     rows = []
     for j in order:
         photo, k, face, region = faces[j]
-        original = display_pair(photo.pixels, photo.pixels, region)[0]
-        versions = {
-            label: display_pair(photo.pixels, written[k], region)[1]
+        pairs = {
+            label: display_pair(photo.pixels, written[k], region)
             for label, written in written_by.items()
         }
+        original = next(iter(pairs.values()))[0]
+        versions = {label: pair[1] for label, pair in pairs.items()}
         seen_as = panels[j].scielab_mean
         label = f"{photo.path.name}, a {round(face.size)}-pixel face: S-CIELAB {seen_as:.2f}"
         rows.append(GridRow(label, original, versions))
